@@ -1,0 +1,16 @@
+//! Flumen's core vocabulary, shared by the engine, every backend and every front end.
+//!
+//! - [`Backend`]: what a model backend implements: one async call per batch, one
+//!   result per item, plus the [`Capabilities`] the engine plans with.
+//! - [`ErrorKind`] and [`BackendError`]: the error classes every backend maps its
+//!   protocol errors into (overload is not failure; invalid input is not transient).
+//! - [`Failure`]: the explicit failure outcome of a record: kind, message, attempts.
+//!
+//! Dependencies point downward: this crate knows nothing of tokio, channels or
+//! time sources, so a backend crate can depend on it alone.
+
+mod backend;
+mod error;
+
+pub use backend::{Backend, BatchResult, Capabilities, ItemCost};
+pub use error::{BackendError, ErrorKind, Failure};

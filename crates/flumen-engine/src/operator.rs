@@ -1,0 +1,298 @@
+//! The inference operator: wraps any `Stream` of records and yields exactly one
+//! [`Outcome`] per record, in the chosen [`OrderMode`], with at most `capacity`
+//! records in flight (the backpressure).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flumen_core::{Backend, ErrorKind, Failure};
+use futures::stream::{Fuse, FusedStream, FuturesUnordered};
+use futures::{Stream, StreamExt};
+use metrics::{Counter, Histogram};
+use slab::Slab;
+use tokio::time::Instant;
+
+use crate::engine::{Engine, Pending};
+use crate::telemetry;
+
+/// In which order outcomes leave the operator (Flink's `output-mode`, plus `Keyed`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OrderMode {
+    /// As soon as each completes (the default): one slow record blocks no one.
+    #[default]
+    Unordered,
+    /// In input order: a slow record holds back every later one.
+    Ordered,
+    /// In input order among records with the same key (a Kafka partition's
+    /// semantics); records with different keys overtake each other. Set the key with
+    /// [`Infer::keyed_by`]; without one, every record shares one key (= `Ordered`).
+    Keyed,
+}
+
+/// Settings of one inference operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorConfig {
+    /// Output order.
+    pub order: OrderMode,
+    /// Records in flight at most (taken from the input, not yet yielded, including
+    /// completed ones held back for ordering). When full the operator stops polling
+    /// its input: that is the backpressure. Default 100, as Flink's Async I/O.
+    pub capacity: usize,
+    /// Each record's deadline, from when the operator takes it; on expiry it fails
+    /// with [`ErrorKind::Timeout`]. `None` waits forever. Default 60 s.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            order: OrderMode::Unordered,
+            capacity: 100,
+            timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// One record's outcome: the record itself and its prediction or failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome<R, O> {
+    /// The input record, as it came in (for joins and dead-letter outputs).
+    pub record: R,
+    /// The prediction, or why there is none.
+    pub result: Result<O, Failure>,
+}
+
+/// Adds [`infer`](InferExt::infer) to every stream.
+pub trait InferExt: Stream + Sized {
+    /// Runs every record through `engine`. `extract` makes the backend's input from
+    /// a record; an `Err(reason)` fails that record as invalid input without calling
+    /// the backend.
+    fn infer<B, F>(self, engine: &Engine<B>, config: OperatorConfig, extract: F) -> Infer<Self, B, F>
+    where
+        B: Backend,
+        F: FnMut(&Self::Item) -> Result<B::Input, String>,
+    {
+        Infer::new(self, engine, config, extract)
+    }
+}
+
+impl<S: Stream> InferExt for S {}
+
+type KeyFn<R> = Box<dyn FnMut(&R) -> u64 + Send>;
+
+struct Entry<R, O> {
+    record: R,
+    key: u64,
+    taken: Instant,
+    result: Option<Result<O, Failure>>,
+}
+
+/// A record's pending outcome, tagged with its slot.
+struct Tagged<O> {
+    slot: usize,
+    pending: Pending<O>,
+}
+
+impl<O> Future for Tagged<O> {
+    type Output = (usize, Result<O, Failure>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let slot = self.slot;
+        Pin::new(&mut self.pending).poll(cx).map(|r| (slot, r))
+    }
+}
+
+/// The stream returned by [`InferExt::infer`].
+#[must_use = "streams do nothing unless polled"]
+pub struct Infer<S: Stream, B: Backend, F> {
+    input: Pin<Box<Fuse<S>>>,
+    engine: Engine<B>,
+    extract: F,
+    key: Option<KeyFn<S::Item>>,
+    config: OperatorConfig,
+    entries: Slab<Entry<S::Item, B::Output>>,
+    pending: FuturesUnordered<Tagged<B::Output>>,
+    order: VecDeque<usize>,
+    by_key: HashMap<u64, VecDeque<usize>>,
+    ready: VecDeque<Outcome<S::Item, B::Output>>,
+    end_to_end: Histogram,
+    invalid: Counter,
+}
+
+impl<S, B, F> Infer<S, B, F>
+where
+    S: Stream,
+    B: Backend,
+    F: FnMut(&S::Item) -> Result<B::Input, String>,
+{
+    /// The operator over `input`; see [`InferExt::infer`].
+    pub fn new(input: S, engine: &Engine<B>, config: OperatorConfig, extract: F) -> Self {
+        let name = engine.name().to_owned();
+        Infer {
+            input: Box::pin(input.fuse()),
+            engine: engine.clone(),
+            extract,
+            key: None,
+            config: OperatorConfig {
+                capacity: config.capacity.max(1),
+                ..config
+            },
+            entries: Slab::new(),
+            pending: FuturesUnordered::new(),
+            order: VecDeque::new(),
+            by_key: HashMap::new(),
+            ready: VecDeque::new(),
+            end_to_end: metrics::histogram!(telemetry::END_TO_END_LATENCY, "engine" => name.clone()),
+            invalid: metrics::counter!(telemetry::OUTCOMES, "engine" => name, "outcome" => ErrorKind::InvalidInput.as_str()),
+        }
+    }
+
+    /// Keys records for [`OrderMode::Keyed`] (and switches to it): outcomes keep
+    /// input order among records whose keys are equal. Keys are hashed; two keys
+    /// whose hashes collide are merely ordered together.
+    pub fn keyed_by<K: Hash>(mut self, mut key: impl FnMut(&S::Item) -> K + Send + 'static) -> Self {
+        let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        self.key = Some(Box::new(move |r| hasher.hash_one(key(r))));
+        self.config.order = OrderMode::Keyed;
+        self
+    }
+
+    /// Records taken from the input whose outcome has not been yielded yet.
+    pub fn in_flight(&self) -> usize {
+        self.entries.len() + self.ready.len()
+    }
+
+    fn admit(&mut self, record: S::Item) {
+        let now = Instant::now();
+        let key = match (&mut self.key, self.config.order) {
+            (Some(f), OrderMode::Keyed) => f(&record),
+            _ => 0,
+        };
+        let input = (self.extract)(&record);
+        let slot = self.entries.insert(Entry {
+            record,
+            key,
+            taken: now,
+            result: None,
+        });
+        match self.config.order {
+            OrderMode::Unordered => {}
+            OrderMode::Ordered => self.order.push_back(slot),
+            OrderMode::Keyed => self.by_key.entry(key).or_default().push_back(slot),
+        }
+        match input {
+            Ok(input) => {
+                let deadline = self.config.timeout.map(|t| now + t);
+                let pending = self.engine.submit(input, deadline);
+                self.pending.push(Tagged { slot, pending });
+            }
+            Err(reason) => {
+                self.invalid.increment(1);
+                let failure = Failure::new(ErrorKind::InvalidInput, reason, 0);
+                self.complete(slot, Err(failure));
+            }
+        }
+    }
+
+    fn complete(&mut self, slot: usize, result: Result<B::Output, Failure>) {
+        self.end_to_end.record(self.entries[slot].taken.elapsed());
+        self.entries[slot].result = Some(result);
+        match self.config.order {
+            OrderMode::Unordered => self.release(slot),
+            OrderMode::Ordered => {
+                while let Some(&head) = self.order.front() {
+                    if self.entries[head].result.is_none() {
+                        break;
+                    }
+                    self.order.pop_front();
+                    self.release(head);
+                }
+            }
+            OrderMode::Keyed => {
+                let key = self.entries[slot].key;
+                let Some(queue) = self.by_key.get_mut(&key) else {
+                    return;
+                };
+                let mut done = Vec::new();
+                while let Some(&head) = queue.front() {
+                    if self.entries[head].result.is_none() {
+                        break;
+                    }
+                    queue.pop_front();
+                    done.push(head);
+                }
+                if queue.is_empty() {
+                    self.by_key.remove(&key);
+                }
+                for head in done {
+                    self.release(head);
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, slot: usize) {
+        let entry = self.entries.remove(slot);
+        let result = entry
+            .result
+            .expect("only completed entries are released");
+        self.ready.push_back(Outcome {
+            record: entry.record,
+            result,
+        });
+    }
+}
+
+// No field is ever pinned in place: the input is boxed and everything else is
+// moved freely, so the operator may be moved between polls.
+impl<S: Stream, B: Backend, F> Unpin for Infer<S, B, F> {}
+
+impl<S, B, F> Stream for Infer<S, B, F>
+where
+    S: Stream,
+    B: Backend,
+    F: FnMut(&S::Item) -> Result<B::Input, String>,
+{
+    type Item = Outcome<S::Item, B::Output>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = Pin::into_inner(self);
+        while this.in_flight() < this.config.capacity && !this.input.is_terminated() {
+            match this.input.as_mut().poll_next(cx) {
+                Poll::Ready(Some(record)) => this.admit(record),
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some((slot, result))) = this.pending.poll_next_unpin(cx) {
+            this.complete(slot, result);
+        }
+        if let Some(outcome) = this.ready.pop_front() {
+            return Poll::Ready(Some(outcome));
+        }
+        if this.input.is_terminated() && this.entries.is_empty() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let (lo, hi) = self.input.size_hint();
+        let held = self.in_flight();
+        (lo.saturating_add(held), hi.and_then(|h| h.checked_add(held)))
+    }
+}
+
+impl<S, B, F> FusedStream for Infer<S, B, F>
+where
+    S: Stream,
+    B: Backend,
+    F: FnMut(&S::Item) -> Result<B::Input, String>,
+{
+    fn is_terminated(&self) -> bool {
+        self.input.is_terminated() && self.entries.is_empty() && self.ready.is_empty()
+    }
+}

@@ -1,0 +1,451 @@
+//! Deterministic simulation scenarios: a paused tokio clock, the seeded `Sim`
+//! backend, one scenario per test. Time advances only when every task waits, so
+//! latencies are exact up to tokio's 1 ms timer resolution.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flumen_core::ErrorKind;
+use flumen_engine::{
+    AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
+    OperatorConfig, OrderMode, Outcome,
+};
+use flumen_sim::{Faults, Outage, Sim, SimConfig};
+use futures::{stream, StreamExt};
+use tokio::time::{sleep, Instant};
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+fn engine(sim: &Arc<Sim<u64>>, concurrency: ConcurrencyConfig) -> Engine<Sim<u64>> {
+    Engine::from_arc(
+        Arc::clone(sim),
+        EngineConfig {
+            name: "test".into(),
+            concurrency,
+            ..EngineConfig::default()
+        },
+    )
+}
+
+fn gradient() -> ConcurrencyConfig {
+    ConcurrencyConfig::Gradient(GradientConfig::default())
+}
+
+/// Every id in `0..n` has exactly one outcome.
+fn assert_exactly_once(outcomes: &[Outcome<u64, u64>], n: u64) {
+    let mut seen = vec![0u32; n as usize];
+    for o in outcomes {
+        seen[o.record as usize] += 1;
+    }
+    let wrong: Vec<_> = seen.iter().enumerate().filter(|(_, c)| **c != 1).collect();
+    assert!(wrong.is_empty(), "ids without exactly one outcome: {wrong:?}");
+    assert_eq!(outcomes.len() as u64, n);
+}
+
+/// Drains a backlog of `n` records; returns the outcomes and how long it took.
+async fn drain_backlog(
+    engine: &Engine<Sim<u64>>,
+    n: u64,
+    capacity: usize,
+) -> (Vec<Outcome<u64, u64>>, Duration) {
+    let t0 = Instant::now();
+    let config = OperatorConfig {
+        capacity,
+        timeout: None,
+        ..OperatorConfig::default()
+    };
+    let outcomes: Vec<_> = stream::iter(0..n)
+        .infer(engine, config, |&i| Ok(i))
+        .collect()
+        .await;
+    (outcomes, t0.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_backend_gets_a_lone_record_at_once() {
+    let sim = Arc::new(Sim::new(SimConfig::default()).recording());
+    let engine = engine(&sim, gradient());
+    // One record every 100 ms: the backend is idle each time.
+    let records = stream::iter(0..20u64).then(|i| async move {
+        sleep(ms(100)).await;
+        (i, Instant::now())
+    });
+    let outcomes: Vec<_> = records
+        .infer(&engine, OperatorConfig::default(), |r| Ok(r.0))
+        .map(|o| (o.result.unwrap(), o.record.1.elapsed()))
+        .collect()
+        .await;
+    assert_eq!(outcomes.len(), 20);
+    for (_, latency) in outcomes {
+        // a + b = 20.5 ms; tokio's timer rounds the sleep up to the next millisecond.
+        assert!(
+            latency >= Duration::from_micros(20_500) && latency <= ms(21),
+            "latency {latency:?}"
+        );
+    }
+    assert!(sim.calls().iter().all(|c| c.items == 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_delays_a_lone_record_like_triton() {
+    let sim = Arc::new(Sim::new(SimConfig::default()));
+    let engine = Engine::from_arc(
+        Arc::clone(&sim),
+        EngineConfig {
+            batch: BatchConfig {
+                max_wait: Some(ms(10)),
+                ..BatchConfig::default()
+            },
+            ..EngineConfig::default()
+        },
+    );
+    let t0 = Instant::now();
+    let r = engine.submit(7, None).await;
+    assert_eq!(r, Ok(7));
+    let latency = t0.elapsed();
+    assert!(latency >= Duration::from_micros(30_500) && latency <= ms(31), "{latency:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_saturation_batches_grow_to_the_max_and_throughput_reaches_the_limit() {
+    let config = SimConfig::default();
+    let limit_rps = config.limit_rps();
+    let sim = Arc::new(Sim::new(config).recording());
+    let engine = engine(&sim, gradient());
+    let n = 10_000;
+    let (outcomes, elapsed) = drain_backlog(&engine, n, 1_000).await;
+    assert_exactly_once(&outcomes, n);
+    assert!(outcomes.iter().all(|o| o.result == Ok(o.record)));
+
+    let calls = sim.calls();
+    let full = calls.iter().filter(|c| c.items == 64).count();
+    assert!(full * 100 >= calls.len() * 95, "{full} of {} calls full", calls.len());
+    let rps = n as f64 / elapsed.as_secs_f64();
+    assert!(rps >= 0.97 * limit_rps, "{rps:.0} records/s vs limit {limit_rps:.0}");
+}
+
+/// Rows: k slots. The gradient controller starts at 1 and must settle at k ± 1.
+#[tokio::test(start_paused = true)]
+async fn the_gradient_limit_settles_at_the_slot_count() {
+    for (k, noise) in [(1usize, 0.0), (2, 0.05), (4, 0.05), (8, 0.05)] {
+        let sim = Arc::new(Sim::new(SimConfig {
+            slots: k,
+            noise,
+            seed: 42,
+            ..SimConfig::default()
+        }));
+        let engine = engine(&sim, gradient());
+        let limits = limits_while_draining(&engine, 20_000 * k as u64 / 2).await;
+        let tail = &limits[limits.len() / 3..];
+        let (lo, hi) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
+        assert!(
+            lo + 1 >= k && hi <= k + 1,
+            "k = {k}: limit ranged {lo}..={hi} after warm-up"
+        );
+        let max_busy = sim.stats().max_busy;
+        assert_eq!(max_busy, k, "the backend's slots were all used");
+    }
+}
+
+async fn limits_while_draining(engine: &Engine<Sim<u64>>, n: u64) -> Vec<usize> {
+    let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let (engine, limits) = (engine.clone(), Arc::clone(&limits));
+        tokio::spawn(async move {
+            loop {
+                sleep(ms(20)).await;
+                limits.lock().unwrap().push(engine.stats().limit);
+            }
+        })
+    };
+    let config = OperatorConfig {
+        capacity: 2_000,
+        timeout: None,
+        ..OperatorConfig::default()
+    };
+    let outcomes: Vec<_> = stream::iter(0..n)
+        .infer(engine, config, |&i| Ok(i))
+        .collect()
+        .await;
+    sampler.abort();
+    assert_exactly_once(&outcomes, n);
+    let limits = limits.lock().unwrap().clone();
+    assert!(limits.len() > 50, "only {} samples", limits.len());
+    limits
+}
+
+#[tokio::test(start_paused = true)]
+async fn aimd_settles_at_the_slot_count_when_the_backend_rejects_excess_calls() {
+    // Like Triton with max_queue_size 0: a call beyond the k slots is answered 503.
+    let sim = Arc::new(Sim::new(SimConfig {
+        queue_limit: Some(0),
+        ..SimConfig::default()
+    }));
+    let engine = engine(&sim, ConcurrencyConfig::Aimd(AimdConfig::default()));
+    let n = 10_000u64;
+    let config = OperatorConfig {
+        capacity: 1_000,
+        timeout: None,
+        ..OperatorConfig::default()
+    };
+    let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let (engine, limits) = (engine.clone(), Arc::clone(&limits));
+        tokio::spawn(async move {
+            loop {
+                sleep(ms(20)).await;
+                limits.lock().unwrap().push(engine.stats().limit);
+            }
+        })
+    };
+    let outcomes: Vec<_> = stream::iter(0..n)
+        .infer(&engine, config, |&i| Ok(i))
+        .collect()
+        .await;
+    sampler.abort();
+    assert_exactly_once(&outcomes, n);
+    let limits = limits.lock().unwrap().clone();
+    let tail = &limits[limits.len() / 3..];
+    let (lo, hi) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
+    assert!(lo >= 1 && hi <= 3, "limit ranged {lo}..={hi}");
+    // Overloaded records fail explicitly (retries come with the reliability layer).
+    let overloaded = outcomes
+        .iter()
+        .filter(|o| o.result.as_ref().is_err_and(|f| f.kind == ErrorKind::Overloaded))
+        .count() as u64;
+    let stats = sim.stats();
+    assert!(stats.overloaded * 64 >= overloaded);
+    // AIMD finds the ceiling by probing: every probe past k costs one rejected call
+    // (about one in five here). That is its nature, and why Gradient is the default.
+    assert!(
+        stats.overloaded * 4 < stats.calls,
+        "{} of {} calls rejected",
+        stats.overloaded,
+        stats.calls
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overload_storm_shrinks_the_limit_and_it_recovers_after() {
+    let sim = Arc::new(Sim::new(SimConfig {
+        slots: 8,
+        faults: Faults {
+            outages: vec![Outage {
+                from: Duration::from_secs(3),
+                until: Duration::from_secs(4),
+                kind: ErrorKind::Overloaded,
+            }],
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    }));
+    let engine = engine(&sim, gradient());
+    let at = |t: u64| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            sleep(ms(t)).await;
+            engine.stats().limit
+        })
+    };
+    let (before, during, after) = (at(2_900), at(3_950), at(5_500));
+    let config = OperatorConfig {
+        capacity: 2_000,
+        timeout: None,
+        ..OperatorConfig::default()
+    };
+    let n = 80_000u64;
+    let outcomes: Vec<_> = stream::iter(0..n)
+        .infer(&engine, config, |&i| Ok(i))
+        .collect()
+        .await;
+    assert_exactly_once(&outcomes, n);
+    let (before, during, after) = (
+        before.await.unwrap(),
+        during.await.unwrap(),
+        after.await.unwrap(),
+    );
+    assert!((7..=9).contains(&before), "before the storm: {before}");
+    assert!(during <= 2, "during the storm: {during}");
+    assert!((7..=9).contains(&after), "after the storm: {after}");
+    let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+    assert!(failed > 0 && failed < 5_000, "{failed} records failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_consumer_stops_input_polling_at_capacity() {
+    let sim = Arc::new(Sim::new(SimConfig::default()));
+    let engine = engine(&sim, gradient());
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let pulled = Arc::clone(&pulled);
+        stream::iter(0..100_000u64).inspect(move |_| {
+            pulled.fetch_add(1, Relaxed);
+        })
+    };
+    let capacity = 50;
+    let config = OperatorConfig {
+        capacity,
+        ..OperatorConfig::default()
+    };
+    let mut outcomes = Box::pin(source.infer(&engine, config, |&i| Ok(i)));
+    let mut consumed = 0;
+    let mut max_queue = 0;
+    while consumed < 2_000 {
+        let o = outcomes.next().await.unwrap();
+        assert!(o.result.is_ok());
+        consumed += 1;
+        // A slow consumer: 10 ms per outcome, far slower than the backend.
+        sleep(ms(10)).await;
+        let held = pulled.load(Relaxed) - consumed;
+        assert!(held <= capacity, "{held} records held with capacity {capacity}");
+        max_queue = max_queue.max(engine.stats().queued);
+    }
+    assert!(max_queue <= capacity);
+    let held = outcomes.in_flight();
+    assert!(
+        held + 1 >= capacity && held <= capacity,
+        "the operator stays full, no more: {held}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_expire_in_the_queue_before_they_are_sent() {
+    // One slot, 500 ms per call, one call at a time, batches of 4: records past the
+    // first few batches cannot be sent before their 1.2 s deadline.
+    let sim = Arc::new(Sim::new(SimConfig {
+        base: ms(500),
+        per_item: Duration::ZERO,
+        slots: 1,
+        max_batch: 4,
+        ..SimConfig::default()
+    }));
+    let engine = engine(&sim, ConcurrencyConfig::Fixed(1));
+    let config = OperatorConfig {
+        capacity: 100,
+        timeout: Some(ms(1_200)),
+        ..OperatorConfig::default()
+    };
+    let t0 = Instant::now();
+    let outcomes: Vec<_> = stream::iter(0..40u64)
+        .infer(&engine, config, |&i| Ok(i))
+        .collect()
+        .await;
+    assert_exactly_once(&outcomes, 40);
+    // Calls at 0, 500 ms (two of 4 records succeed each) and 1,000 ms (its records
+    // time out in flight at 1,200 ms); the other 28 expire in the queue unsent.
+    let ok = outcomes.iter().filter(|o| o.result.is_ok()).count();
+    let unsent: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err())
+        .filter(|f| f.attempts == 0)
+        .collect();
+    let in_flight: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err())
+        .filter(|f| f.attempts == 1)
+        .collect();
+    assert_eq!((ok, in_flight.len(), unsent.len()), (8, 4, 28));
+    assert!(unsent.iter().chain(&in_flight).all(|f| f.kind == ErrorKind::Timeout));
+    assert_eq!(sim.stats().items, 12, "expired records never reach the backend");
+    assert!(t0.elapsed() <= ms(1_201));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_call_times_its_records_out_once() {
+    let sim = Arc::new(Sim::new(SimConfig {
+        faults: Faults {
+            stall_rate: 1.0,
+            stall: Duration::from_secs(3_600),
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    }));
+    let engine = engine(&sim, ConcurrencyConfig::Fixed(2));
+    let config = OperatorConfig {
+        timeout: Some(Duration::from_secs(1)),
+        ..OperatorConfig::default()
+    };
+    let t0 = Instant::now();
+    let outcomes: Vec<_> = stream::iter(0..10u64)
+        .infer(&engine, config, |&i| Ok(i))
+        .collect()
+        .await;
+    assert_exactly_once(&outcomes, 10);
+    for o in &outcomes {
+        let f = o.result.as_ref().unwrap_err();
+        assert_eq!(f.kind, ErrorKind::Timeout);
+    }
+    assert_eq!(t0.elapsed(), Duration::from_secs(1));
+    // The abandoned calls released their slots in the engine.
+    sleep(ms(1)).await;
+    assert_eq!(engine.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn operators_sharing_an_engine_are_batched_together() {
+    let sim = Arc::new(Sim::new(SimConfig::default()).recording());
+    let engine = engine(&sim, ConcurrencyConfig::Fixed(1));
+    let trickle = |offset: u64| {
+        stream::iter(0..200u64).then(move |i| async move {
+            sleep(ms(2)).await;
+            i * 2 + offset
+        })
+    };
+    let a = trickle(0).infer(&engine, OperatorConfig::default(), |&i| Ok(i));
+    let b = trickle(1).infer(&engine, OperatorConfig::default(), |&i| Ok(i));
+    let (a, b): (Vec<_>, Vec<_>) = tokio::join!(a.collect(), b.collect());
+    let mut all: Vec<_> = a.into_iter().chain(b).collect();
+    all.sort_by_key(|o| o.record);
+    assert_exactly_once(&all, 400);
+    // With one call in flight of ~25 ms and a record each 1 ms across both streams,
+    // calls carry records of both operators.
+    let calls = sim.calls();
+    assert!(calls.len() < 40, "{} calls for 400 records", calls.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_records_fail_without_reaching_the_backend_and_keep_their_place() {
+    let sim = Arc::new(Sim::new(SimConfig::default()));
+    let engine = engine(&sim, gradient());
+    let config = OperatorConfig {
+        order: OrderMode::Ordered,
+        ..OperatorConfig::default()
+    };
+    let outcomes: Vec<_> = stream::iter(0..100u64)
+        .infer(&engine, config, |&i| {
+            if i % 10 == 3 {
+                Err(format!("record {i}: field `text` is missing"))
+            } else {
+                Ok(i)
+            }
+        })
+        .collect()
+        .await;
+    let ids: Vec<_> = outcomes.iter().map(|o| o.record).collect();
+    assert_eq!(ids, (0..100).collect::<Vec<_>>());
+    for o in &outcomes {
+        match &o.result {
+            Ok(v) => assert_eq!(*v, o.record),
+            Err(f) => {
+                assert_eq!(o.record % 10, 3);
+                assert_eq!((f.kind, f.attempts), (ErrorKind::InvalidInput, 0));
+                assert!(f.message.contains("field `text`"));
+            }
+        }
+    }
+    assert_eq!(sim.stats().items, 90);
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_outlive_a_dropped_engine_handle() {
+    let sim = Arc::new(Sim::new(SimConfig::default()));
+    let engine = engine(&sim, gradient());
+    let pending: Vec<_> = (0..100u64).map(|i| engine.submit(i, None)).collect();
+    drop(engine);
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.await, Ok(i as u64));
+    }
+}
