@@ -1,1 +1,8 @@
-//! placeholder
+//! Benchmark support: load generators, faithful baselines and table output.
+//!
+//! Every benchmark measures Flumen and its baselines in the same run, on fresh
+//! instances of the same backend, through the same load generator.
+
+pub mod baselines;
+pub mod load;
+pub mod report;

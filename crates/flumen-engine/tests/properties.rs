@@ -1,0 +1,232 @@
+//! Property: for any input length, batch and concurrency settings, order mode and
+//! fault schedule, every input yields exactly one outcome; `Ordered` keeps input
+//! order and `Keyed` keeps it within each key. Each case runs on its own paused
+//! clock with a seeded simulator, so a failure replays exactly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flumen_core::ErrorKind;
+use flumen_engine::{
+    AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
+    OperatorConfig, OrderMode,
+};
+use flumen_sim::{Faults, Outage, Sim, SimConfig};
+use futures::{stream, StreamExt};
+use proptest::prelude::*;
+
+/// A record: its id and its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rec {
+    id: u32,
+    key: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    records: u32,
+    keys: u32,
+    invalid_every: Option<u32>,
+    order: OrderMode,
+    capacity: usize,
+    timeout_ms: Option<u64>,
+    max_wait_ms: Option<u64>,
+    max_batch: usize,
+    concurrency: ConcurrencyConfig,
+    sim: SimConfig,
+    consumer_delay_ms: u64,
+}
+
+fn concurrency() -> impl Strategy<Value = ConcurrencyConfig> {
+    prop_oneof![
+        (1usize..6).prop_map(ConcurrencyConfig::Fixed),
+        (1usize..6).prop_map(|initial| ConcurrencyConfig::Aimd(AimdConfig {
+            initial,
+            ..AimdConfig::default()
+        })),
+        (1usize..6).prop_map(|initial| ConcurrencyConfig::Gradient(GradientConfig {
+            initial,
+            ..GradientConfig::default()
+        })),
+    ]
+}
+
+fn faults() -> impl Strategy<Value = Faults> {
+    (
+        (0.0..0.4f64, 0.0..0.4f64, 0.0..0.3f64, 0.0..0.3f64),
+        0u64..3_000,
+        proptest::option::of((0u64..2_000, 1u64..2_000)),
+        prop_oneof![
+            Just(ErrorKind::Transient),
+            Just(ErrorKind::Overloaded),
+            Just(ErrorKind::Permanent),
+            Just(ErrorKind::Timeout)
+        ],
+        proptest::option::of(1u64..200),
+    )
+        .prop_map(
+            |((call, item, overload, stall), stall_ms, outage, kind, retry_after)| Faults {
+                call_error_rate: call,
+                item_error_rate: item,
+                overload_rate: overload,
+                retry_after: retry_after.map(Duration::from_millis),
+                stall_rate: stall,
+                stall: Duration::from_millis(stall_ms),
+                outages: outage
+                    .map(|(from, len)| Outage {
+                        from: Duration::from_millis(from),
+                        until: Duration::from_millis(from + len),
+                        kind,
+                    })
+                    .into_iter()
+                    .collect(),
+            },
+        )
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (0u32..400, 1u32..6, proptest::option::of(2u32..20)),
+        prop_oneof![
+            Just(OrderMode::Unordered),
+            Just(OrderMode::Ordered),
+            Just(OrderMode::Keyed)
+        ],
+        (1usize..80, proptest::option::of(1u64..3_000), proptest::option::of(0u64..30)),
+        (1usize..40, concurrency()),
+        (
+            (1u64..40, 0u64..2_000, 1usize..5, 1usize..40),
+            (0.0..0.5f64, proptest::option::of(0usize..3), any::<u64>()),
+            faults(),
+        ),
+        prop_oneof![Just(0u64), 1u64..20],
+    )
+        .prop_map(
+            |(
+                (records, keys, invalid_every),
+                order,
+                (capacity, timeout_ms, max_wait_ms),
+                (max_batch, concurrency),
+                ((a_ms, b_us, slots, sim_max), (noise, queue_limit, seed), faults),
+                consumer_delay_ms,
+            )| Case {
+                records,
+                keys,
+                invalid_every,
+                order,
+                capacity,
+                timeout_ms,
+                max_wait_ms,
+                max_batch,
+                concurrency,
+                sim: SimConfig {
+                    base: Duration::from_millis(a_ms),
+                    per_item: Duration::from_micros(b_us),
+                    slots,
+                    max_batch: sim_max,
+                    noise,
+                    queue_limit,
+                    seed,
+                    faults,
+                    ..SimConfig::default()
+                },
+                consumer_delay_ms,
+            },
+        )
+}
+
+fn run(case: &Case) -> Vec<(Rec, Result<Rec, flumen_core::Failure>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sim = Arc::new(Sim::new(case.sim.clone()));
+        let engine = Engine::from_arc(
+            sim,
+            EngineConfig {
+                name: "prop".into(),
+                batch: BatchConfig {
+                    max_items: Some(case.max_batch),
+                    max_wait: case.max_wait_ms.map(Duration::from_millis),
+                    ..BatchConfig::default()
+                },
+                concurrency: case.concurrency.clone(),
+            },
+        );
+        let config = OperatorConfig {
+            order: case.order,
+            capacity: case.capacity,
+            timeout: case.timeout_ms.map(Duration::from_millis),
+        };
+        let keys = case.keys;
+        let input = stream::iter((0..case.records).map(move |id| Rec { id, key: id % keys }));
+        let invalid_every = case.invalid_every;
+        let op = input.infer(&engine, config, move |r| match invalid_every {
+            Some(m) if r.id % m == 0 => Err(format!("record {} is invalid", r.id)),
+            _ => Ok(*r),
+        });
+        let op = if case.order == OrderMode::Keyed {
+            op.keyed_by(|r: &Rec| r.key)
+        } else {
+            op
+        };
+        let delay = Duration::from_millis(case.consumer_delay_ms);
+        op.then(|o| async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            (o.record, o.result)
+        })
+        .collect()
+        .await
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_record_has_exactly_one_outcome_in_the_promised_order(case in case()) {
+        let outcomes = run(&case);
+
+        let mut seen = vec![0u32; case.records as usize];
+        for (rec, result) in &outcomes {
+            seen[rec.id as usize] += 1;
+            match result {
+                Ok(out) => prop_assert_eq!(out, rec, "the sim echoes its input"),
+                Err(f) => {
+                    prop_assert!(!f.message.is_empty());
+                    // The engine runs throughout: a Shutdown outcome would mean it
+                    // dropped a record's reply instead of answering it.
+                    prop_assert_ne!(f.kind, ErrorKind::Shutdown, "{}", f.message);
+                    let invalid = case.invalid_every.is_some_and(|m| rec.id % m == 0);
+                    prop_assert_eq!(f.kind == ErrorKind::InvalidInput, invalid);
+                    if invalid {
+                        prop_assert_eq!(f.attempts, 0);
+                    }
+                    prop_assert!(f.attempts <= 1, "no retries in the engine alone");
+                }
+            }
+        }
+        prop_assert!(seen.iter().all(|&c| c == 1), "outcome counts {:?}", seen);
+
+        let ids: Vec<u32> = outcomes.iter().map(|(r, _)| r.id).collect();
+        match case.order {
+            OrderMode::Ordered => {
+                prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "not in order: {:?}", ids);
+            }
+            OrderMode::Keyed => {
+                let mut last: HashMap<u32, u32> = HashMap::new();
+                for (rec, _) in &outcomes {
+                    if let Some(prev) = last.insert(rec.key, rec.id) {
+                        prop_assert!(prev < rec.id, "key {} out of order: {} after {}", rec.key, rec.id, prev);
+                    }
+                }
+            }
+            OrderMode::Unordered => {}
+        }
+    }
+}
