@@ -134,7 +134,13 @@ async fn main() {
     let pr_rps = steady_rate(&pr_drain, base_window);
     let s_fb = sim();
     let fb_drain = drive(
-        fixed_batch(Box::pin(backlog(n)), Arc::clone(&s_fb), 10, Duration::from_millis(10), |x| x.id),
+        fixed_batch(
+            Box::pin(backlog(n)),
+            Arc::clone(&s_fb),
+            10,
+            Duration::from_millis(10),
+            |x| x.id,
+        ),
         WARMUP + base_window,
     )
     .await;
@@ -149,14 +155,23 @@ async fn main() {
         .await
         .emission_summary();
     let fb_idle = drive(
-        fixed_batch(Box::pin(idle()), sim(), 10, Duration::from_millis(10), |x| x.id),
+        fixed_batch(
+            Box::pin(idle()),
+            sim(),
+            10,
+            Duration::from_millis(10),
+            |x| x.id,
+        ),
         Duration::from_secs(10),
     )
     .await
     .emission_summary();
-    let pr_idle = drive(per_record(idle(), sim(), 100, |x| x.id), Duration::from_secs(10))
-        .await
-        .emission_summary();
+    let pr_idle = drive(
+        per_record(idle(), sim(), 100, |x| x.id),
+        Duration::from_secs(10),
+    )
+    .await
+    .emission_summary();
 
     // 3. Steady 50 % of the limit, open loop (evenly spaced), 5 s.
     let rate = limit / 2.0;
@@ -169,7 +184,13 @@ async fn main() {
     let f_half = drive(flumen(half(), &e_half, 2_048), dur + grace).await;
     let pr_half = drive(per_record(half(), sim(), 100, |x| x.id), dur + grace).await;
     let fb_half = drive(
-        fixed_batch(Box::pin(half()), sim(), 10, Duration::from_millis(10), |x| x.id),
+        fixed_batch(
+            Box::pin(half()),
+            sim(),
+            10,
+            Duration::from_millis(10),
+            |x| x.id,
+        ),
         dur + grace,
     )
     .await;
@@ -230,7 +251,10 @@ async fn main() {
         pct(fb_rps),
         "".into(),
         "".into(),
-        format!("{:.4}", s_fb.stats().calls as f64 / s_fb.stats().items.max(1) as f64),
+        format!(
+            "{:.4}",
+            s_fb.stats().calls as f64 / s_fb.stats().items.max(1) as f64
+        ),
         format!("{:.1}", f_rps / fb_rps),
     ]);
     for (name, s) in [
@@ -263,15 +287,27 @@ async fn main() {
         let s = r.summary();
         let done = r.completions.len();
         table.row(vec![
-            if first { format!("50 % load ({rate:.0}/s, 5 s open loop)") } else { "".into() },
+            if first {
+                format!("50 % load ({rate:.0}/s, 5 s open loop)")
+            } else {
+                "".into()
+            },
             name.into(),
             format!(
                 "{done}/{offered} done: {}",
-                if keeps_up(r) { "keeps up" } else { "falls behind" }
+                if keeps_up(r) {
+                    "keeps up"
+                } else {
+                    "falls behind"
+                }
             ),
             "".into(),
             ms(s.p50),
-            format!("{}{}", ms(s.p99), if keeps_up(r) { "" } else { " (of those done)" }),
+            format!(
+                "{}{}",
+                ms(s.p99),
+                if keeps_up(r) { "" } else { " (of those done)" }
+            ),
             "".into(),
             "".into(),
         ]);
@@ -297,8 +333,14 @@ async fn main() {
             ("limit_pct", format!("{:.1}", 100.0 * f_rps / limit)),
             ("vs_per_record", format!("{:.1}", f_rps / pr_rps)),
             ("vs_fixed_batch", format!("{:.2}", f_rps / fb_rps)),
-            ("p50_idle_ms", format!("{:.1}", f_idle.p50.as_secs_f64() * 1e3)),
-            ("p99_half_load_ms", format!("{:.1}", f_half.summary().p99.as_secs_f64() * 1e3)),
+            (
+                "p50_idle_ms",
+                format!("{:.1}", f_idle.p50.as_secs_f64() * 1e3)
+            ),
+            (
+                "p99_half_load_ms",
+                format!("{:.1}", f_half.summary().p99.as_secs_f64() * 1e3)
+            ),
             ("noop_rps", format!("{noop_rps:.0}")),
         ])
     );

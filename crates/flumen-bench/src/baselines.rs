@@ -107,9 +107,14 @@ mod tests {
     async fn per_record_makes_one_call_per_record_with_capacity_in_flight() {
         let sim = Arc::new(Sim::new(SimConfig::default()));
         let t0 = Instant::now();
-        let out: Vec<_> = per_record(futures::stream::iter(0..10u64), Arc::clone(&sim), 100, |x| *x)
-            .collect()
-            .await;
+        let out: Vec<_> = per_record(
+            futures::stream::iter(0..10u64),
+            Arc::clone(&sim),
+            100,
+            |x| *x,
+        )
+        .collect()
+        .await;
         assert_eq!(out.len(), 10);
         assert_eq!((sim.stats().calls, sim.stats().max_batch), (10, 1));
         // Two slots, 20.5 ms each: five rounds.

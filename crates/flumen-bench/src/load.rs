@@ -117,7 +117,11 @@ impl Completions {
 
     /// Completions per second within `[from, to)`.
     pub fn rate(&self, from: Instant, to: Instant) -> f64 {
-        let n = self.times.iter().filter(|t| **t >= from && **t < to).count();
+        let n = self
+            .times
+            .iter()
+            .filter(|t| **t >= from && **t < to)
+            .count();
         n as f64 / to.duration_since(from).as_secs_f64()
     }
 }
@@ -144,7 +148,9 @@ mod tests {
     async fn open_loop_keeps_its_schedule() {
         use futures::StreamExt;
         let t0 = Instant::now();
-        let items: Vec<_> = open_loop(100.0, Duration::from_secs(1), None).collect().await;
+        let items: Vec<_> = open_loop(100.0, Duration::from_secs(1), None)
+            .collect()
+            .await;
         assert_eq!(items.len(), 100);
         assert_eq!(items[10].at - t0, Duration::from_millis(100));
         let poisson: Vec<_> = open_loop(100.0, Duration::from_secs(10), Some(1))

@@ -82,8 +82,6 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Runs the model on a batch. Must return exactly one result per input, in
     /// order; a different count is treated as a permanent error for the whole batch.
-    fn call(
-        &self,
-        batch: &[Self::Input],
-    ) -> impl Future<Output = BatchResult<Self::Output>> + Send;
+    fn call(&self, batch: &[Self::Input])
+        -> impl Future<Output = BatchResult<Self::Output>> + Send;
 }

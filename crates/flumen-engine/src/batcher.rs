@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use crate::LatencyModel;
 
 /// How batches are bounded and whether the batcher may wait for them to fill.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The default: the backend's own bounds, and no waiting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchConfig {
     /// The most records per call; `None` uses the backend's `max_batch_items`.
     pub max_items: Option<usize>,
@@ -31,17 +32,6 @@ pub struct BatchConfig {
     /// Triton-style delay: while a slot is free, wait up to this long (from the oldest
     /// queued record) for a fuller batch. `None` (the default) never waits.
     pub max_wait: Option<Duration>,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            max_items: None,
-            max_bytes: None,
-            max_tokens: None,
-            max_wait: None,
-        }
-    }
 }
 
 /// What the batcher needs to know of one queued record.
@@ -87,7 +77,10 @@ impl BatchPolicy {
     pub fn new(config: &BatchConfig, caps: &Capabilities) -> Self {
         let backend_max = caps.max_batch_items.max(1);
         BatchPolicy {
-            max_items: config.max_items.unwrap_or(backend_max).clamp(1, backend_max),
+            max_items: config
+                .max_items
+                .unwrap_or(backend_max)
+                .clamp(1, backend_max),
             max_bytes: min_opt(config.max_bytes, caps.max_batch_bytes),
             max_tokens: min_opt(config.max_tokens, caps.max_batch_tokens),
             max_wait: config.max_wait,
@@ -132,8 +125,8 @@ impl BatchPolicy {
         let mut full = false;
         for meta in queue {
             let (b, t) = (bytes + meta.cost.bytes, tokens + meta.cost.tokens);
-            let over_budget = self.max_bytes.is_some_and(|m| b > m)
-                || self.max_tokens.is_some_and(|m| t > m);
+            let over_budget =
+                self.max_bytes.is_some_and(|m| b > m) || self.max_tokens.is_some_and(|m| t > m);
             if n == self.max_items || over_budget {
                 full = true;
                 break;

@@ -200,9 +200,7 @@ struct Instruments {
 impl Instruments {
     fn new(name: &str) -> Self {
         let engine = name.to_owned();
-        let outcome = |o: &'static str| {
-            metrics::counter!(telemetry::OUTCOMES, "engine" => engine.clone(), "outcome" => o)
-        };
+        let outcome = |o: &'static str| metrics::counter!(telemetry::OUTCOMES, "engine" => engine.clone(), "outcome" => o);
         Instruments {
             queue_depth: metrics::gauge!(telemetry::QUEUE_DEPTH, "engine" => engine.clone()),
             in_flight: metrics::gauge!(telemetry::BATCHES_IN_FLIGHT, "engine" => engine.clone()),
@@ -337,10 +335,7 @@ impl<B: Backend> Dispatcher<B> {
         loop {
             let slot_free = self.in_flight < self.limiter.limit() && paused.is_none();
             let metas = self.queue.iter().map(|j| &j.meta);
-            match self
-                .policy
-                .decide(now, slot_free, metas, &self.latency)
-            {
+            match self.policy.decide(now, slot_free, metas, &self.latency) {
                 Decision::Send(n) => self.launch(n, now),
                 Decision::RejectOversized => self.reject_head(),
                 Decision::Wait(at) if self.queue.is_empty() => return at,
@@ -395,7 +390,13 @@ impl<B: Backend> Dispatcher<B> {
         self.calls.spawn(call.run(jobs));
     }
 
-    fn on_report(&mut self, Report { sample, retry_after }: Report) {
+    fn on_report(
+        &mut self,
+        Report {
+            sample,
+            retry_after,
+        }: Report,
+    ) {
         let now = Instant::now();
         match sample.outcome {
             SampleOutcome::Ok => self.latency.observe(sample.items, sample.rtt),

@@ -71,7 +71,12 @@ pub trait InferExt: Stream + Sized {
     /// Runs every record through `engine`. `extract` makes the backend's input from
     /// a record; an `Err(reason)` fails that record as invalid input without calling
     /// the backend.
-    fn infer<B, F>(self, engine: &Engine<B>, config: OperatorConfig, extract: F) -> Infer<Self, B, F>
+    fn infer<B, F>(
+        self,
+        engine: &Engine<B>,
+        config: OperatorConfig,
+        extract: F,
+    ) -> Infer<Self, B, F>
     where
         B: Backend,
         F: FnMut(&Self::Item) -> Result<B::Input, String>,
@@ -154,8 +159,12 @@ where
     /// Keys records for [`OrderMode::Keyed`] (and switches to it): outcomes keep
     /// input order among records whose keys are equal. Keys are hashed; two keys
     /// whose hashes collide are merely ordered together.
-    pub fn keyed_by<K: Hash>(mut self, mut key: impl FnMut(&S::Item) -> K + Send + 'static) -> Self {
-        let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    pub fn keyed_by<K: Hash>(
+        mut self,
+        mut key: impl FnMut(&S::Item) -> K + Send + 'static,
+    ) -> Self {
+        let hasher =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
         self.key = Some(Box::new(move |r| hasher.hash_one(key(r))));
         self.config.order = OrderMode::Keyed;
         self
@@ -237,9 +246,7 @@ where
 
     fn release(&mut self, slot: usize) {
         let entry = self.entries.remove(slot);
-        let result = entry
-            .result
-            .expect("only completed entries are released");
+        let result = entry.result.expect("only completed entries are released");
         self.ready.push_back(Outcome {
             record: entry.record,
             result,
@@ -282,7 +289,10 @@ where
     fn size_hint(&self) -> (usize, Option<usize>) {
         let (lo, hi) = self.input.size_hint();
         let held = self.in_flight();
-        (lo.saturating_add(held), hi.and_then(|h| h.checked_add(held)))
+        (
+            lo.saturating_add(held),
+            hi.and_then(|h| h.checked_add(held)),
+        )
     }
 }
 

@@ -93,7 +93,11 @@ fn case() -> impl Strategy<Value = Case> {
             Just(OrderMode::Ordered),
             Just(OrderMode::Keyed)
         ],
-        (1usize..80, proptest::option::of(1u64..3_000), proptest::option::of(0u64..30)),
+        (
+            1usize..80,
+            proptest::option::of(1u64..3_000),
+            proptest::option::of(0u64..30),
+        ),
         (1usize..40, concurrency()),
         (
             (1u64..40, 0u64..2_000, 1usize..5, 1usize..40),

@@ -41,7 +41,10 @@ fn assert_exactly_once(outcomes: &[Outcome<u64, u64>], n: u64) {
         seen[o.record as usize] += 1;
     }
     let wrong: Vec<_> = seen.iter().enumerate().filter(|(_, c)| **c != 1).collect();
-    assert!(wrong.is_empty(), "ids without exactly one outcome: {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "ids without exactly one outcome: {wrong:?}"
+    );
     assert_eq!(outcomes.len() as u64, n);
 }
 
@@ -106,7 +109,10 @@ async fn max_wait_delays_a_lone_record_like_triton() {
     let r = engine.submit(7, None).await;
     assert_eq!(r, Ok(7));
     let latency = t0.elapsed();
-    assert!(latency >= Duration::from_micros(30_500) && latency <= ms(31), "{latency:?}");
+    assert!(
+        latency >= Duration::from_micros(30_500) && latency <= ms(31),
+        "{latency:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,9 +128,16 @@ async fn under_saturation_batches_grow_to_the_max_and_throughput_reaches_the_lim
 
     let calls = sim.calls();
     let full = calls.iter().filter(|c| c.items == 64).count();
-    assert!(full * 100 >= calls.len() * 95, "{full} of {} calls full", calls.len());
+    assert!(
+        full * 100 >= calls.len() * 95,
+        "{full} of {} calls full",
+        calls.len()
+    );
     let rps = n as f64 / elapsed.as_secs_f64();
-    assert!(rps >= 0.97 * limit_rps, "{rps:.0} records/s vs limit {limit_rps:.0}");
+    assert!(
+        rps >= 0.97 * limit_rps,
+        "{rps:.0} records/s vs limit {limit_rps:.0}"
+    );
 }
 
 /// Rows: k slots. The gradient controller starts at 1 and must settle at k ± 1.
@@ -214,7 +227,11 @@ async fn aimd_settles_at_the_slot_count_when_the_backend_rejects_excess_calls() 
     // Overloaded records fail explicitly (retries come with the reliability layer).
     let overloaded = outcomes
         .iter()
-        .filter(|o| o.result.as_ref().is_err_and(|f| f.kind == ErrorKind::Overloaded))
+        .filter(|o| {
+            o.result
+                .as_ref()
+                .is_err_and(|f| f.kind == ErrorKind::Overloaded)
+        })
         .count() as u64;
     let stats = sim.stats();
     assert!(stats.overloaded * 64 >= overloaded);
@@ -300,7 +317,10 @@ async fn a_slow_consumer_stops_input_polling_at_capacity() {
         // A slow consumer: 10 ms per outcome, far slower than the backend.
         sleep(ms(10)).await;
         let held = pulled.load(Relaxed) - consumed;
-        assert!(held <= capacity, "{held} records held with capacity {capacity}");
+        assert!(
+            held <= capacity,
+            "{held} records held with capacity {capacity}"
+        );
         max_queue = max_queue.max(engine.stats().queued);
     }
     assert!(max_queue <= capacity);
@@ -348,8 +368,15 @@ async fn records_expire_in_the_queue_before_they_are_sent() {
         .filter(|f| f.attempts == 1)
         .collect();
     assert_eq!((ok, in_flight.len(), unsent.len()), (8, 4, 28));
-    assert!(unsent.iter().chain(&in_flight).all(|f| f.kind == ErrorKind::Timeout));
-    assert_eq!(sim.stats().items, 12, "expired records never reach the backend");
+    assert!(unsent
+        .iter()
+        .chain(&in_flight)
+        .all(|f| f.kind == ErrorKind::Timeout));
+    assert_eq!(
+        sim.stats().items,
+        12,
+        "expired records never reach the backend"
+    );
     assert!(t0.elapsed() <= ms(1_201));
 }
 

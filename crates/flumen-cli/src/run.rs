@@ -1,0 +1,422 @@
+//! `flumen run`: JSONL in, one JSON line per record out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use flumen_core::ErrorKind;
+use flumen_engine::{
+    AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
+    OperatorConfig, OrderMode, Outcome,
+};
+use flumen_sim::{Faults, Sim, SimConfig};
+use futures::{Stream, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::time::Instant;
+
+/// Options of `flumen run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// JSONL input file; `-` or nothing reads stdin.
+    input: Option<PathBuf>,
+    /// Write outcomes here instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Write failures (with the original line, kind, message and attempts) here
+    /// instead of among the outcomes.
+    #[arg(long)]
+    dead_letter: Option<PathBuf>,
+    /// The record field that is the model input; without it the whole record is.
+    #[arg(long)]
+    field: Option<String>,
+    /// The field the prediction is written to.
+    #[arg(long, default_value = "prediction")]
+    output_field: String,
+    /// Output order.
+    #[arg(long, value_enum, default_value_t = Order::Unordered)]
+    order: Order,
+    /// With `--order keyed`: the field whose value is the ordering key.
+    #[arg(long)]
+    key_field: Option<String>,
+    /// Records in flight at most (backpressure on the input).
+    #[arg(long, default_value_t = 1_000)]
+    capacity: usize,
+    /// Per-record deadline in milliseconds; 0 for none.
+    #[arg(long, default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Records per backend call at most (default: the backend's maximum).
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Wait up to this long for a fuller batch while a backend slot is free (Triton-style).
+    #[arg(long)]
+    max_wait_ms: Option<u64>,
+    /// Concurrency control: `adaptive` (latency gradient), `aimd`, or a fixed number.
+    #[arg(long, default_value = "adaptive", value_parser = parse_concurrency)]
+    concurrency: ConcurrencyConfig,
+    /// Exit with status 1 when any record failed.
+    #[arg(long)]
+    fail_on_dead_letter: bool,
+    /// Print no summary.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+/// The simulated backend (a cost model that echoes its input as the prediction).
+#[derive(Debug, Args)]
+struct SimArgs {
+    /// Sim: fixed cost per call, ms (`a`).
+    #[arg(long, default_value_t = 20.0)]
+    sim_a_ms: f64,
+    /// Sim: cost per record, ms (`b`).
+    #[arg(long, default_value_t = 0.5)]
+    sim_b_ms: f64,
+    /// Sim: parallel slots (`k`).
+    #[arg(long, default_value_t = 2)]
+    sim_slots: usize,
+    /// Sim: max batch size (`N`).
+    #[arg(long, default_value_t = 64)]
+    sim_max_batch: usize,
+    /// Sim: probability that a record fails with a transient error.
+    #[arg(long, default_value_t = 0.0)]
+    sim_error_rate: f64,
+    /// Sim: seed of its random draws.
+    #[arg(long, default_value_t = 0)]
+    sim_seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Order {
+    Unordered,
+    Ordered,
+    Keyed,
+}
+
+fn parse_concurrency(s: &str) -> Result<ConcurrencyConfig, String> {
+    match s {
+        "adaptive" | "gradient" => Ok(ConcurrencyConfig::Gradient(GradientConfig::default())),
+        "aimd" => Ok(ConcurrencyConfig::Aimd(AimdConfig::default())),
+        n => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(ConcurrencyConfig::Fixed(n)),
+            _ => Err(format!(
+                "`{n}` is not `adaptive`, `aimd` or a positive number"
+            )),
+        },
+    }
+}
+
+/// Invalid options: every problem found, each naming its flag. Exits with status 2.
+#[derive(Debug)]
+pub struct BadConfig(pub Vec<String>);
+
+impl std::fmt::Display for BadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid options:")?;
+        for p in &self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BadConfig {}
+
+impl SimArgs {
+    fn config(&self, problems: &mut Vec<String>) -> SimConfig {
+        let mut ms = |v: f64, name: &str| {
+            if !(v.is_finite() && v >= 0.0) {
+                problems.push(format!("--{name}: must be a number ≥ 0, got {v}"));
+                return Duration::ZERO;
+            }
+            Duration::from_secs_f64(v / 1e3)
+        };
+        let base = ms(self.sim_a_ms, "sim-a-ms");
+        let per_item = ms(self.sim_b_ms, "sim-b-ms");
+        if self.sim_slots == 0 {
+            problems.push("--sim-slots: must be > 0".into());
+        }
+        if self.sim_max_batch == 0 {
+            problems.push("--sim-max-batch: must be > 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.sim_error_rate) {
+            problems.push(format!(
+                "--sim-error-rate: must be within 0..=1, got {}",
+                self.sim_error_rate
+            ));
+        }
+        SimConfig {
+            base,
+            per_item,
+            slots: self.sim_slots,
+            max_batch: self.sim_max_batch,
+            seed: self.sim_seed,
+            faults: Faults {
+                item_error_rate: self.sim_error_rate,
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// One input line: its number (from 1) and what it holds.
+struct Line {
+    number: u64,
+    record: Result<Value, String>,
+    raw: Vec<u8>,
+}
+
+fn parse_line(number: u64, raw: Vec<u8>) -> Line {
+    let record = match std::str::from_utf8(&raw) {
+        Err(e) => Err(format!("line {number}: invalid UTF-8 ({e})")),
+        Ok(text) => serde_json::from_str::<Value>(text)
+            .map_err(|e| format!("line {number}: invalid JSON: {e}")),
+    };
+    Line {
+        number,
+        record,
+        raw,
+    }
+}
+
+/// Reads JSONL lines (blank lines skipped); reading stops at the first I/O error,
+/// which is reported after the stream ends.
+fn lines(
+    reader: impl AsyncRead + Unpin + Send + 'static,
+    io_error: Arc<std::sync::Mutex<Option<std::io::Error>>>,
+) -> impl Stream<Item = Line> + Send + 'static {
+    let reader = BufReader::with_capacity(1 << 16, reader).split(b'\n');
+    futures::stream::unfold((reader, 0u64), move |(mut reader, mut n)| {
+        let io_error = Arc::clone(&io_error);
+        async move {
+            loop {
+                match reader.next_segment().await {
+                    Ok(Some(mut raw)) => {
+                        n += 1;
+                        if raw.last() == Some(&b'\r') {
+                            raw.pop();
+                        }
+                        if raw.iter().all(u8::is_ascii_whitespace) {
+                            continue;
+                        }
+                        return Some((parse_line(n, raw), (reader, n)));
+                    }
+                    Ok(None) => return None,
+                    Err(e) => {
+                        *io_error.lock().expect("io error slot") = Some(e);
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn model_input(line: &Line, field: Option<&str>) -> Result<Value, String> {
+    let record = line.record.as_ref().map_err(Clone::clone)?;
+    match field {
+        None => Ok(record.clone()),
+        Some(f) => record
+            .get(f)
+            .cloned()
+            .ok_or_else(|| format!("line {}: field `{f}` is missing", line.number)),
+    }
+}
+
+fn key_of(line: &Line, key_field: Option<&str>) -> String {
+    match (&line.record, key_field) {
+        (Ok(record), Some(f)) => record.get(f).map(Value::to_string).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn success_line(line: &Line, output_field: &str, prediction: Value) -> Value {
+    match &line.record {
+        Ok(Value::Object(map)) => {
+            let mut map = map.clone();
+            map.insert(output_field.to_owned(), prediction);
+            Value::Object(map)
+        }
+        Ok(other) => {
+            let mut map = Map::new();
+            map.insert("input".into(), other.clone());
+            map.insert(output_field.to_owned(), prediction);
+            Value::Object(map)
+        }
+        Err(_) => unreachable!("a record that did not parse never reaches the backend"),
+    }
+}
+
+fn failure_line(line: &Line, failure: &flumen_core::Failure) -> Value {
+    let record = match &line.record {
+        Ok(v) => v.clone(),
+        Err(_) => Value::String(String::from_utf8_lossy(&line.raw).into_owned()),
+    };
+    json!({
+        "line": line.number,
+        "record": record,
+        "error": {
+            "kind": failure.kind.as_str(),
+            "message": failure.message,
+            "attempts": failure.attempts,
+        }
+    })
+}
+
+async fn open_output(path: Option<&PathBuf>) -> Result<Box<dyn AsyncWrite + Unpin + Send>> {
+    Ok(match path {
+        None => Box::new(tokio::io::stdout()),
+        Some(p) => Box::new(
+            tokio::fs::File::create(p)
+                .await
+                .with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+    })
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    failed: [u64; ErrorKind::ALL.len()],
+}
+
+impl Tally {
+    fn failed_total(&self) -> u64 {
+        self.failed.iter().sum()
+    }
+}
+
+/// Runs `flumen run`.
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    let mut problems = Vec::new();
+    if args.capacity == 0 {
+        problems.push("--capacity: must be > 0".to_owned());
+    }
+    if args.max_batch == Some(0) {
+        problems.push("--max-batch: must be > 0".to_owned());
+    }
+    if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
+        problems.push("--order keyed: needs --key-field".to_owned());
+    }
+    let sim_config = args.sim.config(&mut problems);
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let sim = Arc::new(Sim::<Value>::new(sim_config));
+    let engine = Engine::from_arc(
+        Arc::clone(&sim),
+        EngineConfig {
+            name: "sim".into(),
+            batch: BatchConfig {
+                max_items: args.max_batch,
+                max_wait: args.max_wait_ms.map(Duration::from_millis),
+                ..BatchConfig::default()
+            },
+            concurrency: args.concurrency.clone(),
+        },
+    );
+    let reader: Box<dyn AsyncRead + Unpin + Send> = match &args.input {
+        None => Box::new(tokio::io::stdin()),
+        Some(p) if p.as_os_str() == "-" => Box::new(tokio::io::stdin()),
+        Some(p) => Box::new(
+            tokio::fs::File::open(p)
+                .await
+                .with_context(|| format!("cannot open {}", p.display()))?,
+        ),
+    };
+    let io_error = Arc::new(std::sync::Mutex::new(None));
+    let config = OperatorConfig {
+        order: match args.order {
+            Order::Unordered => OrderMode::Unordered,
+            Order::Ordered => OrderMode::Ordered,
+            Order::Keyed => OrderMode::Keyed,
+        },
+        capacity: args.capacity,
+        timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
+    };
+    let field = args.field.clone();
+    let outcomes = lines(reader, Arc::clone(&io_error)).infer(&engine, config, move |line| {
+        model_input(line, field.as_deref())
+    });
+    let key_field = args.key_field.clone();
+    let mut outcomes = if matches!(args.order, Order::Keyed) {
+        outcomes.keyed_by(move |line| key_of(line, key_field.as_deref()))
+    } else {
+        outcomes
+    };
+
+    let mut out = BufWriter::new(open_output(args.output.as_ref()).await?);
+    let mut dead = match &args.dead_letter {
+        Some(p) => Some(BufWriter::new(open_output(Some(p)).await?)),
+        None => None,
+    };
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    while let Some(Outcome { record, result }) = outcomes.next().await {
+        let (json, to_dead) = match result {
+            Ok(prediction) => {
+                tally.ok += 1;
+                (success_line(&record, &args.output_field, prediction), false)
+            }
+            Err(failure) => {
+                let i = ErrorKind::ALL
+                    .iter()
+                    .position(|k| *k == failure.kind)
+                    .unwrap_or(0);
+                tally.failed[i] += 1;
+                (failure_line(&record, &failure), true)
+            }
+        };
+        let mut bytes = serde_json::to_vec(&json).expect("JSON values serialize");
+        bytes.push(b'\n');
+        let sink = match (&mut dead, to_dead) {
+            (Some(d), true) => d,
+            _ => &mut out,
+        };
+        sink.write_all(&bytes)
+            .await
+            .context("cannot write output")?;
+    }
+    out.flush().await.context("cannot write output")?;
+    if let Some(d) = &mut dead {
+        d.flush()
+            .await
+            .context("cannot write the dead-letter output")?;
+    }
+    if let Some(e) = io_error.lock().expect("io error slot").take() {
+        return Err(e)
+            .context("reading the input failed; the records read before it were processed");
+    }
+
+    if !args.quiet {
+        let elapsed = started.elapsed().as_secs_f64();
+        let total = tally.ok + tally.failed_total();
+        let stats = engine.stats();
+        let mut failed: Vec<String> = ErrorKind::ALL
+            .iter()
+            .zip(tally.failed)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if failed.is_empty() {
+            failed.push("none".into());
+        }
+        eprintln!(
+            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}",
+            total as f64 / elapsed.max(1e-9),
+            tally.ok,
+            failed.join(", "),
+            stats.calls,
+            stats.mean_batch(),
+        );
+    }
+    if args.fail_on_dead_letter && tally.failed_total() > 0 {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,162 @@
+//! The `flumen` binary end to end: one output line per input line, failures with
+//! their reason, bad flags rejected with status 2.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn flumen(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flumen starts");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json_lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8(bytes.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every output line is JSON"))
+        .collect()
+}
+
+const FAST: [&str; 4] = ["--sim-a-ms", "1", "--sim-b-ms", "0.01"];
+
+#[test]
+fn every_input_line_yields_exactly_one_output_line() {
+    let mut input = String::new();
+    for i in 0..2_000 {
+        input.push_str(&format!("{{\"id\": {i}, \"text\": \"record {i}\"}}\n"));
+    }
+    let mut args = vec!["run", "--field", "text", "--order", "ordered"];
+    args.extend(FAST);
+    let out = flumen(&args, input.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 2_000);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["id"], i as u64, "ordered output");
+        assert_eq!(line["prediction"], format!("record {i}"));
+    }
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("2000 records"), "{summary}");
+}
+
+#[test]
+fn bad_lines_fail_alone_with_their_line_number_and_the_run_goes_on() {
+    let input = b"{\"id\":1,\"text\":\"a\"}\nnot json\n{\"id\":2}\n\xff\xfe\n\n{\"id\":3,\"text\":\"ok\"}\n";
+    let dir = std::env::temp_dir().join(format!("flumen-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dead = dir.join("dead.jsonl");
+    let mut args = vec![
+        "run",
+        "--field",
+        "text",
+        "--dead-letter",
+        dead.to_str().unwrap(),
+    ];
+    args.extend(FAST);
+    let out = flumen(&args, input);
+    assert!(out.status.success());
+    let mut ok: Vec<u64> = json_lines(&out.stdout)
+        .iter()
+        .map(|l| l["id"].as_u64().unwrap())
+        .collect();
+    ok.sort();
+    assert_eq!(ok, vec![1, 3]);
+    let dead = json_lines(&std::fs::read(&dead).unwrap());
+    let mut reasons: Vec<(u64, String, String)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d["line"].as_u64().unwrap(),
+                d["error"]["kind"].as_str().unwrap().to_owned(),
+                d["error"]["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 3);
+    assert_eq!(reasons[0].0, 2);
+    assert!(reasons[0].2.starts_with("line 2: invalid JSON"));
+    assert_eq!(reasons[1].0, 3);
+    assert!(reasons[1].2.contains("field `text` is missing"));
+    assert_eq!(reasons[2].0, 4);
+    assert!(reasons[2].2.contains("invalid UTF-8"));
+    assert!(reasons.iter().all(|r| r.1 == "invalid_input"));
+    assert_eq!(dead[0]["error"]["attempts"], 0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn failures_set_the_exit_status_only_when_asked() {
+    let input = b"{\"text\":\"a\"}\n{\"x\":1}\n";
+    let mut args = vec!["run", "--field", "text"];
+    args.extend(FAST);
+    assert_eq!(flumen(&args, input).status.code(), Some(0));
+    args.push("--fail-on-dead-letter");
+    assert_eq!(flumen(&args, input).status.code(), Some(1));
+}
+
+#[test]
+fn injected_backend_failures_become_dead_letters_not_losses() {
+    let input: String = (0..500).map(|i| format!("{{\"id\":{i}}}\n")).collect();
+    let mut args = vec!["run", "--sim-error-rate", "0.3", "--sim-seed", "9"];
+    args.extend(FAST);
+    let out = flumen(&args, input.as_bytes());
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 500);
+    let failed = lines.iter().filter(|l| l.get("error").is_some()).count();
+    assert!(
+        (100..200).contains(&failed),
+        "{failed} failed at a 30 % error rate"
+    );
+    for l in lines.iter().filter(|l| l.get("error").is_some()) {
+        assert_eq!(l["error"]["kind"], "transient");
+        assert_eq!(l["error"]["attempts"], 1);
+    }
+}
+
+#[test]
+fn bad_flags_exit_with_status_2_and_name_the_flag() {
+    let out = flumen(&["run", "--concurrency", "lots"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency"));
+    let out = flumen(&["run", "--order", "sideways"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    // Every problem at once, each with its flag.
+    let out = flumen(
+        &[
+            "run",
+            "--capacity",
+            "0",
+            "--sim-slots",
+            "0",
+            "--order",
+            "keyed",
+            "--sim-error-rate",
+            "2",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for flag in [
+        "--capacity",
+        "--sim-slots",
+        "--order keyed",
+        "--sim-error-rate",
+    ] {
+        assert!(err.contains(flag), "{flag} not named in: {err}");
+    }
+}
