@@ -104,6 +104,24 @@ fn steady_rate(run: &Run, window: Duration) -> f64 {
         .rate(run.start + WARMUP, run.start + WARMUP + window)
 }
 
+/// Records/s through the operator and engine with a backend that does nothing.
+async fn noop_rate(n: u64) -> f64 {
+    let noop = Engine::new(Noop::<u64>::new(1_024), EngineConfig::default());
+    let config = OperatorConfig {
+        capacity: 8_192,
+        timeout: Some(Duration::from_secs(60)),
+        ..OperatorConfig::default()
+    };
+    let t = Instant::now();
+    let done = futures::stream::iter(0..n)
+        .infer(&noop, config, |&i| Ok(i))
+        .fold(0u64, |n, o| async move { n + o.result.is_ok() as u64 })
+        .await;
+    let rate = done as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(done, n, "every no-op record succeeds");
+    rate
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let config = SimConfig::default();
@@ -196,21 +214,14 @@ async fn main() {
     .await;
     let keeps_up = |r: &Run| r.completions.len() as f64 >= 0.99 * offered as f64;
 
-    // 4. Engine overhead: a no-op backend.
-    let noop_n = 2_000_000u64;
-    let noop = Engine::new(Noop::<u64>::new(1_024), EngineConfig::default());
-    let t = Instant::now();
-    let config = OperatorConfig {
-        capacity: 8_192,
-        timeout: Some(Duration::from_secs(60)),
-        ..OperatorConfig::default()
-    };
-    let done = futures::stream::iter(0..noop_n)
-        .infer(&noop, config, |&i| Ok(i))
-        .fold(0u64, |n, o| async move { n + o.result.is_ok() as u64 })
-        .await;
-    let noop_rps = done as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(done, noop_n, "every no-op record succeeds");
+    // 4. Engine overhead: a no-op backend; the median of three runs (this machine
+    //    is shared and noisy).
+    let mut noop_runs: Vec<f64> = Vec::new();
+    for _ in 0..3 {
+        noop_runs.push(noop_rate(2_000_000).await);
+    }
+    noop_runs.sort_by(f64::total_cmp);
+    let noop_rps = noop_runs[1];
 
     let pct = |x: f64| format!("{:.1} %", 100.0 * x / limit);
     let rps = |x: f64| format!("{x:.0}/s");
@@ -314,7 +325,7 @@ async fn main() {
     }
     table.row(vec![
         "engine overhead".into(),
-        "Flumen, no-op backend".into(),
+        "Flumen, no-op backend (median of 3)".into(),
         rps(noop_rps),
         "".into(),
         "".into(),

@@ -15,7 +15,8 @@ pub struct GradientConfig {
     /// The limit never goes above this.
     pub max: usize,
     /// How many calls may queue inside the backend, as a fraction of the limit (at
-    /// least one call): above it the limit shrinks; below half of it, it grows.
+    /// least three quarters of a call): above it the limit shrinks; below half of it, it
+    /// grows.
     pub tolerance: f64,
     /// How long a no-load latency is remembered. Baselines are windowed minima over
     /// the last one to two half-windows, so a backend that slows down for good moves
@@ -23,6 +24,10 @@ pub struct GradientConfig {
     pub baseline_window: Duration,
     /// Multiplier on overload or on an abandoned (timed-out) call.
     pub decrease_ratio: f64,
+    /// After queueing made the limit shrink, rounds to hold before probing upward
+    /// again. Probing costs queueing (a call waiting inside the backend), so near
+    /// the backend's capacity the limit spends one round in `probe_after + 2` above it.
+    pub probe_after: u32,
 }
 
 impl Default for GradientConfig {
@@ -34,9 +39,14 @@ impl Default for GradientConfig {
             tolerance: 0.1,
             baseline_window: Duration::from_secs(10),
             decrease_ratio: 0.9,
+            probe_after: 4,
         }
     }
 }
+
+/// The fewest queued calls that count as queueing: a steady three quarters of a call
+/// waiting means the limit is above the backend's capacity.
+const MIN_QUEUE: f64 = 0.75;
 
 /// Buckets per doubling of the batch size: sizes within a bucket differ by < 19 %.
 const BUCKETS_PER_OCTAVE: f64 = 4.0;
@@ -62,9 +72,11 @@ struct Round {
 /// decision) it compares the calls' latency with their no-load latency. By Little's
 /// law, `limit × (1 − no_load / observed)` estimates how many calls were waiting
 /// inside the backend (Vegas's queue estimate, Gradient2's gradient). Above
-/// `max(1, tolerance × limit)` queued calls the limit drops by that estimate (by half
+/// `max(0.75, tolerance × limit)` queued calls the limit drops by that estimate (by half
 /// at most, rounded to the nearest call); below
 /// half of it, and only if the limit was reached, it grows by one; in between it holds.
+/// After a decrease it holds for [`GradientConfig::probe_after`] rounds before probing
+/// upward again, so it spends most of its time at the backend's capacity, not above.
 ///
 /// Changes from Netflix Gradient2 and Vegas, for batching and their known failure modes:
 ///
@@ -85,6 +97,7 @@ pub struct Gradient {
     limit: usize,
     queue: f64,
     round: Round,
+    hold: u32,
     current: Vec<Option<Duration>>,
     previous: Vec<Option<Duration>>,
     window_start: Option<Instant>,
@@ -102,6 +115,7 @@ impl Gradient {
             limit,
             queue: 0.0,
             round: Round::default(),
+            hold: 0,
             current: vec![None; BUCKETS],
             previous: vec![None; BUCKETS],
             window_start: None,
@@ -178,13 +192,15 @@ impl Gradient {
         let limit = self.limit as f64;
         let mean = self.round.ratios / self.round.count as f64;
         self.queue = (limit * (1.0 - 1.0 / mean)).max(0.0);
-        let high = (self.config.tolerance * limit).max(1.0);
+        let high = (self.config.tolerance * limit).max(MIN_QUEUE);
         if self.queue > high {
             self.cooldown.mark(now);
+            self.hold = self.config.probe_after;
             self.set_limit(now, (limit - self.queue).max(limit / 2.0));
-        } else if self.queue < high / 2.0 && self.round.limit_reached {
+        } else if self.queue < high / 2.0 && self.round.limit_reached && self.hold == 0 {
             self.set_limit(now, limit + 1.0);
         } else {
+            self.hold = self.hold.saturating_sub(1);
             self.set_limit(now, limit);
         }
     }
