@@ -1,31 +1,38 @@
-//! The execution engine: one queue, one batcher and one concurrency limiter per
-//! backend, shared by every operator (and, later, every gateway caller) that submits
-//! to it, so records from many streams are batched together.
+//! The execution engine: one queue, one batcher, one concurrency limiter, one
+//! retry budget and one circuit breaker per backend, shared by every operator (and
+//! every gateway caller) that submits to it, so records from many streams are
+//! batched together.
 //!
 //! Mechanism only: the dispatcher task owns the queue and asks the pure
-//! [`BatchPolicy`] when to cut a batch and the [`Limiter`] how many calls may run.
-//! Each call runs in its own task, which delivers one outcome per record and reports
-//! a [`Sample`] back to the dispatcher.
+//! [`BatchPolicy`] when to cut a batch, the [`Limiter`] how many calls may run, the
+//! [`Breaker`] whether calls may run at all, and the [`RetryConfig`] and
+//! [`RetryBudget`] whether a failed record is sent again. Each call runs in its own
+//! task, which delivers final outcomes itself and hands records worth another try
+//! back to the dispatcher with a [`Sample`] of how the call went.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use flumen_core::{Backend, BackendError, ErrorKind, Failure};
 use futures::FutureExt;
-use metrics::{Counter, Gauge, Histogram};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta};
 use crate::limiter::{ConcurrencyConfig, Limiter, Sample, SampleOutcome};
+use crate::reliability::{Breaker, BreakerConfig, BreakerState, CallClass, RetryBudget, RetryConfig};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::{telemetry, LatencyModel};
+use crate::telemetry::Instruments;
+use crate::LatencyModel;
 
 /// Settings of an [`Engine`].
 #[derive(Debug, Clone, Default)]
@@ -36,6 +43,19 @@ pub struct EngineConfig {
     pub batch: BatchConfig,
     /// How many backend calls may be in flight.
     pub concurrency: ConcurrencyConfig,
+    /// How failed records are retried.
+    pub retry: RetryConfig,
+    /// The circuit breaker; `None` for none.
+    pub breaker: Option<BreakerConfig>,
+    /// The longest one call may take before it is abandoned and its records are
+    /// retried (within their deadlines); `None` for no limit but the deadlines.
+    pub attempt_timeout: Option<Duration>,
+    /// Hedging, for idempotent backends: when a call has not answered after this
+    /// long, send the same batch once more (paid from the retry budget, one token
+    /// per record) and take whichever answers first. `None` (the default): never.
+    pub hedge_after: Option<Duration>,
+    /// Seed of the backoff jitter.
+    pub seed: u64,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;
@@ -44,6 +64,7 @@ struct Job<B: Backend> {
     input: B::Input,
     meta: QueuedMeta,
     attempts: u32,
+    last_error: Option<BackendError>,
     reply: Reply<B::Output>,
 }
 
@@ -95,21 +116,30 @@ impl<B: Backend> Engine<B> {
     pub fn from_arc(backend: Arc<B>, config: EngineConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
-        let policy = BatchPolicy::new(&config.batch, &backend.capabilities());
-        let limiter = Limiter::new(&config.concurrency);
+        let caps = backend.capabilities();
+        let instruments = Arc::new(Instruments::new(&config.name));
         let dispatcher = Dispatcher {
             backend: Arc::clone(&backend),
             rx,
             queue: VecDeque::new(),
-            policy,
-            limiter,
+            delayed: BTreeMap::new(),
+            isolated: VecDeque::new(),
+            seq: 0,
+            policy: BatchPolicy::new(&config.batch, &caps),
+            limiter: Limiter::new(&config.concurrency),
+            breaker: config.breaker.clone().map(Breaker::new),
+            budget: Arc::new(Mutex::new(RetryBudget::new(&config.retry))),
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
             latency: LatencyModel::default(),
             calls: JoinSet::new(),
             in_flight: 0,
             next_expiry: None,
             paused_until: None,
             stats: Arc::clone(&stats),
-            instruments: Arc::new(Instruments::new(&config.name)),
+            instruments,
+            attempt_timeout: config.attempt_timeout,
+            hedge_after: config.hedge_after.filter(|_| caps.idempotent),
+            retry: config.retry,
         };
         tokio::spawn(dispatcher.run());
         Engine {
@@ -125,8 +155,8 @@ impl<B: Backend> Engine<B> {
     /// Queues one input; the returned future resolves to its one outcome.
     ///
     /// The record fails with [`ErrorKind::Timeout`] if it has no result by
-    /// `deadline`, whether it is still queued or in a call by then. Dropping the
-    /// future abandons the record: it is not sent if it has not been yet.
+    /// `deadline`, whether it is queued, waiting to be retried or in a call by then.
+    /// Dropping the future abandons the record: it is not sent if it has not been yet.
     pub fn submit(&self, input: B::Input, deadline: Option<Instant>) -> Pending<B::Output> {
         let (reply, rx) = oneshot::channel();
         let cost = self.shared.backend.cost(&input);
@@ -138,6 +168,7 @@ impl<B: Backend> Engine<B> {
                 cost,
             },
             attempts: 0,
+            last_error: None,
             reply,
         };
         // If the dispatcher is gone, the job (and its sender) is dropped here and
@@ -149,6 +180,11 @@ impl<B: Backend> Engine<B> {
     /// Counters of this engine now.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// The circuit breaker's transitions so far, oldest first (at most the last 1,024).
+    pub fn breaker_transitions(&self) -> Vec<(Instant, BreakerState)> {
+        self.shared.stats.transitions()
     }
 
     /// The backend this engine calls.
@@ -185,54 +221,54 @@ impl<O> Future for Pending<O> {
     }
 }
 
-/// Metric handles, registered once per engine.
-struct Instruments {
-    queue_depth: Gauge,
-    in_flight: Gauge,
-    limit: Gauge,
-    batch_size: Histogram,
-    queue_time: Histogram,
-    backend_latency: Histogram,
-    ok: Counter,
-    failed: Vec<Counter>,
+/// Sends a record's one outcome and counts it.
+fn finish<O>(instruments: &Instruments, reply: Reply<O>, attempts: u32, result: Result<O, Failure>) {
+    instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind));
+    let _ = reply.send(result);
 }
 
-impl Instruments {
-    fn new(name: &str) -> Self {
-        let engine = name.to_owned();
-        let outcome = |o: &'static str| metrics::counter!(telemetry::OUTCOMES, "engine" => engine.clone(), "outcome" => o);
-        Instruments {
-            queue_depth: metrics::gauge!(telemetry::QUEUE_DEPTH, "engine" => engine.clone()),
-            in_flight: metrics::gauge!(telemetry::BATCHES_IN_FLIGHT, "engine" => engine.clone()),
-            limit: metrics::gauge!(telemetry::CONCURRENCY_LIMIT, "engine" => engine.clone()),
-            batch_size: metrics::histogram!(telemetry::BATCH_SIZE, "engine" => engine.clone()),
-            queue_time: metrics::histogram!(telemetry::QUEUE_TIME, "engine" => engine.clone()),
-            backend_latency: metrics::histogram!(telemetry::BACKEND_LATENCY, "engine" => engine.clone()),
-            ok: outcome("ok"),
-            failed: ErrorKind::ALL.iter().map(|k| outcome(k.as_str())).collect(),
-        }
-    }
-
-    fn failed(&self, kind: ErrorKind) -> &Counter {
-        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        &self.failed[i]
+/// "message (last error: …)" when there was one.
+fn with_last_error(message: String, last: Option<&BackendError>) -> String {
+    match last {
+        Some(e) => format!("{message} (last error: {e})"),
+        None => message,
     }
 }
 
 struct Dispatcher<B: Backend> {
     backend: Arc<B>,
     rx: mpsc::UnboundedReceiver<Job<B>>,
+    /// Records ready to send, oldest first.
     queue: VecDeque<Job<B>>,
+    /// Records waiting out a backoff, by when they may go again.
+    delayed: BTreeMap<(Instant, u64), Job<B>>,
+    /// Halves of batches that failed as a whole, each sent alone to find the record
+    /// that poisoned them.
+    isolated: VecDeque<Vec<Job<B>>>,
+    seq: u64,
     policy: BatchPolicy,
     limiter: Limiter,
+    breaker: Option<Breaker>,
+    budget: Arc<Mutex<RetryBudget>>,
+    rng: ChaCha8Rng,
     latency: LatencyModel,
-    calls: JoinSet<Report>,
+    calls: JoinSet<Report<B>>,
     in_flight: usize,
     next_expiry: Option<Instant>,
     /// After an overload answer no call is sent before this instant.
     paused_until: Option<Instant>,
     stats: Arc<Stats>,
     instruments: Arc<Instruments>,
+    attempt_timeout: Option<Duration>,
+    hedge_after: Option<Duration>,
+    retry: RetryConfig,
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl<B: Backend> Dispatcher<B> {
@@ -250,17 +286,17 @@ impl<B: Backend> Dispatcher<B> {
                 }
             }
             let now = Instant::now();
+            self.release_due(now);
             self.expire(now);
             let wake = self.dispatch(now);
-            self.publish();
-            if !open && self.queue.is_empty() && self.calls.is_empty() {
+            self.publish(now);
+            let idle = self.queue.is_empty() && self.delayed.is_empty() && self.isolated.is_empty();
+            if !open && idle && self.calls.is_empty() {
                 return;
             }
 
-            let wake = match (wake, self.next_expiry) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let wake = earliest(wake, self.next_expiry);
+            let wake = earliest(wake, self.delayed.keys().next().map(|k| k.0));
             if wake != armed {
                 timer.as_mut().reset(wake.unwrap_or_else(far));
                 armed = wake;
@@ -269,6 +305,7 @@ impl<B: Backend> Dispatcher<B> {
                 biased;
                 Some(done) = self.calls.join_next(), if !self.calls.is_empty() => {
                     self.in_flight -= 1;
+                    // A call task never panics: backend panics are caught inside it.
                     if let Ok(report) = done {
                         self.on_report(report);
                     }
@@ -285,61 +322,107 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
+    fn note_deadline(&mut self, deadline: Option<Instant>) {
+        self.next_expiry = earliest(self.next_expiry, deadline);
+    }
+
     fn enqueue(&mut self, job: Job<B>) {
-        if let Some(d) = job.meta.deadline {
-            self.next_expiry = Some(self.next_expiry.map_or(d, |e| e.min(d)));
-        }
+        self.note_deadline(job.meta.deadline);
         self.queue.push_back(job);
     }
 
-    /// Fails queued records whose deadline has passed, before they are sent; forgets
-    /// records whose submitter has gone away.
+    /// Moves retries whose backoff is over to the front of the queue (they are the
+    /// oldest records), keeping their order.
+    fn release_due(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        for job in due.into_iter().rev() {
+            self.note_deadline(job.meta.deadline);
+            self.queue.push_front(job);
+        }
+    }
+
+    /// Fails waiting records whose deadline has passed, before they are sent again;
+    /// forgets records whose submitter has gone away.
     fn expire(&mut self, now: Instant) {
         if self.next_expiry.is_none_or(|e| e > now) {
             return;
         }
         self.next_expiry = None;
-        let mut expired = 0;
+        let why = match self.breaker.as_mut().map(|b| b.state(now)) {
+            Some(BreakerState::Open { .. }) => "while the circuit breaker was open",
+            _ => "in the queue",
+        };
+        let keep = |job: Job<B>, kept: &mut Vec<Job<B>>, next: &mut Option<Instant>| match job
+            .meta
+            .deadline
+        {
+            _ if job.reply.is_closed() => {}
+            Some(d) if d <= now => {
+                let waited = now.duration_since(job.meta.enqueued).as_millis();
+                let message = with_last_error(
+                    format!("deadline passed after {waited} ms, {why}, before the record could be sent"),
+                    job.last_error.as_ref(),
+                );
+                let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
+                finish(&self.instruments, job.reply, job.attempts, Err(failure));
+            }
+            deadline => {
+                *next = earliest(*next, deadline);
+                kept.push(job);
+            }
+        };
+        let mut next = None;
+        let mut kept = Vec::with_capacity(self.queue.len());
         for job in std::mem::take(&mut self.queue) {
-            match job.meta.deadline {
-                _ if job.reply.is_closed() => {}
-                Some(d) if d <= now => {
-                    let waited = now.duration_since(job.meta.enqueued);
-                    let failure = Failure::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "deadline passed after {} ms in the queue, before the record could be sent",
-                            waited.as_millis()
-                        ),
-                        job.attempts,
-                    );
-                    let _ = job.reply.send(Err(failure));
-                    expired += 1;
-                }
-                deadline => {
-                    if let Some(d) = deadline {
-                        self.next_expiry = Some(self.next_expiry.map_or(d, |e| e.min(d)));
-                    }
-                    self.queue.push_back(job);
-                }
+            keep(job, &mut kept, &mut next);
+        }
+        self.queue = kept.into();
+        for group in std::mem::take(&mut self.isolated) {
+            let mut kept = Vec::with_capacity(group.len());
+            for job in group {
+                keep(job, &mut kept, &mut next);
+            }
+            if !kept.is_empty() {
+                self.isolated.push_back(kept);
             }
         }
-        self.instruments
-            .failed(ErrorKind::Timeout)
-            .increment(expired);
+        // Delayed records cannot expire: a retry is only scheduled before the deadline.
+        self.next_expiry = next;
     }
 
-    /// Sends batches while the policy says so; returns when to look again.
+    /// Sends batches while the policy allows; returns when to look again.
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         let paused = self.paused_until.filter(|p| *p > now);
         loop {
-            let slot_free = self.in_flight < self.limiter.limit() && paused.is_none();
+            let breaker_allows = self.breaker.as_mut().is_none_or(|b| b.allows(now));
+            let slot_free =
+                self.in_flight < self.limiter.limit() && paused.is_none() && breaker_allows;
+            if slot_free {
+                if let Some(group) = self.isolated.pop_front() {
+                    self.launch(group, now);
+                    continue;
+                }
+            }
             let metas = self.queue.iter().map(|j| &j.meta);
             match self.policy.decide(now, slot_free, metas, &self.latency) {
-                Decision::Send(n) => self.launch(n, now),
+                Decision::Send(n) => {
+                    let jobs: Vec<Job<B>> = self.queue.drain(..n).collect();
+                    self.launch(jobs, now);
+                }
                 Decision::RejectOversized => self.reject_head(),
-                Decision::Wait(at) if self.queue.is_empty() => return at,
-                Decision::Wait(at) => return at.or(paused),
+                Decision::Wait(at) => {
+                    if self.queue.is_empty() && self.isolated.is_empty() {
+                        return at;
+                    }
+                    let reopens = self.breaker.as_ref().and_then(Breaker::reopens_at);
+                    return earliest(earliest(at, paused), reopens);
+                }
             }
         }
     }
@@ -355,56 +438,63 @@ impl<B: Backend> Dispatcher<B> {
                 ),
                 job.attempts,
             );
-            let _ = job.reply.send(Err(failure));
-            self.instruments
-                .failed(ErrorKind::InvalidInput)
-                .increment(1);
+            finish(&self.instruments, job.reply, job.attempts, Err(failure));
         }
     }
 
-    fn launch(&mut self, n: usize, now: Instant) {
-        let mut jobs: Vec<Job<B>> = Vec::with_capacity(n);
-        for mut job in self.queue.drain(..n) {
+    fn launch(&mut self, jobs: Vec<Job<B>>, now: Instant) {
+        let mut batch: Vec<Job<B>> = Vec::with_capacity(jobs.len());
+        let mut first = 0;
+        for mut job in jobs {
             if job.reply.is_closed() {
                 continue;
             }
-            self.instruments
-                .queue_time
-                .record(now.duration_since(job.meta.enqueued));
+            if job.attempts == 0 {
+                self.instruments
+                    .queue_time
+                    .record(now.duration_since(job.meta.enqueued));
+                first += 1;
+            }
             job.attempts += 1;
-            jobs.push(job);
+            batch.push(job);
         }
-        if jobs.is_empty() {
+        if batch.is_empty() {
             return;
         }
+        self.budget.lock().expect("budget lock").deposit(now, first);
+        let probe = self.breaker.as_mut().is_some_and(|b| {
+            let half_open = b.state(now) == BreakerState::HalfOpen;
+            b.on_send(now);
+            half_open
+        });
         self.in_flight += 1;
-        self.stats.call_sent(jobs.len());
-        self.instruments.batch_size.record(jobs.len() as f64);
+        self.stats.call_sent(batch.len());
+        self.instruments.batch_size.record(batch.len() as f64);
         let call = Call {
             backend: Arc::clone(&self.backend),
             instruments: Arc::clone(&self.instruments),
+            budget: Arc::clone(&self.budget),
             sent_at: now,
             in_flight: self.in_flight,
             limit: self.limiter.limit(),
+            probe,
+            attempt_timeout: self.attempt_timeout,
+            hedge_after: self.hedge_after,
         };
-        self.calls.spawn(call.run(jobs));
+        self.calls.spawn(call.run(batch));
     }
 
-    fn on_report(
-        &mut self,
-        Report {
-            sample,
-            retry_after,
-        }: Report,
-    ) {
+    fn on_report(&mut self, report: Report<B>) {
         let now = Instant::now();
+        let sample = report.sample;
         match sample.outcome {
             SampleOutcome::Ok => self.latency.observe(sample.items, sample.rtt),
             // An overloaded backend is not called again before it asked, or, when it
             // did not say, before one call's expected latency: a backend answering
             // 429 at once must not be hammered in a loop.
             SampleOutcome::Overloaded => {
-                let wait = retry_after
+                let wait = report
+                    .retry_after
                     .unwrap_or_else(|| self.latency.estimate(1))
                     .max(MIN_OVERLOAD_PAUSE);
                 let until = now + wait;
@@ -413,15 +503,93 @@ impl<B: Backend> Dispatcher<B> {
             SampleOutcome::Dropped | SampleOutcome::Failed => {}
         }
         self.limiter.on_sample(now, &sample);
+        if let Some(b) = self.breaker.as_mut() {
+            b.on_result(now, report.class, sample.rtt, report.probe);
+            for (at, state) in b.take_transitions() {
+                self.instruments.breaker_transition(state);
+                self.stats.push_transition(at, state);
+            }
+        }
+        for (job, error) in report.retry {
+            self.retry(job, error, now);
+        }
+        if let Some((jobs, error)) = report.split {
+            self.split(jobs, error, now);
+        }
     }
 
-    fn publish(&self) {
+    /// Schedules another attempt for a record, or gives it its final failure.
+    fn retry(&mut self, mut job: Job<B>, error: BackendError, now: Instant) {
+        if job.reply.is_closed() {
+            return;
+        }
+        let fail = |job: Job<B>, failure: Failure, instruments: &Instruments| {
+            finish(instruments, job.reply, job.attempts, Err(failure));
+        };
+        if job.attempts >= self.retry.max_attempts {
+            let failure = Failure::from_backend(error, job.attempts);
+            return fail(job, failure, &self.instruments);
+        }
+        let at = now + self.retry.backoff(job.attempts, error.retry_after, &mut self.rng);
+        if job.meta.deadline.is_some_and(|d| at >= d) {
+            let message = with_last_error(
+                format!(
+                    "deadline would pass before attempt {} could start",
+                    job.attempts + 1
+                ),
+                Some(&error),
+            );
+            let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
+            return fail(job, failure, &self.instruments);
+        }
+        if !self.budget.lock().expect("budget lock").try_withdraw(now) {
+            self.instruments.budget_exhausted.increment(1);
+            let message = format!("{} (retry budget exhausted)", error.message);
+            let failure = Failure::new(error.kind, message, job.attempts);
+            return fail(job, failure, &self.instruments);
+        }
+        self.instruments.retry(error.kind);
+        job.last_error = Some(error);
+        self.seq += 1;
+        self.delayed.insert((at, self.seq), job);
+    }
+
+    /// A batch failed as a whole with an error that is not worth retrying as is:
+    /// perhaps one record poisoned it. Each half is sent again on its own, so the
+    /// poison ends up alone; a record alone that still fails gets the error.
+    fn split(&mut self, jobs: Vec<Job<B>>, error: BackendError, now: Instant) {
+        let mut halves = jobs;
+        let second = halves.split_off(halves.len() / 2);
+        for half in [halves, second] {
+            let mut group = Vec::with_capacity(half.len());
+            for mut job in half {
+                if job.reply.is_closed() {
+                    continue;
+                }
+                if !self.budget.lock().expect("budget lock").try_withdraw(now) {
+                    self.instruments.budget_exhausted.increment(1);
+                    let message = format!("{} (retry budget exhausted)", error.message);
+                    let failure = Failure::new(error.kind, message, job.attempts);
+                    finish(&self.instruments, job.reply, job.attempts, Err(failure));
+                    continue;
+                }
+                self.instruments.retry(error.kind);
+                self.note_deadline(job.meta.deadline);
+                job.last_error = Some(error.clone());
+                group.push(job);
+            }
+            if !group.is_empty() {
+                self.isolated.push_back(group);
+            }
+        }
+    }
+
+    fn publish(&mut self, now: Instant) {
         let limit = self.limiter.limit();
-        self.stats
-            .set_gauges(self.queue.len(), self.in_flight, limit);
-        self.instruments.queue_depth.set(self.queue.len() as f64);
-        self.instruments.in_flight.set(self.in_flight as f64);
-        self.instruments.limit.set(limit as f64);
+        let queued = self.queue.len() + self.delayed.len() + self.isolated.iter().map(Vec::len).sum::<usize>();
+        let breaker = self.breaker.as_mut().map_or(BreakerState::Closed, |b| b.state(now));
+        self.stats.set_gauges(queued, self.in_flight, limit, breaker.level());
+        self.instruments.gauges(queued, self.in_flight, limit, breaker.level());
     }
 }
 
@@ -429,29 +597,49 @@ impl<B: Backend> Dispatcher<B> {
 const MIN_OVERLOAD_PAUSE: Duration = Duration::from_millis(1);
 
 /// What a finished call tells the dispatcher.
-struct Report {
+struct Report<B: Backend> {
     sample: Sample,
     retry_after: Option<Duration>,
+    class: CallClass,
+    probe: bool,
+    /// Records worth another attempt, with the error of this one.
+    retry: Vec<(Job<B>, BackendError)>,
+    /// A batch that failed as a whole with a non-retryable error, to bisect.
+    split: Option<(Vec<Job<B>>, BackendError)>,
 }
 
 /// One backend call in its own task.
 struct Call<B> {
     backend: Arc<B>,
     instruments: Arc<Instruments>,
+    budget: Arc<Mutex<RetryBudget>>,
     sent_at: Instant,
     in_flight: usize,
     limit: usize,
+    probe: bool,
+    attempt_timeout: Option<Duration>,
+    hedge_after: Option<Duration>,
 }
 
-/// A record in a call, until its outcome is sent.
+/// A record in a call, while it waits for its result.
 struct Waiting<O> {
     reply: Option<Reply<O>>,
-    deadline: Option<Instant>,
+    meta: QueuedMeta,
     attempts: u32,
+    last_error: Option<BackendError>,
+}
+
+/// How the call itself ended.
+enum Ended<O> {
+    Returned(flumen_core::BatchResult<O>),
+    Panicked,
+    /// Every record got its outcome (deadline) before the call returned.
+    Abandoned,
+    AttemptTimeout,
 }
 
 impl<B: Backend> Call<B> {
-    async fn run(self, jobs: Vec<Job<B>>) -> Report {
+    async fn run(self, jobs: Vec<Job<B>>) -> Report<B> {
         let items = jobs.len();
         let mut inputs = Vec::with_capacity(items);
         let mut waiting = Vec::with_capacity(items);
@@ -459,137 +647,200 @@ impl<B: Backend> Call<B> {
             inputs.push(job.input);
             waiting.push(Waiting {
                 reply: Some(job.reply),
-                deadline: job.meta.deadline,
+                meta: job.meta,
                 attempts: job.attempts,
+                last_error: job.last_error,
             });
         }
 
-        let call = AssertUnwindSafe(self.backend.call(&inputs)).catch_unwind();
-        tokio::pin!(call);
-        let result = loop {
-            let next_deadline = waiting
-                .iter()
-                .filter(|w| w.reply.is_some())
-                .filter_map(|w| w.deadline)
-                .min();
-            tokio::select! {
-                r = &mut call => break Some(r),
-                () = sleep_until(next_deadline.unwrap_or(self.sent_at)), if next_deadline.is_some() => {
-                    if self.time_out_expired(&mut waiting) {
-                        // Every record has its outcome: abandon the call.
-                        break None;
-                    }
-                }
-            }
-        };
+        let hedged = AtomicBool::new(false);
+        let ended = self.call(&inputs, &mut waiting, &hedged).await;
         let rtt = self.sent_at.elapsed();
         self.instruments.backend_latency.record(rtt);
+        let extra = u32::from(hedged.load(Relaxed));
 
-        let mut retry_after = None;
-        let outcome = match result {
-            None => SampleOutcome::Dropped,
-            Some(Err(_panic)) => {
-                let e = BackendError::permanent("the backend panicked during the call");
-                self.fail_all(&mut waiting, &e);
-                SampleOutcome::Failed
+        let mut report = Report {
+            sample: Sample {
+                sent_at: self.sent_at,
+                rtt,
+                items,
+                in_flight: self.in_flight,
+                limit: self.limit,
+                outcome: SampleOutcome::Ok,
+            },
+            retry_after: None,
+            class: CallClass::Success,
+            probe: self.probe,
+            retry: Vec::new(),
+            split: None,
+        };
+        // One slot per record of the call: `None` once it has its outcome.
+        let slots: Vec<Option<Job<B>>> = inputs
+            .into_iter()
+            .zip(waiting)
+            .map(|(input, w)| {
+                let reply = w.reply.filter(|r| !r.is_closed())?;
+                Some(Job {
+                    input,
+                    meta: w.meta,
+                    attempts: w.attempts + extra,
+                    last_error: w.last_error,
+                    reply,
+                })
+            })
+            .collect();
+        let fail_all = |slots: Vec<Option<Job<B>>>, e: &BackendError| {
+            for job in slots.into_iter().flatten() {
+                let f = Failure::from_backend(e.clone(), job.attempts);
+                finish(&self.instruments, job.reply, job.attempts, Err(f));
             }
-            Some(Ok(Err(e))) => {
-                retry_after = e.retry_after;
-                self.fail_all(&mut waiting, &e);
-                match e.kind {
-                    ErrorKind::Overloaded => SampleOutcome::Overloaded,
-                    ErrorKind::Timeout => SampleOutcome::Dropped,
-                    _ => SampleOutcome::Failed,
+        };
+        match ended {
+            Ended::Abandoned => {
+                report.sample.outcome = SampleOutcome::Dropped;
+                report.class = CallClass::Ignored;
+            }
+            Ended::AttemptTimeout => {
+                report.sample.outcome = SampleOutcome::Dropped;
+                report.class = CallClass::Failure;
+                let ms = self.attempt_timeout.unwrap_or_default().as_millis();
+                let e = BackendError::new(ErrorKind::Timeout, format!("attempt timed out after {ms} ms"));
+                report.retry = slots.into_iter().flatten().map(|j| (j, e.clone())).collect();
+            }
+            Ended::Panicked => {
+                report.sample.outcome = SampleOutcome::Failed;
+                report.class = CallClass::Failure;
+                fail_all(slots, &BackendError::permanent("the backend panicked during the call"));
+            }
+            Ended::Returned(Err(e)) => {
+                report.retry_after = e.retry_after;
+                (report.sample.outcome, report.class) = match e.kind {
+                    ErrorKind::Overloaded => (SampleOutcome::Overloaded, CallClass::Ignored),
+                    ErrorKind::Timeout => (SampleOutcome::Dropped, CallClass::Failure),
+                    ErrorKind::Transient => (SampleOutcome::Failed, CallClass::Failure),
+                    _ => (SampleOutcome::Failed, CallClass::Ignored),
+                };
+                let pending: Vec<Job<B>> = slots.into_iter().flatten().collect();
+                let poisonable = matches!(e.kind, ErrorKind::Permanent | ErrorKind::InvalidInput);
+                if RetryConfig::retryable(e.kind) {
+                    report.retry = pending.into_iter().map(|j| (j, e.clone())).collect();
+                } else if poisonable && pending.len() > 1 {
+                    report.split = Some((pending, e));
+                } else {
+                    fail_all(pending.into_iter().map(Some).collect(), &e);
                 }
             }
-            Some(Ok(Ok(results))) if results.len() != items => {
+            Ended::Returned(Ok(results)) if results.len() != items => {
+                report.sample.outcome = SampleOutcome::Failed;
+                report.class = CallClass::Ignored;
                 let e = BackendError::permanent(format!(
                     "backend returned {} results for a batch of {items}",
                     results.len()
                 ));
-                self.fail_all(&mut waiting, &e);
-                SampleOutcome::Failed
+                fail_all(slots, &e);
             }
-            Some(Ok(Ok(results))) => {
-                self.deliver(&mut waiting, results);
-                SampleOutcome::Ok
+            Ended::Returned(Ok(results)) => {
+                let (mut answered, mut retryable) = (0usize, 0usize);
+                for (slot, result) in slots.into_iter().zip(results) {
+                    let Some(job) = slot else { continue };
+                    answered += 1;
+                    match result {
+                        Ok(output) => {
+                            finish(&self.instruments, job.reply, job.attempts, Ok(output));
+                        }
+                        Err(e) if RetryConfig::retryable(e.kind) => {
+                            retryable += 1;
+                            report.retry.push((job, e));
+                        }
+                        Err(e) => {
+                            let f = Failure::from_backend(e, job.attempts);
+                            finish(&self.instruments, job.reply, job.attempts, Err(f));
+                        }
+                    }
+                }
+                // A call whose every record failed for the backend's sake is a failure.
+                if answered > 0 && retryable == answered {
+                    report.class = CallClass::Failure;
+                }
             }
+        }
+        report
+    }
+
+    /// Runs the call (and its hedge), failing records whose deadline passes meanwhile.
+    async fn call(
+        &self,
+        inputs: &[B::Input],
+        waiting: &mut [Waiting<B::Output>],
+        hedged: &AtomicBool,
+    ) -> Ended<B::Output> {
+        let primary = AssertUnwindSafe(self.backend.call(inputs)).catch_unwind();
+        let hedge = async {
+            let Some(after) = self.hedge_after else {
+                return std::future::pending().await;
+            };
+            sleep_until(self.sent_at + after).await;
+            let granted = self
+                .budget
+                .lock()
+                .expect("budget lock")
+                .try_withdraw_many(Instant::now(), inputs.len());
+            if !granted {
+                return std::future::pending().await;
+            }
+            hedged.store(true, Relaxed);
+            self.instruments.hedges.increment(1);
+            AssertUnwindSafe(self.backend.call(inputs)).catch_unwind().await
         };
-        let sample = Sample {
-            sent_at: self.sent_at,
-            rtt,
-            items,
-            in_flight: self.in_flight,
-            limit: self.limit,
-            outcome,
-        };
-        Report {
-            sample,
-            retry_after,
+        tokio::pin!(primary, hedge);
+        let attempt_deadline = self.attempt_timeout.map(|t| self.sent_at + t);
+        loop {
+            let next_deadline = waiting
+                .iter()
+                .filter(|w| w.reply.is_some())
+                .filter_map(|w| w.meta.deadline)
+                .min();
+            let ended = tokio::select! {
+                r = &mut primary => r,
+                r = &mut hedge => r,
+                () = sleep_until(attempt_deadline.unwrap_or(self.sent_at)), if attempt_deadline.is_some() => {
+                    return Ended::AttemptTimeout;
+                }
+                () = sleep_until(next_deadline.unwrap_or(self.sent_at)), if next_deadline.is_some() => {
+                    if self.time_out_expired(waiting) {
+                        return Ended::Abandoned;
+                    }
+                    continue;
+                }
+            };
+            return match ended {
+                Ok(result) => Ended::Returned(result),
+                Err(_panic) => Ended::Panicked,
+            };
         }
     }
 
     /// Fails the records whose deadline has passed; true when none is left waiting.
     fn time_out_expired(&self, waiting: &mut [Waiting<B::Output>]) -> bool {
         let now = Instant::now();
-        let mut timed_out = 0;
         for w in waiting.iter_mut() {
-            if w.deadline.is_some_and(|d| d <= now) {
+            if w.meta.deadline.is_some_and(|d| d <= now) {
                 if let Some(reply) = w.reply.take() {
-                    let failure = Failure::new(
-                        ErrorKind::Timeout,
+                    let message = with_last_error(
                         format!(
-                            "deadline passed while the backend call was in flight ({} ms)",
+                            "deadline passed while attempt {} was in flight ({} ms)",
+                            w.attempts,
                             now.duration_since(self.sent_at).as_millis()
                         ),
-                        w.attempts,
+                        w.last_error.as_ref(),
                     );
-                    let _ = reply.send(Err(failure));
-                    timed_out += 1;
+                    let failure = Failure::new(ErrorKind::Timeout, message, w.attempts);
+                    finish(&self.instruments, reply, w.attempts, Err(failure));
                 }
             }
         }
-        self.instruments
-            .failed(ErrorKind::Timeout)
-            .increment(timed_out);
         waiting
             .iter()
             .all(|w| w.reply.as_ref().is_none_or(|r| r.is_closed()))
-    }
-
-    fn fail_all(&self, waiting: &mut [Waiting<B::Output>], error: &BackendError) {
-        let mut n = 0;
-        for w in waiting.iter_mut() {
-            if let Some(reply) = w.reply.take() {
-                let _ = reply.send(Err(Failure::from_backend(error.clone(), w.attempts)));
-                n += 1;
-            }
-        }
-        self.instruments.failed(error.kind).increment(n);
-    }
-
-    fn deliver(
-        &self,
-        waiting: &mut [Waiting<B::Output>],
-        results: Vec<Result<B::Output, BackendError>>,
-    ) {
-        let mut ok = 0;
-        for (w, result) in waiting.iter_mut().zip(results) {
-            let Some(reply) = w.reply.take() else {
-                continue;
-            };
-            let outcome = match result {
-                Ok(output) => {
-                    ok += 1;
-                    Ok(output)
-                }
-                Err(e) => {
-                    self.instruments.failed(e.kind).increment(1);
-                    Err(Failure::from_backend(e, w.attempts))
-                }
-            };
-            let _ = reply.send(outcome);
-        }
-        self.instruments.ok.increment(ok);
     }
 }

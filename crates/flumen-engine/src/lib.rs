@@ -50,6 +50,7 @@ mod engine;
 mod latency;
 pub mod limiter;
 mod operator;
+pub mod reliability;
 mod stats;
 pub mod telemetry;
 
@@ -58,4 +59,8 @@ pub use engine::{Engine, EngineConfig, Pending};
 pub use latency::LatencyModel;
 pub use limiter::{Aimd, AimdConfig, ConcurrencyConfig, Gradient, GradientConfig, Limiter};
 pub use operator::{Infer, InferExt, OperatorConfig, OrderMode, Outcome};
+pub use reliability::{
+    Breaker, BreakerConfig, BreakerState, BreakerWindow, Fallback, FallbackStage, RetryBudget,
+    RetryConfig, Served,
+};
 pub use stats::{Stats, StatsSnapshot};

@@ -17,6 +17,7 @@ use slab::Slab;
 use tokio::time::Instant;
 
 use crate::engine::{Engine, Pending};
+use crate::reliability::{Fallback, Served};
 use crate::telemetry;
 
 /// In which order outcomes leave the operator (Flink's `output-mode`, plus `Keyed`).
@@ -64,6 +65,8 @@ pub struct Outcome<R, O> {
     pub record: R,
     /// The prediction, or why there is none.
     pub result: Result<O, Failure>,
+    /// Who produced the result: the primary engine or a fallback stage.
+    pub served: Served,
 }
 
 /// Adds [`infer`](InferExt::infer) to every stream.
@@ -94,6 +97,18 @@ struct Entry<R, O> {
     key: u64,
     taken: Instant,
     result: Option<Result<O, Failure>>,
+    served: Served,
+    /// The primary failure, while fallback stages run.
+    primary: Option<Failure>,
+}
+
+/// A running fallback stage: (slot, stage, result).
+type FallbackRun<O> = Pin<Box<dyn Future<Output = (usize, usize, Result<O, Failure>)> + Send>>;
+
+/// Fallback metric handles for one stage: ok, failed.
+struct StageCounters {
+    ok: Counter,
+    failed: Counter,
 }
 
 /// A record's pending outcome, tagged with its slot.
@@ -121,6 +136,8 @@ pub struct Infer<S: Stream, B: Backend, F> {
     config: OperatorConfig,
     entries: Slab<Entry<S::Item, B::Output>>,
     pending: FuturesUnordered<Tagged<B::Output>>,
+    fallbacks: Vec<(Fallback<B::Input, B::Output>, StageCounters)>,
+    running: FuturesUnordered<FallbackRun<B::Output>>,
     order: VecDeque<usize>,
     by_key: HashMap<u64, VecDeque<usize>>,
     ready: VecDeque<Outcome<S::Item, B::Output>>,
@@ -148,6 +165,8 @@ where
             },
             entries: Slab::new(),
             pending: FuturesUnordered::new(),
+            fallbacks: Vec::new(),
+            running: FuturesUnordered::new(),
             order: VecDeque::new(),
             by_key: HashMap::new(),
             ready: VecDeque::new(),
@@ -170,6 +189,25 @@ where
         self
     }
 
+    /// Adds a stage to the fallback chain. A record whose primary outcome is a
+    /// failure — any kind but invalid input — goes through the stages in order,
+    /// each with its own timeout; the first success is its outcome
+    /// ([`Outcome::served`] says which stage). When every stage fails, the record
+    /// keeps its primary failure, whose message then lists each stage's reason.
+    pub fn with_fallback(mut self, fallback: Fallback<B::Input, B::Output>) -> Self {
+        let engine = self.engine.name().to_owned();
+        let stage = format!("{}:{}", self.fallbacks.len(), fallback.name());
+        let counter = |result: &'static str| {
+            metrics::counter!(telemetry::FALLBACKS, "engine" => engine.clone(), "stage" => stage.clone(), "result" => result)
+        };
+        let counters = StageCounters {
+            ok: counter("ok"),
+            failed: counter("failed"),
+        };
+        self.fallbacks.push((fallback, counters));
+        self
+    }
+
     /// Records taken from the input whose outcome has not been yielded yet.
     pub fn in_flight(&self) -> usize {
         self.entries.len() + self.ready.len()
@@ -187,6 +225,8 @@ where
             key,
             taken: now,
             result: None,
+            served: Served::Primary,
+            primary: None,
         });
         match self.config.order {
             OrderMode::Unordered => {}
@@ -203,6 +243,58 @@ where
                 self.invalid.increment(1);
                 let failure = Failure::new(ErrorKind::InvalidInput, reason, 0);
                 self.complete(slot, Err(failure));
+            }
+        }
+    }
+
+    /// The primary engine answered for `slot`.
+    fn on_primary(&mut self, slot: usize, result: Result<B::Output, Failure>) {
+        match result {
+            Err(failure) if failure.kind != ErrorKind::InvalidInput && !self.fallbacks.is_empty() => {
+                self.entries[slot].primary = Some(failure);
+                self.start_fallback(slot, 0);
+            }
+            result => self.complete(slot, result),
+        }
+    }
+
+    fn start_fallback(&mut self, slot: usize, stage: usize) {
+        match (self.extract)(&self.entries[slot].record) {
+            Ok(input) => {
+                let run = self.fallbacks[stage].0.run(input);
+                self.running
+                    .push(Box::pin(async move { (slot, stage, run.await) }));
+            }
+            Err(reason) => {
+                let failure = Failure::new(ErrorKind::InvalidInput, reason, 0);
+                self.on_fallback(slot, stage, Err(failure));
+            }
+        }
+    }
+
+    /// Fallback `stage` answered for `slot`.
+    fn on_fallback(&mut self, slot: usize, stage: usize, result: Result<B::Output, Failure>) {
+        let (fallback, counters) = &self.fallbacks[stage];
+        match result {
+            Ok(output) => {
+                counters.ok.increment(1);
+                self.entries[slot].served = Served::Fallback(stage);
+                self.complete(slot, Ok(output));
+            }
+            Err(failure) => {
+                counters.failed.increment(1);
+                let note = format!("; fallback {} failed: {}", fallback.name(), failure);
+                let primary = self.entries[slot]
+                    .primary
+                    .as_mut()
+                    .expect("a fallback runs only after a primary failure");
+                primary.message.push_str(&note);
+                if stage + 1 < self.fallbacks.len() {
+                    self.start_fallback(slot, stage + 1);
+                } else {
+                    let failure = self.entries[slot].primary.take().expect("primary failure");
+                    self.complete(slot, Err(failure));
+                }
             }
         }
     }
@@ -250,6 +342,7 @@ where
         self.ready.push_back(Outcome {
             record: entry.record,
             result,
+            served: entry.served,
         });
     }
 }
@@ -275,7 +368,10 @@ where
             }
         }
         while let Poll::Ready(Some((slot, result))) = this.pending.poll_next_unpin(cx) {
-            this.complete(slot, result);
+            this.on_primary(slot, result);
+        }
+        while let Poll::Ready(Some((slot, stage, result))) = this.running.poll_next_unpin(cx) {
+            this.on_fallback(slot, stage, result);
         }
         if let Some(outcome) = this.ready.pop_front() {
             return Poll::Ready(Some(outcome));

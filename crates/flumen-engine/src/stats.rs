@@ -1,6 +1,15 @@
 //! Live counters of an engine, readable without a metrics recorder.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use tokio::time::Instant;
+
+use crate::reliability::BreakerState;
+
+/// How many breaker transitions are kept.
+const TRANSITIONS_KEPT: usize = 1_024;
 
 /// Counters the dispatcher updates as it works; read them with [`Stats::snapshot`].
 #[derive(Debug, Default)]
@@ -11,6 +20,8 @@ pub struct Stats {
     calls: AtomicU64,
     records_sent: AtomicU64,
     max_batch: AtomicUsize,
+    breaker: AtomicU8,
+    transitions: Mutex<VecDeque<(Instant, BreakerState)>>,
 }
 
 /// A point-in-time copy of an engine's [`Stats`].
@@ -28,6 +39,8 @@ pub struct StatsSnapshot {
     pub records_sent: u64,
     /// The largest batch sent so far.
     pub max_batch: usize,
+    /// The circuit breaker: 0 closed (or none), 1 half-open, 2 open.
+    pub breaker: u8,
 }
 
 impl StatsSnapshot {
@@ -51,10 +64,30 @@ impl Stats {
             calls: self.calls.load(Relaxed),
             records_sent: self.records_sent.load(Relaxed),
             max_batch: self.max_batch.load(Relaxed),
+            breaker: self.breaker.load(Relaxed),
         }
     }
 
-    pub(crate) fn set_gauges(&self, queued: usize, in_flight: usize, limit: usize) {
+    /// The last breaker transitions, oldest first.
+    pub fn transitions(&self) -> Vec<(Instant, BreakerState)> {
+        self.transitions
+            .lock()
+            .expect("transitions lock")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    pub(crate) fn push_transition(&self, at: Instant, state: BreakerState) {
+        let mut t = self.transitions.lock().expect("transitions lock");
+        if t.len() == TRANSITIONS_KEPT {
+            t.pop_front();
+        }
+        t.push_back((at, state));
+    }
+
+    pub(crate) fn set_gauges(&self, queued: usize, in_flight: usize, limit: usize, breaker: u8) {
+        self.breaker.store(breaker, Relaxed);
         self.queued.store(queued, Relaxed);
         self.in_flight.store(in_flight, Relaxed);
         self.limit.store(limit, Relaxed);

@@ -76,11 +76,15 @@ fn batches_latencies_and_outcomes_are_reported() {
     let invalid = counters["engine=m,outcome=invalid_input"];
     assert_eq!(ok + transient + invalid, 1_000, "{counters:?}");
     assert_eq!(invalid, 1);
-    assert!((150..350).contains(&transient), "{transient}");
+    // A quarter of the items fail once; retries rescue nearly all of them.
+    let retried = counters["engine=m,kind=transient"];
+    assert!((150..400).contains(&retried), "{retried} retries");
+    assert!(transient < 30, "{transient} still failed after retries");
     // One end-to-end and queue-time sample per record sent; one batch size and
     // latency per call.
     assert_eq!(histograms[telemetry::END_TO_END_LATENCY], 1_000);
     assert_eq!(histograms[telemetry::QUEUE_TIME], 999);
+    assert_eq!(histograms[telemetry::ATTEMPTS], 999, "one per record the engine answered");
     assert_eq!(
         histograms[telemetry::BATCH_SIZE],
         histograms[telemetry::BACKEND_LATENCY]

@@ -1,16 +1,17 @@
-//! Property: for any input length, batch and concurrency settings, order mode and
-//! fault schedule, every input yields exactly one outcome; `Ordered` keeps input
-//! order and `Keyed` keeps it within each key. Each case runs on its own paused
-//! clock with a seeded simulator, so a failure replays exactly.
+//! Property: for any input length, batch, concurrency and retry settings, order
+//! mode and fault schedule, every input yields exactly one outcome; `Ordered` keeps
+//! input order and `Keyed` keeps it within each key; and the re-sends the backend
+//! actually received never exceed what the retry budget allows. Each case runs on
+//! its own paused clock with a seeded simulator, so a failure replays exactly.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flumen_core::ErrorKind;
+use flumen_core::{Backend, BatchResult, Capabilities, ErrorKind};
 use flumen_engine::{
-    AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
-    OperatorConfig, OrderMode,
+    AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, ConcurrencyConfig, Engine,
+    EngineConfig, GradientConfig, InferExt, OperatorConfig, OrderMode, RetryConfig,
 };
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, StreamExt};
@@ -21,6 +22,30 @@ use proptest::prelude::*;
 struct Rec {
     id: u32,
     key: u32,
+}
+
+/// Counts what the backend really received: every record id, every time.
+struct Counting {
+    sim: Sim<Rec>,
+    sent: Mutex<(HashSet<u32>, u64)>,
+}
+
+impl Backend for Counting {
+    type Input = Rec;
+    type Output = Rec;
+
+    fn capabilities(&self) -> Capabilities {
+        self.sim.capabilities()
+    }
+
+    async fn call(&self, batch: &[Rec]) -> BatchResult<Rec> {
+        {
+            let mut sent = self.sent.lock().unwrap();
+            sent.0.extend(batch.iter().map(|r| r.id));
+            sent.1 += batch.len() as u64;
+        }
+        self.sim.call(batch).await
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +59,9 @@ struct Case {
     max_wait_ms: Option<u64>,
     max_batch: usize,
     concurrency: ConcurrencyConfig,
+    retry: RetryConfig,
+    breaker: Option<BreakerConfig>,
+    attempt_timeout_ms: Option<u64>,
     sim: SimConfig,
     consumer_delay_ms: u64,
 }
@@ -85,6 +113,33 @@ fn faults() -> impl Strategy<Value = Faults> {
         )
 }
 
+fn reliability() -> impl Strategy<Value = (RetryConfig, Option<BreakerConfig>, Option<u64>)> {
+    (
+        (1u32..6, 1u64..200, 0.0..0.5f64, 0.0..20.0f64, 0.0..50.0f64),
+        proptest::option::of((1usize..20, 1u64..3_000, 1usize..4, 0.2..1.0f64)),
+        proptest::option::of(5u64..500),
+    )
+        .prop_map(|((attempts, backoff_ms, ratio, per_sec, burst), breaker, attempt_timeout)| {
+            let retry = RetryConfig {
+                max_attempts: attempts,
+                initial_backoff: Duration::from_millis(backoff_ms),
+                budget_ratio: ratio,
+                budget_min_per_sec: per_sec,
+                budget_burst: burst,
+                ..RetryConfig::default()
+            };
+            let breaker = breaker.map(|(min_calls, open_ms, probes, rate)| BreakerConfig {
+                window: BreakerWindow::Count(min_calls * 2),
+                min_calls,
+                failure_rate: rate,
+                open_wait: Duration::from_millis(open_ms),
+                half_open_probes: probes,
+                ..BreakerConfig::default()
+            });
+            (retry, breaker, attempt_timeout)
+        })
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
         (0u32..400, 1u32..6, proptest::option::of(2u32..20)),
@@ -105,6 +160,7 @@ fn case() -> impl Strategy<Value = Case> {
             faults(),
         ),
         prop_oneof![Just(0u64), 1u64..20],
+        reliability(),
     )
         .prop_map(
             |(
@@ -114,6 +170,7 @@ fn case() -> impl Strategy<Value = Case> {
                 (max_batch, concurrency),
                 ((a_ms, b_us, slots, sim_max), (noise, queue_limit, seed), faults),
                 consumer_delay_ms,
+                (retry, breaker, attempt_timeout_ms),
             )| Case {
                 records,
                 keys,
@@ -124,6 +181,9 @@ fn case() -> impl Strategy<Value = Case> {
                 max_wait_ms,
                 max_batch,
                 concurrency,
+                retry,
+                breaker,
+                attempt_timeout_ms,
                 sim: SimConfig {
                     base: Duration::from_millis(a_ms),
                     per_item: Duration::from_micros(b_us),
@@ -140,16 +200,28 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
-fn run(case: &Case) -> Vec<(Rec, Result<Rec, flumen_core::Failure>)> {
+struct Run {
+    outcomes: Vec<(Rec, Result<Rec, flumen_core::Failure>)>,
+    /// Distinct records the backend received, and records received in all.
+    first_sends: u64,
+    sends: u64,
+    elapsed: Duration,
+}
+
+fn run(case: &Case) -> Run {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap();
     rt.block_on(async {
-        let sim = Arc::new(Sim::new(case.sim.clone()));
+        let t0 = tokio::time::Instant::now();
+        let backend = Arc::new(Counting {
+            sim: Sim::new(case.sim.clone()),
+            sent: Mutex::new((HashSet::new(), 0)),
+        });
         let engine = Engine::from_arc(
-            sim,
+            Arc::clone(&backend),
             EngineConfig {
                 name: "prop".into(),
                 batch: BatchConfig {
@@ -158,6 +230,10 @@ fn run(case: &Case) -> Vec<(Rec, Result<Rec, flumen_core::Failure>)> {
                     ..BatchConfig::default()
                 },
                 concurrency: case.concurrency.clone(),
+                retry: case.retry.clone(),
+                breaker: case.breaker.clone(),
+                attempt_timeout: case.attempt_timeout_ms.map(Duration::from_millis),
+                ..EngineConfig::default()
             },
         );
         let config = OperatorConfig {
@@ -178,14 +254,23 @@ fn run(case: &Case) -> Vec<(Rec, Result<Rec, flumen_core::Failure>)> {
             op
         };
         let delay = Duration::from_millis(case.consumer_delay_ms);
-        op.then(|o| async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            (o.record, o.result)
-        })
-        .collect()
-        .await
+        let outcomes = op
+            .then(|o| async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                (o.record, o.result)
+            })
+            .collect()
+            .await;
+        let elapsed = t0.elapsed();
+        let sent = backend.sent.lock().unwrap();
+        Run {
+            outcomes,
+            first_sends: sent.0.len() as u64,
+            sends: sent.1,
+            elapsed,
+        }
     })
 }
 
@@ -194,7 +279,7 @@ proptest! {
 
     #[test]
     fn every_record_has_exactly_one_outcome_in_the_promised_order(case in case()) {
-        let outcomes = run(&case);
+        let Run { outcomes, first_sends, sends, elapsed } = run(&case);
 
         let mut seen = vec![0u32; case.records as usize];
         for (rec, result) in &outcomes {
@@ -211,11 +296,28 @@ proptest! {
                     if invalid {
                         prop_assert_eq!(f.attempts, 0);
                     }
-                    prop_assert!(f.attempts <= 1, "no retries in the engine alone");
+                    // Retries stop at max_attempts; bisection of a poisoned batch
+                    // may add one attempt per halving on top.
+                    let halvings = usize::BITS - case.max_batch.min(case.sim.max_batch).leading_zeros();
+                    prop_assert!(
+                        f.attempts <= case.retry.max_attempts + halvings,
+                        "{} attempts: {}", f.attempts, f.message
+                    );
                 }
             }
         }
         prop_assert!(seen.iter().all(|&c| c == 1), "outcome counts {:?}", seen);
+
+        // Every re-send the backend received was paid from the budget.
+        let retries = sends - first_sends;
+        let r = &case.retry;
+        let allowed = r.budget_burst
+            + r.budget_ratio * first_sends as f64
+            + r.budget_min_per_sec * elapsed.as_secs_f64();
+        prop_assert!(
+            retries as f64 <= allowed + 1e-6,
+            "{} re-sends, budget allows {:.1}", retries, allowed
+        );
 
         let ids: Vec<u32> = outcomes.iter().map(|(r, _)| r.id).collect();
         match case.order {
