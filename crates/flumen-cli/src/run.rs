@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
-    OperatorConfig, OrderMode, Outcome,
+    OperatorConfig, OrderMode, Outcome, RetryConfig,
 };
 use flumen_sim::{Faults, Sim, SimConfig};
 use futures::{Stream, StreamExt};
@@ -54,6 +54,13 @@ pub struct RunArgs {
     /// Wait up to this long for a fuller batch while a backend slot is free (Triton-style).
     #[arg(long)]
     max_wait_ms: Option<u64>,
+    /// Attempts per record at most, the first included (1: no retries). Retries back
+    /// off with jitter and are bounded by a retry budget.
+    #[arg(long, default_value_t = 4)]
+    max_attempts: u32,
+    /// Abandon (and retry) a backend call that takes longer than this, in ms.
+    #[arg(long)]
+    attempt_timeout_ms: Option<u64>,
     /// Concurrency control: `adaptive` (latency gradient), `aimd`, or a fixed number.
     #[arg(long, default_value = "adaptive", value_parser = parse_concurrency)]
     concurrency: ConcurrencyConfig,
@@ -297,6 +304,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     if args.capacity == 0 {
         problems.push("--capacity: must be > 0".to_owned());
     }
+    if args.max_attempts == 0 {
+        problems.push("--max-attempts: must be > 0".to_owned());
+    }
+    if args.attempt_timeout_ms == Some(0) {
+        problems.push("--attempt-timeout-ms: must be > 0".to_owned());
+    }
     if args.max_batch == Some(0) {
         problems.push("--max-batch: must be > 0".to_owned());
     }
@@ -318,6 +331,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
                 ..BatchConfig::default()
             },
             concurrency: args.concurrency.clone(),
+            retry: RetryConfig {
+                max_attempts: args.max_attempts,
+                ..RetryConfig::default()
+            },
+            attempt_timeout: args.attempt_timeout_ms.map(Duration::from_millis),
+            ..EngineConfig::default()
         },
     );
     let reader: Box<dyn AsyncRead + Unpin + Send> = match &args.input {
@@ -357,7 +376,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let started = Instant::now();
     let mut tally = Tally::default();
-    while let Some(Outcome { record, result }) = outcomes.next().await {
+    while let Some(Outcome { record, result, .. }) = outcomes.next().await {
         let (json, to_dead) = match result {
             Ok(prediction) => {
                 tally.ok += 1;

@@ -111,20 +111,31 @@ fn failures_set_the_exit_status_only_when_asked() {
 #[test]
 fn injected_backend_failures_become_dead_letters_not_losses() {
     let input: String = (0..500).map(|i| format!("{{\"id\":{i}}}\n")).collect();
-    let mut args = vec!["run", "--sim-error-rate", "0.3", "--sim-seed", "9"];
-    args.extend(FAST);
-    let out = flumen(&args, input.as_bytes());
-    let lines = json_lines(&out.stdout);
-    assert_eq!(lines.len(), 500);
-    let failed = lines.iter().filter(|l| l.get("error").is_some()).count();
+    let failed_with = |attempts: &str| {
+        let mut args = vec!["run", "--sim-error-rate", "0.3", "--sim-seed", "9"];
+        args.extend(["--max-attempts", attempts]);
+        args.extend(FAST);
+        let out = flumen(&args, input.as_bytes());
+        let lines = json_lines(&out.stdout);
+        assert_eq!(lines.len(), 500);
+        let failed: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+        for l in &failed {
+            assert_eq!(l["error"]["kind"], "transient");
+            let n = l["error"]["attempts"].as_u64().unwrap();
+            assert!(n <= attempts.parse().unwrap(), "{n} attempts");
+        }
+        failed.len()
+    };
+    let without = failed_with("1");
     assert!(
-        (100..200).contains(&failed),
-        "{failed} failed at a 30 % error rate"
+        (100..200).contains(&without),
+        "{without} failed at a 30 % error rate"
     );
-    for l in lines.iter().filter(|l| l.get("error").is_some()) {
-        assert_eq!(l["error"]["kind"], "transient");
-        assert_eq!(l["error"]["attempts"], 1);
-    }
+    let with = failed_with("4");
+    assert!(
+        with * 5 < without,
+        "retries rescue most: {with} vs {without}"
+    );
 }
 
 #[test]

@@ -29,7 +29,9 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta};
 use crate::limiter::{ConcurrencyConfig, Limiter, Sample, SampleOutcome};
-use crate::reliability::{Breaker, BreakerConfig, BreakerState, CallClass, RetryBudget, RetryConfig};
+use crate::reliability::{
+    Breaker, BreakerConfig, BreakerState, CallClass, RetryBudget, RetryConfig,
+};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::telemetry::Instruments;
 use crate::LatencyModel;
@@ -65,6 +67,12 @@ struct Job<B: Backend> {
     meta: QueuedMeta,
     attempts: u32,
     last_error: Option<BackendError>,
+    /// Whether the retry budget has made this record wait.
+    starved: bool,
+    /// Attempts that do not count toward `max_attempts`: overload answers (the
+    /// backend asked us to wait) and breaker probes (the breaker, not the record,
+    /// was being tested).
+    uncounted: u32,
     reply: Reply<B::Output>,
 }
 
@@ -135,6 +143,7 @@ impl<B: Backend> Engine<B> {
             in_flight: 0,
             next_expiry: None,
             paused_until: None,
+            failure_streak: 0,
             stats: Arc::clone(&stats),
             instruments,
             attempt_timeout: config.attempt_timeout,
@@ -169,6 +178,8 @@ impl<B: Backend> Engine<B> {
             },
             attempts: 0,
             last_error: None,
+            starved: false,
+            uncounted: 0,
             reply,
         };
         // If the dispatcher is gone, the job (and its sender) is dropped here and
@@ -222,7 +233,12 @@ impl<O> Future for Pending<O> {
 }
 
 /// Sends a record's one outcome and counts it.
-fn finish<O>(instruments: &Instruments, reply: Reply<O>, attempts: u32, result: Result<O, Failure>) {
+fn finish<O>(
+    instruments: &Instruments,
+    reply: Reply<O>,
+    attempts: u32,
+    result: Result<O, Failure>,
+) {
     instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind));
     let _ = reply.send(result);
 }
@@ -255,8 +271,11 @@ struct Dispatcher<B: Backend> {
     calls: JoinSet<Report<B>>,
     in_flight: usize,
     next_expiry: Option<Instant>,
-    /// After an overload answer no call is sent before this instant.
+    /// After an overload answer, or a run of failed calls, no call is sent before
+    /// this instant.
     paused_until: Option<Instant>,
+    /// Calls in a row that failed for the backend's sake.
+    failure_streak: u32,
     stats: Arc<Stats>,
     instruments: Arc<Instruments>,
     attempt_timeout: Option<Duration>,
@@ -332,15 +351,40 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Moves retries whose backoff is over to the front of the queue (they are the
-    /// oldest records), keeping their order.
+    /// oldest records), keeping their order, as far as the retry budget pays for
+    /// them. The rest wait for the budget to refill, within their deadlines: a retry
+    /// is never sent unpaid, and never turned into a failure while time remains.
     fn release_due(&mut self, now: Instant) {
         let mut due = Vec::new();
+        let mut budget = self.budget.lock().expect("budget lock");
         while let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 > now {
                 break;
             }
-            due.push(entry.remove());
+            if entry.get().reply.is_closed() {
+                entry.remove();
+                continue;
+            }
+            if !budget.try_withdraw(now) {
+                let at = budget
+                    .next_token_at(now)
+                    .max(now + Duration::from_millis(1));
+                let mut job = entry.remove();
+                if !job.starved {
+                    job.starved = true;
+                    self.instruments.budget_exhausted.increment(1);
+                }
+                self.seq += 1;
+                self.delayed.insert((at, self.seq), job);
+                break;
+            }
+            let job = entry.remove();
+            if let Some(e) = &job.last_error {
+                self.instruments.retry(e.kind);
+            }
+            due.push(job);
         }
+        drop(budget);
         for job in due.into_iter().rev() {
             self.note_deadline(job.meta.deadline);
             self.queue.push_front(job);
@@ -354,10 +398,10 @@ impl<B: Backend> Dispatcher<B> {
             return;
         }
         self.next_expiry = None;
-        let why = match self.breaker.as_mut().map(|b| b.state(now)) {
-            Some(BreakerState::Open { .. }) => "while the circuit breaker was open",
-            _ => "in the queue",
-        };
+        let breaker_open = matches!(
+            self.breaker.as_mut().map(|b| b.state(now)),
+            Some(BreakerState::Open { .. })
+        );
         let keep = |job: Job<B>, kept: &mut Vec<Job<B>>, next: &mut Option<Instant>| match job
             .meta
             .deadline
@@ -365,8 +409,17 @@ impl<B: Backend> Dispatcher<B> {
             _ if job.reply.is_closed() => {}
             Some(d) if d <= now => {
                 let waited = now.duration_since(job.meta.enqueued).as_millis();
+                let why = if job.starved {
+                    "waiting for the retry budget"
+                } else if breaker_open {
+                    "while the circuit breaker was open"
+                } else {
+                    "in the queue"
+                };
                 let message = with_last_error(
-                    format!("deadline passed after {waited} ms, {why}, before the record could be sent"),
+                    format!(
+                        "deadline passed after {waited} ms, {why}, before the record could be sent"
+                    ),
                     job.last_error.as_ref(),
                 );
                 let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
@@ -392,7 +445,13 @@ impl<B: Backend> Dispatcher<B> {
                 self.isolated.push_back(kept);
             }
         }
-        // Delayed records cannot expire: a retry is only scheduled before the deadline.
+        for ((at, seq), job) in std::mem::take(&mut self.delayed) {
+            let mut kept = Vec::with_capacity(1);
+            keep(job, &mut kept, &mut next);
+            if let Some(job) = kept.pop() {
+                self.delayed.insert((at, seq), job);
+            }
+        }
         self.next_expiry = next;
     }
 
@@ -403,11 +462,8 @@ impl<B: Backend> Dispatcher<B> {
             let breaker_allows = self.breaker.as_mut().is_none_or(|b| b.allows(now));
             let slot_free =
                 self.in_flight < self.limiter.limit() && paused.is_none() && breaker_allows;
-            if slot_free {
-                if let Some(group) = self.isolated.pop_front() {
-                    self.launch(group, now);
-                    continue;
-                }
+            if slot_free && self.launch_isolated(now) {
+                continue;
             }
             let metas = self.queue.iter().map(|j| &j.meta);
             match self.policy.decide(now, slot_free, metas, &self.latency) {
@@ -421,10 +477,44 @@ impl<B: Backend> Dispatcher<B> {
                         return at;
                     }
                     let reopens = self.breaker.as_ref().and_then(Breaker::reopens_at);
-                    return earliest(earliest(at, paused), reopens);
+                    let mut wake = earliest(earliest(at, paused), reopens);
+                    if !self.isolated.is_empty() {
+                        let budget = self.budget.lock().expect("budget lock").next_token_at(now);
+                        wake = earliest(wake, Some(budget.max(now + Duration::from_millis(1))));
+                    }
+                    return wake;
                 }
             }
         }
+    }
+
+    /// Sends the first bisection group, or as much of it as the retry budget pays
+    /// for; false when there is none or the budget is empty.
+    fn launch_isolated(&mut self, now: Instant) -> bool {
+        let Some(group) = self.isolated.front_mut() else {
+            return false;
+        };
+        let mut budget = self.budget.lock().expect("budget lock");
+        let n = budget.affordable(now, group.len());
+        if n == 0 {
+            return false;
+        }
+        for _ in 0..n {
+            budget.try_withdraw(now);
+        }
+        drop(budget);
+        let rest = group.split_off(n);
+        let paid = std::mem::replace(group, rest);
+        if self.isolated.front().is_some_and(Vec::is_empty) {
+            self.isolated.pop_front();
+        }
+        for job in &paid {
+            if let Some(e) = &job.last_error {
+                self.instruments.retry(e.kind);
+            }
+        }
+        self.launch(paid, now);
+        true
     }
 
     fn reject_head(&mut self) {
@@ -497,12 +587,28 @@ impl<B: Backend> Dispatcher<B> {
                     .retry_after
                     .unwrap_or_else(|| self.latency.estimate(1))
                     .max(MIN_OVERLOAD_PAUSE);
-                let until = now + wait;
-                self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+                self.pause(now + wait);
             }
             SampleOutcome::Dropped | SampleOutcome::Failed => {}
         }
         self.limiter.on_sample(now, &sample);
+        // A backend failing call after call is not sent call after call: from the
+        // second failure in a row, pause with the retry backoff (jittered, growing
+        // with the streak), so an outage burns few attempts before the breaker (if
+        // any) opens. One success ends the streak.
+        match report.class {
+            CallClass::Failure => {
+                self.failure_streak += 1;
+                if self.failure_streak >= 2 {
+                    let wait = self
+                        .retry
+                        .backoff(self.failure_streak - 1, None, &mut self.rng);
+                    self.pause(now + wait);
+                }
+            }
+            CallClass::Success => self.failure_streak = 0,
+            CallClass::Ignored => {}
+        }
         if let Some(b) = self.breaker.as_mut() {
             b.on_result(now, report.class, sample.rtt, report.probe);
             for (at, state) in b.take_transitions() {
@@ -510,27 +616,38 @@ impl<B: Backend> Dispatcher<B> {
                 self.stats.push_transition(at, state);
             }
         }
-        for (job, error) in report.retry {
+        for (mut job, error) in report.retry {
+            if report.probe {
+                job.uncounted += 1;
+            }
             self.retry(job, error, now);
         }
         if let Some((jobs, error)) = report.split {
-            self.split(jobs, error, now);
+            self.split(jobs, error);
         }
     }
 
-    /// Schedules another attempt for a record, or gives it its final failure.
+    fn pause(&mut self, until: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+    }
+
+    /// Schedules another attempt for a record after its backoff, or gives it its
+    /// final failure. The retry budget is charged when the attempt is sent.
     fn retry(&mut self, mut job: Job<B>, error: BackendError, now: Instant) {
         if job.reply.is_closed() {
             return;
         }
-        let fail = |job: Job<B>, failure: Failure, instruments: &Instruments| {
-            finish(instruments, job.reply, job.attempts, Err(failure));
-        };
-        if job.attempts >= self.retry.max_attempts {
-            let failure = Failure::from_backend(error, job.attempts);
-            return fail(job, failure, &self.instruments);
+        if error.kind == ErrorKind::Overloaded {
+            job.uncounted += 1;
         }
-        let at = now + self.retry.backoff(job.attempts, error.retry_after, &mut self.rng);
+        if job.attempts.saturating_sub(job.uncounted) >= self.retry.max_attempts {
+            let failure = Failure::from_backend(error, job.attempts);
+            return finish(&self.instruments, job.reply, job.attempts, Err(failure));
+        }
+        let at = now
+            + self
+                .retry
+                .backoff(job.attempts, error.retry_after, &mut self.rng);
         if job.meta.deadline.is_some_and(|d| at >= d) {
             let message = with_last_error(
                 format!(
@@ -540,56 +657,46 @@ impl<B: Backend> Dispatcher<B> {
                 Some(&error),
             );
             let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
-            return fail(job, failure, &self.instruments);
+            return finish(&self.instruments, job.reply, job.attempts, Err(failure));
         }
-        if !self.budget.lock().expect("budget lock").try_withdraw(now) {
-            self.instruments.budget_exhausted.increment(1);
-            let message = format!("{} (retry budget exhausted)", error.message);
-            let failure = Failure::new(error.kind, message, job.attempts);
-            return fail(job, failure, &self.instruments);
-        }
-        self.instruments.retry(error.kind);
         job.last_error = Some(error);
+        self.note_deadline(job.meta.deadline);
         self.seq += 1;
         self.delayed.insert((at, self.seq), job);
     }
 
     /// A batch failed as a whole with an error that is not worth retrying as is:
-    /// perhaps one record poisoned it. Each half is sent again on its own, so the
-    /// poison ends up alone; a record alone that still fails gets the error.
-    fn split(&mut self, jobs: Vec<Job<B>>, error: BackendError, now: Instant) {
-        let mut halves = jobs;
-        let second = halves.split_off(halves.len() / 2);
-        for half in [halves, second] {
-            let mut group = Vec::with_capacity(half.len());
-            for mut job in half {
-                if job.reply.is_closed() {
-                    continue;
-                }
-                if !self.budget.lock().expect("budget lock").try_withdraw(now) {
-                    self.instruments.budget_exhausted.increment(1);
-                    let message = format!("{} (retry budget exhausted)", error.message);
-                    let failure = Failure::new(error.kind, message, job.attempts);
-                    finish(&self.instruments, job.reply, job.attempts, Err(failure));
-                    continue;
-                }
-                self.instruments.retry(error.kind);
-                self.note_deadline(job.meta.deadline);
-                job.last_error = Some(error.clone());
-                group.push(job);
-            }
-            if !group.is_empty() {
-                self.isolated.push_back(group);
+    /// perhaps one record poisoned it. Each half is sent again on its own (paid from
+    /// the retry budget when sent), so the poison ends up alone; a record alone
+    /// that still fails gets the error.
+    fn split(&mut self, mut jobs: Vec<Job<B>>, error: BackendError) {
+        jobs.retain(|j| !j.reply.is_closed());
+        for job in &mut jobs {
+            job.last_error = Some(error.clone());
+        }
+        let second = jobs.split_off(jobs.len() / 2);
+        for half in [jobs, second] {
+            if !half.is_empty() {
+                let deadline = half.iter().filter_map(|j| j.meta.deadline).min();
+                self.note_deadline(deadline);
+                self.isolated.push_back(half);
             }
         }
     }
 
     fn publish(&mut self, now: Instant) {
         let limit = self.limiter.limit();
-        let queued = self.queue.len() + self.delayed.len() + self.isolated.iter().map(Vec::len).sum::<usize>();
-        let breaker = self.breaker.as_mut().map_or(BreakerState::Closed, |b| b.state(now));
-        self.stats.set_gauges(queued, self.in_flight, limit, breaker.level());
-        self.instruments.gauges(queued, self.in_flight, limit, breaker.level());
+        let queued = self.queue.len()
+            + self.delayed.len()
+            + self.isolated.iter().map(Vec::len).sum::<usize>();
+        let breaker = self
+            .breaker
+            .as_mut()
+            .map_or(BreakerState::Closed, |b| b.state(now));
+        self.stats
+            .set_gauges(queued, self.in_flight, limit, breaker.level());
+        self.instruments
+            .gauges(queued, self.in_flight, limit, breaker.level());
     }
 }
 
@@ -626,6 +733,7 @@ struct Waiting<O> {
     reply: Option<Reply<O>>,
     meta: QueuedMeta,
     attempts: u32,
+    uncounted: u32,
     last_error: Option<BackendError>,
 }
 
@@ -649,6 +757,7 @@ impl<B: Backend> Call<B> {
                 reply: Some(job.reply),
                 meta: job.meta,
                 attempts: job.attempts,
+                uncounted: job.uncounted,
                 last_error: job.last_error,
             });
         }
@@ -685,6 +794,8 @@ impl<B: Backend> Call<B> {
                     meta: w.meta,
                     attempts: w.attempts + extra,
                     last_error: w.last_error,
+                    starved: false,
+                    uncounted: w.uncounted,
                     reply,
                 })
             })
@@ -704,13 +815,23 @@ impl<B: Backend> Call<B> {
                 report.sample.outcome = SampleOutcome::Dropped;
                 report.class = CallClass::Failure;
                 let ms = self.attempt_timeout.unwrap_or_default().as_millis();
-                let e = BackendError::new(ErrorKind::Timeout, format!("attempt timed out after {ms} ms"));
-                report.retry = slots.into_iter().flatten().map(|j| (j, e.clone())).collect();
+                let e = BackendError::new(
+                    ErrorKind::Timeout,
+                    format!("attempt timed out after {ms} ms"),
+                );
+                report.retry = slots
+                    .into_iter()
+                    .flatten()
+                    .map(|j| (j, e.clone()))
+                    .collect();
             }
             Ended::Panicked => {
                 report.sample.outcome = SampleOutcome::Failed;
                 report.class = CallClass::Failure;
-                fail_all(slots, &BackendError::permanent("the backend panicked during the call"));
+                fail_all(
+                    slots,
+                    &BackendError::permanent("the backend panicked during the call"),
+                );
             }
             Ended::Returned(Err(e)) => {
                 report.retry_after = e.retry_after;
@@ -790,7 +911,9 @@ impl<B: Backend> Call<B> {
             }
             hedged.store(true, Relaxed);
             self.instruments.hedges.increment(1);
-            AssertUnwindSafe(self.backend.call(inputs)).catch_unwind().await
+            AssertUnwindSafe(self.backend.call(inputs))
+                .catch_unwind()
+                .await
         };
         tokio::pin!(primary, hedge);
         let attempt_deadline = self.attempt_timeout.map(|t| self.sent_at + t);

@@ -105,8 +105,9 @@ struct Entry<R, O> {
 /// A running fallback stage: (slot, stage, result).
 type FallbackRun<O> = Pin<Box<dyn Future<Output = (usize, usize, Result<O, Failure>)> + Send>>;
 
-/// Fallback metric handles for one stage: ok, failed.
-struct StageCounters {
+/// One fallback stage of an operator, with its metric handles.
+struct Stage<I, O> {
+    fallback: Fallback<I, O>,
     ok: Counter,
     failed: Counter,
 }
@@ -136,7 +137,7 @@ pub struct Infer<S: Stream, B: Backend, F> {
     config: OperatorConfig,
     entries: Slab<Entry<S::Item, B::Output>>,
     pending: FuturesUnordered<Tagged<B::Output>>,
-    fallbacks: Vec<(Fallback<B::Input, B::Output>, StageCounters)>,
+    fallbacks: Vec<Stage<B::Input, B::Output>>,
     running: FuturesUnordered<FallbackRun<B::Output>>,
     order: VecDeque<usize>,
     by_key: HashMap<u64, VecDeque<usize>>,
@@ -197,14 +198,12 @@ where
     pub fn with_fallback(mut self, fallback: Fallback<B::Input, B::Output>) -> Self {
         let engine = self.engine.name().to_owned();
         let stage = format!("{}:{}", self.fallbacks.len(), fallback.name());
-        let counter = |result: &'static str| {
-            metrics::counter!(telemetry::FALLBACKS, "engine" => engine.clone(), "stage" => stage.clone(), "result" => result)
-        };
-        let counters = StageCounters {
+        let counter = |result: &'static str| metrics::counter!(telemetry::FALLBACKS, "engine" => engine.clone(), "stage" => stage.clone(), "result" => result);
+        self.fallbacks.push(Stage {
             ok: counter("ok"),
             failed: counter("failed"),
-        };
-        self.fallbacks.push((fallback, counters));
+            fallback,
+        });
         self
     }
 
@@ -250,7 +249,9 @@ where
     /// The primary engine answered for `slot`.
     fn on_primary(&mut self, slot: usize, result: Result<B::Output, Failure>) {
         match result {
-            Err(failure) if failure.kind != ErrorKind::InvalidInput && !self.fallbacks.is_empty() => {
+            Err(failure)
+                if failure.kind != ErrorKind::InvalidInput && !self.fallbacks.is_empty() =>
+            {
                 self.entries[slot].primary = Some(failure);
                 self.start_fallback(slot, 0);
             }
@@ -261,7 +262,7 @@ where
     fn start_fallback(&mut self, slot: usize, stage: usize) {
         match (self.extract)(&self.entries[slot].record) {
             Ok(input) => {
-                let run = self.fallbacks[stage].0.run(input);
+                let run = self.fallbacks[stage].fallback.run(input);
                 self.running
                     .push(Box::pin(async move { (slot, stage, run.await) }));
             }
@@ -274,15 +275,19 @@ where
 
     /// Fallback `stage` answered for `slot`.
     fn on_fallback(&mut self, slot: usize, stage: usize, result: Result<B::Output, Failure>) {
-        let (fallback, counters) = &self.fallbacks[stage];
+        let Stage {
+            fallback,
+            ok,
+            failed,
+        } = &self.fallbacks[stage];
         match result {
             Ok(output) => {
-                counters.ok.increment(1);
+                ok.increment(1);
                 self.entries[slot].served = Served::Fallback(stage);
                 self.complete(slot, Ok(output));
             }
             Err(failure) => {
-                counters.failed.increment(1);
+                failed.increment(1);
                 let note = format!("; fallback {} failed: {}", fallback.name(), failure);
                 let primary = self.entries[slot]
                     .primary

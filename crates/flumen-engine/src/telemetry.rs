@@ -5,7 +5,9 @@
 //! next to nothing.
 
 use flumen_core::ErrorKind;
-use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
+};
 
 use crate::reliability::BreakerState;
 
@@ -44,19 +46,39 @@ pub const FALLBACKS: &str = "flumen_fallbacks_total";
 pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "records queued in the engine");
     describe_gauge!(BATCHES_IN_FLIGHT, Unit::Count, "backend calls in flight");
-    describe_gauge!(CONCURRENCY_LIMIT, Unit::Count, "concurrency limit on backend calls");
+    describe_gauge!(
+        CONCURRENCY_LIMIT,
+        Unit::Count,
+        "concurrency limit on backend calls"
+    );
     describe_histogram!(BATCH_SIZE, Unit::Count, "records per backend call");
     describe_histogram!(QUEUE_TIME, Unit::Seconds, "time records wait in the queue");
     describe_histogram!(BACKEND_LATENCY, Unit::Seconds, "duration of backend calls");
-    describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "time from input to outcome");
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        Unit::Seconds,
+        "time from input to outcome"
+    );
     describe_counter!(OUTCOMES, Unit::Count, "outcomes by kind");
     describe_histogram!(ATTEMPTS, Unit::Count, "backend calls per record");
     describe_counter!(RETRIES, Unit::Count, "records sent again, by error kind");
-    describe_counter!(BUDGET_EXHAUSTED, Unit::Count, "retries refused by the retry budget");
+    describe_counter!(
+        BUDGET_EXHAUSTED,
+        Unit::Count,
+        "retries refused by the retry budget"
+    );
     describe_counter!(HEDGES, Unit::Count, "hedged calls sent");
     describe_gauge!(BREAKER_STATE, Unit::Count, "0 closed, 1 half-open, 2 open");
-    describe_counter!(BREAKER_TRANSITIONS, Unit::Count, "breaker transitions by state entered");
-    describe_counter!(FALLBACKS, Unit::Count, "fallback stages run, by stage and result");
+    describe_counter!(
+        BREAKER_TRANSITIONS,
+        Unit::Count,
+        "breaker transitions by state entered"
+    );
+    describe_counter!(
+        FALLBACKS,
+        Unit::Count,
+        "fallback stages run, by stage and result"
+    );
 }
 
 /// An engine's metric handles, registered once.
@@ -84,13 +106,10 @@ fn index(kind: ErrorKind) -> usize {
 impl Instruments {
     pub(crate) fn new(name: &str) -> Self {
         let engine = name.to_owned();
-        let outcome = |o: &'static str| {
-            metrics::counter!(OUTCOMES, "engine" => engine.clone(), "outcome" => o)
-        };
-        let retry = |k: &'static str| metrics::counter!(RETRIES, "engine" => engine.clone(), "kind" => k);
-        let to = |s: &'static str| {
-            metrics::counter!(BREAKER_TRANSITIONS, "engine" => engine.clone(), "to" => s)
-        };
+        let outcome = |o: &'static str| metrics::counter!(OUTCOMES, "engine" => engine.clone(), "outcome" => o);
+        let retry =
+            |k: &'static str| metrics::counter!(RETRIES, "engine" => engine.clone(), "kind" => k);
+        let to = |s: &'static str| metrics::counter!(BREAKER_TRANSITIONS, "engine" => engine.clone(), "to" => s);
         Instruments {
             queue_depth: metrics::gauge!(QUEUE_DEPTH, "engine" => engine.clone()),
             in_flight: metrics::gauge!(BATCHES_IN_FLIGHT, "engine" => engine.clone()),

@@ -84,7 +84,11 @@ fn batches_latencies_and_outcomes_are_reported() {
     // latency per call.
     assert_eq!(histograms[telemetry::END_TO_END_LATENCY], 1_000);
     assert_eq!(histograms[telemetry::QUEUE_TIME], 999);
-    assert_eq!(histograms[telemetry::ATTEMPTS], 999, "one per record the engine answered");
+    assert_eq!(
+        histograms[telemetry::ATTEMPTS],
+        999,
+        "one per record the engine answered"
+    );
     assert_eq!(
         histograms[telemetry::BATCH_SIZE],
         histograms[telemetry::BACKEND_LATENCY]

@@ -224,7 +224,6 @@ async fn aimd_settles_at_the_slot_count_when_the_backend_rejects_excess_calls() 
     let tail = &limits[limits.len() / 3..];
     let (lo, hi) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
     assert!(lo >= 1 && hi <= 3, "limit ranged {lo}..={hi}");
-    // Overloaded records fail explicitly (retries come with the reliability layer).
     let overloaded = outcomes
         .iter()
         .filter(|o| {
@@ -287,8 +286,9 @@ async fn an_overload_storm_shrinks_the_limit_and_it_recovers_after() {
     assert!((7..=9).contains(&before), "before the storm: {before}");
     assert!(during <= 2, "during the storm: {during}");
     assert!((7..=9).contains(&after), "after the storm: {after}");
+    // Overloaded records wait out the storm and are retried: none is lost.
     let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
-    assert!(failed > 0 && failed < 5_000, "{failed} records failed");
+    assert_eq!(failed, 0, "{failed} records failed");
 }
 
 #[tokio::test(start_paused = true)]

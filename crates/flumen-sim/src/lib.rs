@@ -41,7 +41,7 @@ pub struct Faults {
     pub item_error_rate: f64,
     /// Probability that a call is answered at once with an overload error.
     pub overload_rate: f64,
-    /// `Retry-After` carried by injected overload errors.
+    /// `Retry-After` carried by injected overload errors (and overload outages).
     pub retry_after: Option<Duration>,
     /// Probability that a call stalls for an extra [`Faults::stall`].
     pub stall_rate: f64,
@@ -159,6 +159,7 @@ pub struct Sim<T> {
     rng: Mutex<ChaCha8Rng>,
     start: Instant,
     tokens: fn(&T) -> u64,
+    poison: fn(&T) -> bool,
     counters: Counters,
     log: Option<Mutex<Vec<CallRecord>>>,
     _input: PhantomData<fn(T) -> T>,
@@ -180,6 +181,7 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed)),
             start: Instant::now(),
             tokens: |_| 0,
+            poison: |_| false,
             counters: Counters::default(),
             log: None,
             config,
@@ -191,6 +193,14 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
     /// reported to the engine as the input's cost).
     pub fn with_tokens(mut self, tokens: fn(&T) -> u64) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Marks poison records: a call that carries one fails as a whole with a
+    /// permanent error after its latency (like a server rejecting a batch tensor
+    /// because of one malformed row).
+    pub fn with_poison(mut self, poison: fn(&T) -> bool) -> Self {
+        self.poison = poison;
         self
     }
 
@@ -302,7 +312,11 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
                 items: n,
                 error: Some(kind),
             });
-            return Err(BackendError::new(kind, "simulated outage"));
+            let mut error = BackendError::new(kind, "simulated outage");
+            if kind == ErrorKind::Overloaded {
+                error.retry_after = self.config.faults.retry_after;
+            }
+            return Err(error);
         }
         let plan = self.plan(batch);
         if plan.overload {
@@ -327,7 +341,12 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
         tokio::time::sleep(plan.latency).await;
         c.busy.fetch_sub(1, Relaxed);
         drop(permit);
-        let error = plan.call_error.then_some(ErrorKind::Transient);
+        let poisoned = batch.iter().any(self.poison);
+        let error = if poisoned {
+            Some(ErrorKind::Permanent)
+        } else {
+            plan.call_error.then_some(ErrorKind::Transient)
+        };
         self.log(CallRecord {
             arrived,
             started,
@@ -335,8 +354,14 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
             items: n,
             error,
         });
-        if error.is_some() {
-            return Err(BackendError::transient("simulated call failure"));
+        match error {
+            Some(ErrorKind::Permanent) => {
+                return Err(BackendError::permanent(
+                    "simulated bad request: a poison record",
+                ))
+            }
+            Some(_) => return Err(BackendError::transient("simulated call failure")),
+            None => {}
         }
         Ok(batch
             .iter()

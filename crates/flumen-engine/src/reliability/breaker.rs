@@ -312,7 +312,11 @@ mod tests {
         b.on_result(t3, CallClass::Success, ms(10), true);
         b.on_result(t3, CallClass::Success, ms(10), true);
         assert_eq!(b.state(t3), BreakerState::Closed);
-        let states: Vec<&str> = b.take_transitions().iter().map(|(_, s)| s.as_str()).collect();
+        let states: Vec<&str> = b
+            .take_transitions()
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect();
         assert_eq!(states, ["open", "half_open", "open", "half_open", "closed"]);
     }
 

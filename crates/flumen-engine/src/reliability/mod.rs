@@ -8,4 +8,4 @@ mod retry;
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState, BreakerWindow, CallClass};
 pub use fallback::{Fallback, FallbackStage, Served};
-pub use retry::{RetryBudget, RetryConfig};
+pub use retry::{RetryBudget, RetryConfig, MIN_REFILL_PER_SEC};

@@ -7,9 +7,10 @@ use tokio::time::Instant;
 /// When and how often failed records are sent again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
-    /// Attempts per record at most, the first included (1 = no retries). Bisection
-    /// of a batch that failed as a whole is not capped by this (it is paid from the
-    /// budget like every other re-send).
+    /// Attempts per record at most, the first included (1 = no retries). Not
+    /// counted: overload answers (the backend asked us to wait: we wait, within the
+    /// deadline), breaker probes, and the halvings that isolate a poison record. All
+    /// of them are still paid from the budget.
     pub max_attempts: u32,
     /// Backoff ceiling before the first retry; it grows by `multiplier` per attempt.
     pub initial_backoff: Duration,
@@ -17,13 +18,18 @@ pub struct RetryConfig {
     pub max_backoff: Duration,
     /// Growth of the ceiling per attempt.
     pub multiplier: f64,
-    /// Retries may use at most this many tokens per first attempt (0.2: retries are
-    /// at most 20 % of recent first sends, plus the floor)…
+    /// Retries may use at most this many tokens per first attempt (0.3: retries are
+    /// at most 30 % of recent first sends, plus the floor). A failure rate `f` needs
+    /// `f / (1 − f)` retries per record, so 0.3 rides out up to 23 % failures; beyond
+    /// that, records wait for the budget (within their deadlines) instead of
+    /// multiplying the load…
     pub budget_ratio: f64,
-    /// …plus this many per second, so that a quiet stream can still retry…
+    /// …plus this many per second, so that a quiet stream can still retry and a
+    /// record waiting for the budget always gets its turn (values below
+    /// [`MIN_REFILL_PER_SEC`] are raised to it)…
     pub budget_min_per_sec: f64,
-    /// …and unspent tokens accumulate up to this many at most ("recent" calls only).
-    /// The budget starts full.
+    /// …and unspent tokens accumulate up to this many at most ("recent" calls only;
+    /// at least 1). The budget starts full.
     pub budget_burst: f64,
 }
 
@@ -34,9 +40,9 @@ impl Default for RetryConfig {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
             multiplier: 2.0,
-            budget_ratio: 0.2,
+            budget_ratio: 0.3,
             budget_min_per_sec: 10.0,
-            budget_burst: 100.0,
+            budget_burst: 1_000.0,
         }
     }
 }
@@ -59,12 +65,20 @@ impl RetryConfig {
         retry_after: Option<Duration>,
         rng: &mut impl Rng,
     ) -> Duration {
-        let exp = self.multiplier.max(1.0).powi(failed.saturating_sub(1) as i32);
-        let ceiling = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(failed.saturating_sub(1) as i32);
+        let ceiling =
+            (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
         let jittered = Duration::from_secs_f64(rng.random_range(0.0..=ceiling.max(0.0)));
         jittered.max(retry_after.unwrap_or(Duration::ZERO))
     }
 }
+
+/// The smallest refill rate of a retry budget: without one, a record waiting for a
+/// retry at the end of a stream, with no deadline, would wait forever.
+pub const MIN_REFILL_PER_SEC: f64 = 0.1;
 
 /// A token bucket that bounds retries by recent traffic (gRPC retry throttling,
 /// Finagle's retry budget): each first attempt deposits `ratio` tokens, time
@@ -86,10 +100,11 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// A full budget with `config`'s parameters.
     pub fn new(config: &RetryConfig) -> Self {
-        let burst = config.budget_burst.max(0.0);
+        // Below one token no retry could ever be paid for.
+        let burst = config.budget_burst.max(1.0);
         RetryBudget {
             ratio: config.budget_ratio.max(0.0),
-            min_per_sec: config.budget_min_per_sec.max(0.0),
+            min_per_sec: config.budget_min_per_sec.max(MIN_REFILL_PER_SEC),
             burst,
             balance: burst,
             last: None,
@@ -125,6 +140,21 @@ impl RetryBudget {
             self.denied += 1;
             false
         }
+    }
+
+    /// How many re-sends the budget could pay for now, up to `n`.
+    pub fn affordable(&mut self, now: Instant, n: usize) -> usize {
+        self.refill(now);
+        (self.balance.max(0.0).floor() as usize).min(n)
+    }
+
+    /// When the next token will be there without new traffic.
+    pub fn next_token_at(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.balance >= 1.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64((1.0 - self.balance) / self.min_per_sec)
     }
 
     /// Asks to re-send `n` records at once (a hedge); all or nothing.
@@ -174,7 +204,10 @@ mod tests {
                 .collect();
             assert!(draws.iter().all(|d| *d <= ceiling + 1e-9));
             let mean = draws.iter().sum::<f64>() / draws.len() as f64;
-            assert!((mean - ceiling / 2.0).abs() < ceiling * 0.15, "{failed}: {mean}");
+            assert!(
+                (mean - ceiling / 2.0).abs() < ceiling * 0.15,
+                "{failed}: {mean}"
+            );
         }
         let wait = Duration::from_secs(2);
         for _ in 0..50 {
@@ -184,7 +217,11 @@ mod tests {
 
     #[test]
     fn only_transient_overload_and_timeout_are_retried() {
-        let yes = [ErrorKind::Transient, ErrorKind::Overloaded, ErrorKind::Timeout];
+        let yes = [
+            ErrorKind::Transient,
+            ErrorKind::Overloaded,
+            ErrorKind::Timeout,
+        ];
         for k in ErrorKind::ALL {
             assert_eq!(RetryConfig::retryable(k), yes.contains(&k), "{k}");
         }
@@ -213,7 +250,11 @@ mod tests {
         let bound = 50.0 + 0.2 * b.first_attempts() as f64 + 10.0 * elapsed;
         assert!(b.retries() as f64 <= bound);
         // And it is not merely loose: the budget is what limited it.
-        assert!(b.retries() as f64 >= bound - 51.0, "{} of {bound}", b.retries());
+        assert!(
+            b.retries() as f64 >= bound - 51.0,
+            "{} of {bound}",
+            b.retries()
+        );
         assert!(b.denied() > 0);
     }
 
