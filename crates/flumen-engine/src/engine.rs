@@ -71,7 +71,7 @@ struct Job<B: Backend> {
     starved: bool,
     /// Attempts that do not count toward `max_attempts`: overload answers (the
     /// backend asked us to wait) and breaker probes (the breaker, not the record,
-    /// was being tested).
+    /// was being tested) — for records with a deadline, which bounds them instead.
     uncounted: u32,
     reply: Reply<B::Output>,
 }
@@ -617,7 +617,7 @@ impl<B: Backend> Dispatcher<B> {
             }
         }
         for (mut job, error) in report.retry {
-            if report.probe {
+            if report.probe && job.meta.deadline.is_some() {
                 job.uncounted += 1;
             }
             self.retry(job, error, now);
@@ -637,7 +637,9 @@ impl<B: Backend> Dispatcher<B> {
         if job.reply.is_closed() {
             return;
         }
-        if error.kind == ErrorKind::Overloaded {
+        // Waiting out overload (and breaker probes, below) is free only for a record
+        // with a deadline: without one, max_attempts is all that ends it.
+        if error.kind == ErrorKind::Overloaded && job.meta.deadline.is_some() {
             job.uncounted += 1;
         }
         if job.attempts.saturating_sub(job.uncounted) >= self.retry.max_attempts {

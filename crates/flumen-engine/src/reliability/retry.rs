@@ -8,9 +8,10 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
     /// Attempts per record at most, the first included (1 = no retries). Not
-    /// counted: overload answers (the backend asked us to wait: we wait, within the
-    /// deadline), breaker probes, and the halvings that isolate a poison record. All
-    /// of them are still paid from the budget.
+    /// counted, for a record with a deadline (which bounds them instead): overload
+    /// answers (the backend asked us to wait: we wait, within the deadline) and
+    /// breaker probes. Never counted: the halvings that isolate a poison record
+    /// (at most log2 of the batch size). All of them are paid from the budget.
     pub max_attempts: u32,
     /// Backoff ceiling before the first retry; it grows by `multiplier` per attempt.
     pub initial_backoff: Duration,
