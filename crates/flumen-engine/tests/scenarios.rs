@@ -269,7 +269,8 @@ async fn an_overload_storm_shrinks_the_limit_and_it_recovers_after() {
     let (before, during, after) = (at(2_900), at(3_950), at(5_500));
     let config = OperatorConfig {
         capacity: 2_000,
-        timeout: None,
+        // With a deadline, overload answers are waited out instead of counted as attempts.
+        timeout: Some(Duration::from_secs(30)),
         ..OperatorConfig::default()
     };
     let n = 80_000u64;
