@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flumen_bench::baselines::{fixed_batch, per_record};
-use flumen_bench::load::{backlog, open_loop, Completions, Scheduled, Summary};
+use flumen_bench::load::{backlog, drive, open_loop, Run, Scheduled};
 use flumen_bench::report::{ms, result_line, Table};
 use flumen_core::Failure;
 use flumen_engine::{Engine, EngineConfig, InferExt, OperatorConfig};
@@ -49,54 +49,6 @@ where
     input
         .infer(engine, config, |s| Ok(s.id))
         .map(|o| (o.record, o.result))
-}
-
-/// What one system did with one load.
-struct Run {
-    completions: Completions,
-    /// From the scheduled send time.
-    latencies: Vec<Duration>,
-    /// From the moment the generator handed the record over.
-    from_emission: Vec<Duration>,
-    failed: usize,
-    start: Instant,
-}
-
-impl Run {
-    fn summary(&self) -> Summary {
-        Summary::of(self.latencies.clone())
-    }
-
-    fn emission_summary(&self) -> Summary {
-        Summary::of(self.from_emission.clone())
-    }
-}
-
-/// Drains `outcomes` until it ends or `limit` passes.
-async fn drive<T>(
-    outcomes: impl Stream<Item = (Scheduled, Result<T, Failure>)>,
-    limit: Duration,
-) -> Run {
-    let start = Instant::now();
-    let mut run = Run {
-        completions: Completions::default(),
-        latencies: Vec::new(),
-        from_emission: Vec::new(),
-        failed: 0,
-        start,
-    };
-    let outcomes = outcomes.take_until(tokio::time::sleep(limit));
-    futures::pin_mut!(outcomes);
-    while let Some((s, result)) = outcomes.next().await {
-        let now = Instant::now();
-        run.completions.push(now);
-        run.latencies.push(now.duration_since(s.at));
-        run.from_emission.push(now.duration_since(s.emitted));
-        if result.is_err() {
-            run.failed += 1;
-        }
-    }
-    run
 }
 
 fn steady_rate(run: &Run, window: Duration) -> f64 {

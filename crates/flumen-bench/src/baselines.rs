@@ -7,6 +7,10 @@
 //! - [`fixed_batch`]: Ray Serve `@serve.batch` (and the proposed Flink
 //!   `AsyncBatchWaitOperator`): collect up to `max_batch` records, waiting at most
 //!   `wait` from the first one, then call; one batch in flight.
+//! - [`ml_predict`]: Flink SQL `ML_PREDICT` at its defaults: one call per record,
+//!   `max-concurrent-operations` 10, output ORDERED, error strategy RETRY with
+//!   `retry-num` retries after a fixed delay (no budget, no `Retry-After`), and a
+//!   timeout that fails the record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +102,92 @@ where
     .flatten()
 }
 
+/// Settings of [`ml_predict`].
+#[derive(Debug, Clone, Copy)]
+pub struct MlPredict {
+    /// `max-concurrent-operations` (Flink's default: 10).
+    pub concurrency: usize,
+    /// `retry-num` (the OpenAI provider's default: 100).
+    pub retries: u32,
+    /// The fixed delay between attempts (Flink has no jitter and ignores `Retry-After`).
+    pub retry_delay: Duration,
+    /// `timeout` per record, all attempts included (default: 3 min).
+    pub timeout: Duration,
+}
+
+impl Default for MlPredict {
+    fn default() -> Self {
+        MlPredict {
+            concurrency: 10,
+            retries: 100,
+            retry_delay: Duration::from_millis(100),
+            timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// Flink `ML_PREDICT` semantics: one call per record, ordered output, `concurrency`
+/// in flight, every error retried after a fixed delay up to `retries` times, and a
+/// per-record timeout that fails the record. Also returns how many calls it made.
+pub fn ml_predict<S, B, F>(
+    input: S,
+    backend: Arc<B>,
+    settings: MlPredict,
+    extract: F,
+) -> impl Stream<Item = BaselineOutcome<S::Item, B::Output>>
+where
+    S: Stream,
+    B: Backend,
+    F: Fn(&S::Item) -> B::Input,
+{
+    input
+        .map(move |record| {
+            let backend = Arc::clone(&backend);
+            let one = [extract(&record)];
+            async move {
+                let attempts = async {
+                    let mut n = 0;
+                    loop {
+                        n += 1;
+                        match backend.call(&one).await {
+                            Ok(mut results) if results.len() == 1 => {
+                                match results.pop().expect("one result") {
+                                    Ok(o) => return Ok(o),
+                                    Err(e) if n > settings.retries => {
+                                        return Err(Failure::from_backend(e, n))
+                                    }
+                                    Err(_) => {}
+                                }
+                            }
+                            Ok(_) => {
+                                return Err(Failure::new(
+                                    flumen_core::ErrorKind::Permanent,
+                                    "wrong result count",
+                                    n,
+                                ))
+                            }
+                            Err(e) if n > settings.retries => {
+                                return Err(Failure::from_backend(e, n))
+                            }
+                            Err(_) => {}
+                        }
+                        tokio::time::sleep(settings.retry_delay).await;
+                    }
+                };
+                let result = match tokio::time::timeout(settings.timeout, attempts).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure::new(
+                        flumen_core::ErrorKind::Timeout,
+                        "ML_PREDICT timeout",
+                        0,
+                    )),
+                };
+                (record, result)
+            }
+        })
+        .buffered(settings.concurrency.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +246,56 @@ mod tests {
         .await;
         assert_eq!(one.len(), 1);
         assert_eq!(t1.elapsed(), Duration::from_millis(31));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ml_predict_retries_after_a_fixed_delay_and_keeps_order() {
+        use flumen_core::ErrorKind;
+        use flumen_sim::{Faults, Outage};
+        // Down for the first 250 ms: every record retries every 100 ms until then.
+        let sim = Arc::new(Sim::new(SimConfig {
+            faults: Faults {
+                outages: vec![Outage {
+                    from: Duration::ZERO,
+                    until: Duration::from_millis(250),
+                    kind: ErrorKind::Overloaded,
+                }],
+                ..Faults::default()
+            },
+            ..SimConfig::default()
+        }));
+        let out: Vec<_> = ml_predict(
+            futures::stream::iter(0..20u64),
+            Arc::clone(&sim),
+            MlPredict::default(),
+            |x| *x,
+        )
+        .collect()
+        .await;
+        let ids: Vec<u64> = out.iter().map(|o| o.0).collect();
+        assert_eq!(ids, (0..20).collect::<Vec<_>>());
+        assert!(out.iter().all(|o| o.1.is_ok()));
+        // 10 in flight, three rejected tries each (0, 100, 200 ms), then success.
+        assert!(sim.stats().overloaded >= 30, "{:?}", sim.stats());
+        let failed: Vec<_> = ml_predict(
+            futures::stream::iter(0..3u64),
+            Arc::new(Sim::new(SimConfig {
+                faults: Faults {
+                    call_error_rate: 1.0,
+                    ..Faults::default()
+                },
+                ..SimConfig::default()
+            })),
+            MlPredict {
+                retries: 2,
+                ..MlPredict::default()
+            },
+            |x| *x,
+        )
+        .collect()
+        .await;
+        assert!(failed
+            .iter()
+            .all(|o| o.1.as_ref().unwrap_err().attempts == 3));
     }
 }

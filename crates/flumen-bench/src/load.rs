@@ -126,6 +126,72 @@ impl Completions {
     }
 }
 
+/// What one system did with one load.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// When each outcome arrived.
+    pub completions: Completions,
+    /// Latency of each outcome from its scheduled send time.
+    pub latencies: Vec<Duration>,
+    /// Latency of each outcome from the moment the generator handed it over.
+    pub from_emission: Vec<Duration>,
+    /// Successful outcomes, with their latency from the scheduled send time.
+    pub succeeded: Vec<Duration>,
+    /// Failed outcomes.
+    pub failed: usize,
+    /// When the run started.
+    pub start: Instant,
+}
+
+impl Run {
+    /// Percentiles of the latency from the scheduled send time.
+    pub fn summary(&self) -> Summary {
+        Summary::of(self.latencies.clone())
+    }
+
+    /// Percentiles of the latency from the hand-over.
+    pub fn emission_summary(&self) -> Summary {
+        Summary::of(self.from_emission.clone())
+    }
+
+    /// Successes within `slo` per second of `window`.
+    pub fn goodput(&self, slo: Duration, window: Duration) -> f64 {
+        let good = self.succeeded.iter().filter(|l| **l <= slo).count();
+        good as f64 / window.as_secs_f64()
+    }
+}
+
+/// Drains `outcomes` until the stream ends or `limit` passes.
+pub async fn drive<T, E>(
+    outcomes: impl Stream<Item = (Scheduled, Result<T, E>)>,
+    limit: Duration,
+) -> Run {
+    use futures::StreamExt;
+    let start = Instant::now();
+    let mut run = Run {
+        completions: Completions::default(),
+        latencies: Vec::new(),
+        from_emission: Vec::new(),
+        succeeded: Vec::new(),
+        failed: 0,
+        start,
+    };
+    let outcomes = outcomes.take_until(tokio::time::sleep(limit));
+    futures::pin_mut!(outcomes);
+    while let Some((s, result)) = outcomes.next().await {
+        let now = Instant::now();
+        let latency = now.duration_since(s.at);
+        run.completions.push(now);
+        run.latencies.push(latency);
+        run.from_emission.push(now.duration_since(s.emitted));
+        match result {
+            Ok(_) => run.succeeded.push(latency),
+            Err(_) => run.failed += 1,
+        }
+    }
+    run
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,6 +314,7 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
             });
             let mut error = BackendError::new(kind, "simulated outage");
             if kind == ErrorKind::Overloaded {
+                c.overloaded.fetch_add(1, Relaxed);
                 error.retry_after = self.config.faults.retry_after;
             }
             return Err(error);
