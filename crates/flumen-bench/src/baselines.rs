@@ -39,6 +39,17 @@ fn outcomes<B: Backend, R>(
     }
 }
 
+/// The one result of a one-record call.
+fn single<O>(result: flumen_core::BatchResult<O>) -> Result<O, flumen_core::BackendError> {
+    let mut results = result?;
+    match (results.pop(), results.is_empty()) {
+        (Some(one), true) => one,
+        _ => Err(flumen_core::BackendError::permanent(
+            "backend returned a wrong result count",
+        )),
+    }
+}
+
 /// Flink Async I/O semantics: one backend call per record, `capacity` in flight,
 /// outcomes as they complete.
 pub fn per_record<S, B, F>(
@@ -57,10 +68,8 @@ where
             let backend = Arc::clone(&backend);
             let one = [extract(&record)];
             async move {
-                let result = backend.call(&one).await;
-                outcomes::<B, _>(vec![record], result)
-                    .pop()
-                    .expect("one record in, one out")
+                let result = single(backend.call(&one).await);
+                (record, result.map_err(|e| Failure::from_backend(e, 1)))
             }
         })
         .buffer_unordered(capacity.max(1))
@@ -128,7 +137,7 @@ impl Default for MlPredict {
 
 /// Flink `ML_PREDICT` semantics: one call per record, ordered output, `concurrency`
 /// in flight, every error retried after a fixed delay up to `retries` times, and a
-/// per-record timeout that fails the record. Also returns how many calls it made.
+/// per-record timeout that fails the record.
 pub fn ml_predict<S, B, F>(
     input: S,
     backend: Arc<B>,
@@ -149,29 +158,13 @@ where
                     let mut n = 0;
                     loop {
                         n += 1;
-                        match backend.call(&one).await {
-                            Ok(mut results) if results.len() == 1 => {
-                                match results.pop().expect("one result") {
-                                    Ok(o) => return Ok(o),
-                                    Err(e) if n > settings.retries => {
-                                        return Err(Failure::from_backend(e, n))
-                                    }
-                                    Err(_) => {}
-                                }
-                            }
-                            Ok(_) => {
-                                return Err(Failure::new(
-                                    flumen_core::ErrorKind::Permanent,
-                                    "wrong result count",
-                                    n,
-                                ))
-                            }
+                        match single(backend.call(&one).await) {
+                            Ok(output) => return Ok(output),
                             Err(e) if n > settings.retries => {
                                 return Err(Failure::from_backend(e, n))
                             }
-                            Err(_) => {}
+                            Err(_) => tokio::time::sleep(settings.retry_delay).await,
                         }
-                        tokio::time::sleep(settings.retry_delay).await;
                     }
                 };
                 let result = match tokio::time::timeout(settings.timeout, attempts).await {

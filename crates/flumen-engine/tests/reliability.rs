@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{assert_exactly_once, ms};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     BreakerConfig, BreakerState, BreakerWindow, ConcurrencyConfig, Engine, EngineConfig, Fallback,
@@ -12,10 +15,6 @@ use flumen_engine::{
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, Stream, StreamExt};
 use tokio::time::{sleep, Instant};
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
 
 fn secs(v: u64) -> Duration {
     Duration::from_secs(v)
@@ -41,19 +40,6 @@ async fn run(
         ..OperatorConfig::default()
     };
     input.infer(engine, config, |&i| Ok(i)).collect().await
-}
-
-/// Every id in `0..n` has exactly one outcome.
-fn assert_exactly_once(outcomes: &[Outcome<u64, u64>], n: u64) {
-    let mut seen = vec![0u32; n as usize];
-    for o in outcomes {
-        seen[o.record as usize] += 1;
-    }
-    let wrong: Vec<_> = seen.iter().enumerate().filter(|(_, c)| **c != 1).collect();
-    assert!(
-        wrong.is_empty(),
-        "ids without exactly one outcome: {wrong:?}"
-    );
 }
 
 fn failures(outcomes: &[Outcome<u64, u64>]) -> Vec<(u64, String)> {

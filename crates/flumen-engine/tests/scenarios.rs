@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{assert_exactly_once, ms};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
@@ -14,10 +17,6 @@ use flumen_engine::{
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, StreamExt};
 use tokio::time::{sleep, Instant};
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
 
 fn engine(sim: &Arc<Sim<u64>>, concurrency: ConcurrencyConfig) -> Engine<Sim<u64>> {
     Engine::from_arc(
@@ -32,20 +31,6 @@ fn engine(sim: &Arc<Sim<u64>>, concurrency: ConcurrencyConfig) -> Engine<Sim<u64
 
 fn gradient() -> ConcurrencyConfig {
     ConcurrencyConfig::Gradient(GradientConfig::default())
-}
-
-/// Every id in `0..n` has exactly one outcome.
-fn assert_exactly_once(outcomes: &[Outcome<u64, u64>], n: u64) {
-    let mut seen = vec![0u32; n as usize];
-    for o in outcomes {
-        seen[o.record as usize] += 1;
-    }
-    let wrong: Vec<_> = seen.iter().enumerate().filter(|(_, c)| **c != 1).collect();
-    assert!(
-        wrong.is_empty(),
-        "ids without exactly one outcome: {wrong:?}"
-    );
-    assert_eq!(outcomes.len() as u64, n);
 }
 
 /// Drains a backlog of `n` records; returns the outcomes and how long it took.
