@@ -83,6 +83,36 @@ async fn bursts_of_5xx_are_ridden_out_without_loss() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn only_the_failed_items_of_a_partly_failed_batch_are_sent_again() {
+    let sim = Arc::new(Sim::new(SimConfig {
+        seed: 21,
+        faults: Faults {
+            item_error_rate: 0.25,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    }));
+    let engine = engine(
+        &sim,
+        EngineConfig {
+            retry: RetryConfig {
+                max_attempts: 100,
+                ..RetryConfig::default()
+            },
+            ..EngineConfig::default()
+        },
+    );
+    let n = 5_000;
+    let outcomes = run(stream::iter(0..n), &engine, 1_000, secs(60)).await;
+    assert_exactly_once(&outcomes, n);
+    assert_eq!(failures(&outcomes), vec![]);
+    // Each item that failed was sent exactly once more; its neighbours were not.
+    let stats = sim.stats();
+    assert!(stats.item_errors > n / 5, "{stats:?}");
+    assert_eq!(stats.items, n + stats.item_errors, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn calls_stalled_past_the_attempt_timeout_are_retried_without_loss() {
     let sim = Arc::new(Sim::new(SimConfig {
         seed: 5,

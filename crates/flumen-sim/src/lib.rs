@@ -139,6 +139,8 @@ pub struct SimStats {
     pub max_batch: usize,
     /// The most calls ever holding a slot at once.
     pub max_busy: usize,
+    /// Items that failed on their own in calls that succeeded.
+    pub item_errors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +152,7 @@ struct Counters {
     busy: AtomicUsize,
     max_busy: AtomicUsize,
     waiting: AtomicUsize,
+    item_errors: AtomicU64,
 }
 
 /// The simulated backend. It echoes each input back as its output.
@@ -224,6 +227,7 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
             overloaded: c.overloaded.load(Relaxed),
             max_batch: c.max_batch.load(Relaxed),
             max_busy: c.max_busy.load(Relaxed),
+            item_errors: c.item_errors.load(Relaxed),
         }
     }
 
@@ -364,6 +368,8 @@ impl<T: Clone + Send + Sync + 'static> Sim<T> {
             Some(_) => return Err(BackendError::transient("simulated call failure")),
             None => {}
         }
+        let failed = plan.item_errors.iter().filter(|e| **e).count();
+        c.item_errors.fetch_add(failed as u64, Relaxed);
         Ok(batch
             .iter()
             .enumerate()
@@ -468,6 +474,21 @@ mod tests {
         ends.sort();
         assert_eq!(ends, vec![ms(22), ms(22), ms(44)]);
         assert_eq!(sim.stats().max_busy, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_cost_time_and_are_the_inputs_cost() {
+        let sim = Sim::<String>::new(SimConfig {
+            per_token: Duration::from_micros(100),
+            ..SimConfig::default()
+        })
+        .with_tokens(|s| s.split_whitespace().count() as u64);
+        let batch = ["one two three".to_string(), "four".to_string()];
+        assert_eq!(sim.cost(&batch[0]).tokens, 3);
+        let t = Instant::now();
+        sim.call(&batch).await.unwrap();
+        // 20 ms + 2 × 0.5 ms + 4 tokens × 0.1 ms = 21.4 ms, rounded up by the timer.
+        assert_eq!(t.elapsed(), ms(22));
     }
 
     #[tokio::test(start_paused = true)]
