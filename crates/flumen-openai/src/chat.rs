@@ -1,0 +1,92 @@
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
+use serde_json::{json, Value};
+
+use crate::client::Client;
+use crate::tokens::{estimate_tokens, fit_context, Fitted};
+use crate::OpenAiConfig;
+
+/// `POST /chat/completions`: one record (the user message) per request, the
+/// assistant's reply out. Flumen's adaptive concurrency decides how many run at once.
+pub struct Chat {
+    client: Client,
+}
+
+impl Chat {
+    /// A backend for `config`, or every problem with it (paths under `backend`).
+    pub fn new(config: OpenAiConfig) -> Result<Self, Vec<String>> {
+        Ok(Chat {
+            client: Client::new(config, "backend")?,
+        })
+    }
+
+    async fn one(&self, text: &str) -> Result<String, BackendError> {
+        let c = &self.client.config;
+        let content = match fit_context(text, c.max_context_tokens, c.overflow) {
+            Fitted::Text(t) => t,
+            Fitted::Skipped { tokens } => {
+                return Err(BackendError::invalid_input(format!(
+                    "about {tokens} tokens exceed the context of {} (overflow policy: skip)",
+                    c.max_context_tokens.unwrap_or_default()
+                )))
+            }
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = &c.system_prompt {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": content}));
+        let mut body = json!({"model": c.model, "messages": messages});
+        if let Some(t) = c.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(m) = c.max_completion_tokens {
+            body["max_completion_tokens"] = json!(m);
+        }
+        let tokens = estimate_tokens(&content)
+            + c.system_prompt.as_deref().map_or(0, estimate_tokens)
+            + u64::from(c.max_completion_tokens.unwrap_or(0));
+        let answer = self.client.post("chat/completions", &body, tokens).await?;
+        answer
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                BackendError::permanent("unparseable response: no choices[0].message.content")
+            })
+    }
+}
+
+impl Backend for Chat {
+    type Input = String;
+    type Output = String;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_batch_items: 1,
+            max_batch_bytes: None,
+            max_batch_tokens: None,
+            // A completion may be sampled: sending it twice is not harmless.
+            idempotent: false,
+        }
+    }
+
+    fn cost(&self, text: &String) -> ItemCost {
+        ItemCost {
+            bytes: text.len() as u64,
+            tokens: estimate_tokens(text),
+        }
+    }
+
+    async fn call(&self, batch: &[String]) -> BatchResult<String> {
+        // The engine sends one record per call (max_batch_items = 1); a whole-call
+        // error lets it see overload and timeouts as such.
+        if let [text] = batch {
+            return Ok(vec![Ok(self.one(text).await?)]);
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for text in batch {
+            out.push(self.one(text).await);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,28 @@
+//! OpenAI-compatible backends for Flumen.
+//!
+//! - [`Embeddings`]: `POST {base_url}/embeddings` with many inputs per request (up
+//!   to the API's 2,048 items and a token budget), results matched back by `index`.
+//! - [`Chat`]: `POST {base_url}/chat/completions`, one record per request; Flumen's
+//!   adaptive concurrency decides how many run at once.
+//!
+//! Both honour requests-per-minute and tokens-per-minute limits (token buckets fed
+//! with a per-record token estimate), map 429 and 503 to overload with their
+//! `Retry-After` (or OpenAI's `retry-after-ms`), other 5xx to transient and other
+//! 4xx to permanent, apply a context-overflow policy like Flink's (truncate the
+//! head or the tail, or skip the record), read the API key from the environment and
+//! never print it. Any base URL speaking this API works: OpenAI, vLLM, TEI, Ollama,
+//! LiteLLM. HTTPS needs the `tls` feature.
+
+mod chat;
+mod client;
+mod config;
+mod embeddings;
+mod limits;
+mod tokens;
+
+pub use chat::Chat;
+pub use client::{classify_status, parse_retry_after};
+pub use config::{ApiKey, OpenAiConfig, OverflowPolicy};
+pub use embeddings::Embeddings;
+pub use limits::RateLimits;
+pub use tokens::{estimate_tokens, fit_context, Fitted};
