@@ -11,6 +11,7 @@
 
 mod backend;
 mod error;
+pub mod http;
 
 pub use backend::{Backend, BatchResult, Capabilities, ItemCost};
 pub use error::{BackendError, ErrorKind, Failure};

@@ -21,7 +21,6 @@ mod limits;
 mod tokens;
 
 pub use chat::Chat;
-pub use client::{classify_status, parse_retry_after};
 pub use config::{ApiKey, OpenAiConfig, OverflowPolicy};
 pub use embeddings::Embeddings;
 pub use limits::RateLimits;
