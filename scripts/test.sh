@@ -3,11 +3,12 @@
 # every crate (unit, simulation scenarios, property tests, the CLI end to end,
 # doc tests), then the docs, which must build without warnings.
 #
-# Installs nothing yet: every test so far needs only the Rust toolchain. Scripts
-# that install test peers (servers, brokers, Python clients) will be called from
-# here, idempotently.
+# Test peers are installed first, idempotently, by the project's own scripts:
+# a real Triton server (scripts/triton.sh) for the KServe v2 backend's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+bash scripts/triton.sh >/dev/null
 
 cargo test --workspace --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked
