@@ -50,13 +50,14 @@ pub fn open_loop(
     })
 }
 
-/// A backlog of `n` records, all scheduled now.
+/// A backlog of `n` records, all scheduled now; each is handed over when the
+/// consumer takes it (so latency "from hand-over" excludes time in the backlog).
 pub fn backlog(n: u64) -> impl Stream<Item = Scheduled> + Send + 'static {
     let at = Instant::now();
     futures::stream::iter((0..n).map(move |id| Scheduled {
         id,
         at,
-        emitted: at,
+        emitted: Instant::now(),
     }))
 }
 

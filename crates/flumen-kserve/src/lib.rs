@@ -12,6 +12,8 @@
 //! fails alone, as invalid input, without being sent. Not yet here: gRPC and the
 //! binary tensor extension.
 
+pub mod server;
+
 use std::time::Duration;
 
 use flumen_core::http::{classify_status, parse_retry_after};
