@@ -40,6 +40,8 @@ pub struct KserveConfig {
     pub request_timeout: Duration,
     /// How long [`KserveHttp::connect`] waits for the server and model to be ready.
     pub ready_timeout: Duration,
+    /// Request priority passed to the server (Triton: `priority`, 1 is highest).
+    pub priority: Option<u64>,
 }
 
 impl KserveConfig {
@@ -54,6 +56,7 @@ impl KserveConfig {
             max_batch_items: None,
             request_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(60),
+            priority: None,
         }
     }
 
@@ -109,12 +112,134 @@ impl TensorSpec {
         })
     }
 
+    /// A record's elements, flattened and checked against this tensor's datatype
+    /// and row shape.
+    pub fn row_elements(&self, row: &Value) -> Result<Vec<Value>, String> {
+        let mut flat = Vec::new();
+        fn walk(v: &Value, out: &mut Vec<Value>) {
+            match v {
+                Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                x => out.push(x.clone()),
+            }
+        }
+        walk(row, &mut flat);
+        let bytes = self.datatype == "BYTES";
+        let bool_type = self.datatype == "BOOL";
+        for x in &flat {
+            let fits = if bytes {
+                x.is_string()
+            } else if bool_type {
+                x.is_boolean()
+            } else {
+                x.is_number()
+            };
+            if !fits {
+                return Err(format!(
+                    "input `{}` is {}: {x} does not fit",
+                    self.name, self.datatype
+                ));
+            }
+        }
+        if let Some(n) = self.row_len() {
+            if flat.len() != n {
+                return Err(format!(
+                    "input `{}` takes {n} element(s) per row (shape {:?}), the record has {}",
+                    self.name,
+                    self.row_shape,
+                    flat.len()
+                ));
+            }
+        }
+        Ok(flat)
+    }
+
     /// Elements per row, when the shape is fixed.
-    fn row_len(&self) -> Option<usize> {
+    pub(crate) fn row_len(&self) -> Option<usize> {
         self.row_shape
             .iter()
             .try_fold(1usize, |n, d| usize::try_from(*d).ok().map(|d| n * d))
     }
+}
+
+/// One result slot per record of a call.
+pub(crate) type Slots = Vec<Option<Result<Value, BackendError>>>;
+
+/// The records of a call that fit the input tensor, as one batch tensor.
+pub(crate) struct Batch {
+    /// Positions of the records in the call.
+    pub(crate) rows: Vec<usize>,
+    /// Their elements, flattened.
+    pub(crate) data: Vec<Value>,
+    /// The batch tensor's shape.
+    pub(crate) shape: Vec<i64>,
+}
+
+impl Batch {
+    /// Flattens the records that fit `input`; those that do not get an invalid-input
+    /// result in `results`. `None` when no record fits.
+    pub(crate) fn assemble(
+        input: &TensorSpec,
+        batched: bool,
+        records: &[Value],
+        results: &mut Slots,
+    ) -> Option<Batch> {
+        let (mut rows, mut data) = (Vec::new(), Vec::new());
+        for (i, row) in records.iter().enumerate() {
+            match input.row_elements(row) {
+                Ok(flat) => {
+                    data.extend(flat);
+                    rows.push(i);
+                }
+                Err(why) => results[i] = Some(Err(BackendError::invalid_input(why))),
+            }
+        }
+        if rows.is_empty() {
+            return None;
+        }
+        let mut shape = input.row_shape.clone();
+        if input.row_len().is_none() {
+            // A variable dimension: infer it from the elements.
+            let known: i64 = shape.iter().filter(|d| **d > 0).product();
+            let per_row = data.len() as i64 / rows.len() as i64;
+            for d in shape.iter_mut().filter(|d| **d < 0) {
+                *d = per_row / known.max(1);
+            }
+        }
+        if batched {
+            shape.insert(0, rows.len() as i64);
+        }
+        Some(Batch { rows, data, shape })
+    }
+
+    /// Splits the output's flat elements back into one value per record.
+    pub(crate) fn split(self, flat: &[Value], results: &mut Slots) -> Result<(), BackendError> {
+        if flat.len() % self.rows.len() != 0 {
+            return Err(BackendError::permanent(format!(
+                "{} output elements do not split into {} rows",
+                flat.len(),
+                self.rows.len()
+            )));
+        }
+        let per_row = flat.len() / self.rows.len();
+        for (k, i) in self.rows.into_iter().enumerate() {
+            let chunk = &flat[k * per_row..(k + 1) * per_row];
+            let value = if per_row == 1 {
+                chunk[0].clone()
+            } else {
+                Value::Array(chunk.to_vec())
+            };
+            results[i] = Some(Ok(value));
+        }
+        Ok(())
+    }
+}
+
+/// Every slot filled.
+pub(crate) fn finish(results: Slots) -> Vec<Result<Value, BackendError>> {
+    results
+        .into_iter()
+        .map(|r| r.expect("every record has a result"))
+        .collect()
 }
 
 /// A KServe v2 model served over HTTP with JSON tensors.
@@ -259,46 +384,6 @@ impl KserveHttp {
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }
-
-    /// A record's elements, checked against the input's datatype and row shape.
-    fn elements(&self, row: &Value) -> Result<Vec<Value>, String> {
-        let mut flat = Vec::new();
-        fn walk(v: &Value, out: &mut Vec<Value>) {
-            match v {
-                Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-                x => out.push(x.clone()),
-            }
-        }
-        walk(row, &mut flat);
-        let bytes = self.input.datatype == "BYTES";
-        let bool_type = self.input.datatype == "BOOL";
-        for x in &flat {
-            let fits = if bytes {
-                x.is_string()
-            } else if bool_type {
-                x.is_boolean()
-            } else {
-                x.is_number()
-            };
-            if !fits {
-                return Err(format!(
-                    "input `{}` is {}: {x} does not fit",
-                    self.input.name, self.input.datatype
-                ));
-            }
-        }
-        if let Some(n) = self.input.row_len() {
-            if flat.len() != n {
-                return Err(format!(
-                    "input `{}` takes {n} element(s) per row (shape {:?}), the record has {}",
-                    self.input.name,
-                    self.input.row_shape,
-                    flat.len()
-                ));
-            }
-        }
-        Ok(flat)
-    }
 }
 
 impl Backend for KserveHttp {
@@ -320,103 +405,65 @@ impl Backend for KserveHttp {
     }
 
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
-        let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
-        let mut data = Vec::new();
-        let mut rows = Vec::new();
-        for (i, row) in batch.iter().enumerate() {
-            match self.elements(row) {
-                Ok(flat) => {
-                    data.extend(flat);
-                    rows.push(i);
-                }
-                Err(why) => results[i] = Some(Err(BackendError::invalid_input(why))),
-            }
+        let mut results = vec![None; batch.len()];
+        let Some(batch) = Batch::assemble(&self.input, self.batched, batch, &mut results) else {
+            return Ok(finish(results));
+        };
+        let mut body = json!({
+            "inputs": [{"name": self.input.name, "shape": batch.shape, "datatype": self.input.datatype, "data": batch.data}],
+            "outputs": [{"name": self.output.name}],
+        });
+        if let Some(p) = self.config.priority {
+            body["parameters"] = json!({"priority": p});
         }
-        if !rows.is_empty() {
-            let mut shape: Vec<i64> = self.input.row_shape.clone();
-            if self.input.row_len().is_none() {
-                // A variable dimension: infer it from the elements.
-                let known: i64 = shape.iter().filter(|d| **d > 0).product();
-                let per_row = data.len() as i64 / rows.len() as i64;
-                for d in shape.iter_mut().filter(|d| **d < 0) {
-                    *d = per_row / known.max(1);
-                }
+        let url = format!("{}/infer", self.config.model_path());
+        let response = self.http.post(&url).json(&body).send().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::Transient
+            };
+            BackendError::new(kind, format!("infer request failed: {e}"))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let ra = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or(text);
+            let kind = classify_status(status.as_u16(), &message);
+            let mut e = BackendError::new(kind, format!("HTTP {}: {message}", status.as_u16()));
+            if kind == ErrorKind::Overloaded {
+                e.retry_after = parse_retry_after(ra.as_deref(), None);
             }
-            if self.batched {
-                shape.insert(0, rows.len() as i64);
-            }
-            let body = json!({
-                "inputs": [{"name": self.input.name, "shape": shape, "datatype": self.input.datatype, "data": data}],
-                "outputs": [{"name": self.output.name}],
-            });
-            let url = format!("{}/infer", self.config.model_path());
-            let response = self.http.post(&url).json(&body).send().await.map_err(|e| {
-                let kind = if e.is_timeout() {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::Transient
-                };
-                BackendError::new(kind, format!("infer request failed: {e}"))
-            })?;
-            let status = response.status();
-            if !status.is_success() {
-                let ra = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let text = response.text().await.unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
-                    .unwrap_or(text);
-                let kind = classify_status(status.as_u16(), &message);
-                let mut e = BackendError::new(kind, format!("HTTP {}: {message}", status.as_u16()));
-                if kind == ErrorKind::Overloaded {
-                    e.retry_after = parse_retry_after(ra.as_deref(), None);
-                }
-                return Err(e);
-            }
-            let answer: Value = response
-                .json()
-                .await
-                .map_err(|e| BackendError::permanent(format!("unparseable infer response: {e}")))?;
-            let out = answer
-                .get("outputs")
-                .and_then(Value::as_array)
-                .and_then(|o| o.iter().find(|t| t["name"] == self.output.name.as_str()))
-                .ok_or_else(|| {
-                    BackendError::permanent(format!(
-                        "the response has no output `{}`",
-                        self.output.name
-                    ))
-                })?;
-            let flat = out.get("data").and_then(Value::as_array).ok_or_else(|| {
-                BackendError::permanent(
-                    "the output has no JSON `data` (binary outputs are not supported yet)",
-                )
-            })?;
-            if flat.len() % rows.len() != 0 {
-                return Err(BackendError::permanent(format!(
-                    "{} output elements do not split into {} rows",
-                    flat.len(),
-                    rows.len()
-                )));
-            }
-            let per_row = flat.len() / rows.len();
-            for (k, i) in rows.into_iter().enumerate() {
-                let chunk = &flat[k * per_row..(k + 1) * per_row];
-                let value = if per_row == 1 {
-                    chunk[0].clone()
-                } else {
-                    Value::Array(chunk.to_vec())
-                };
-                results[i] = Some(Ok(value));
-            }
+            return Err(e);
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("every row has a result"))
-            .collect())
+        let answer: Value = response
+            .json()
+            .await
+            .map_err(|e| BackendError::permanent(format!("unparseable infer response: {e}")))?;
+        let out = answer
+            .get("outputs")
+            .and_then(Value::as_array)
+            .and_then(|o| o.iter().find(|t| t["name"] == self.output.name.as_str()))
+            .ok_or_else(|| {
+                BackendError::permanent(format!(
+                    "the response has no output `{}`",
+                    self.output.name
+                ))
+            })?;
+        let flat = out.get("data").and_then(Value::as_array).ok_or_else(|| {
+            BackendError::permanent(
+                "the output has no JSON `data` (binary outputs are not supported yet)",
+            )
+        })?;
+        batch.split(flat, &mut results)?;
+        Ok(finish(results))
     }
 }
