@@ -9,9 +9,12 @@
 //! Errors map through [`flumen_core::http::classify_status`]: 429 and 503 (Triton's
 //! queue full) are overload, other 5xx transient, 4xx (unknown model, wrong shape or
 //! datatype) permanent. A record that does not fit the input's shape or datatype
-//! fails alone, as invalid input, without being sent. Not yet here: gRPC and the
-//! binary tensor extension.
+//! fails alone, as invalid input, without being sent. With the `grpc` feature,
+//! [`grpc::KserveGrpc`] speaks the same protocol over gRPC. Not yet here: the
+//! binary tensor extension over HTTP.
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod server;
 
 use std::time::Duration;

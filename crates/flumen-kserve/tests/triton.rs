@@ -158,3 +158,75 @@ async fn errors_triton_really_returns_are_classified() {
         "{kinds:?}"
     );
 }
+
+#[cfg(feature = "grpc")]
+mod grpc {
+    use super::*;
+    use flumen_kserve::grpc::KserveGrpc;
+
+    async fn connect(triton: &TritonServer, model: &str, max_batch: usize) -> KserveGrpc {
+        let mut config =
+            KserveConfig::new(format!("http://127.0.0.1:{}", triton.grpc_port()), model);
+        config.max_batch_items = Some(max_batch);
+        KserveGrpc::connect(config).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_go_over_grpc_as_rows_and_text_as_bytes() {
+        let triton = start();
+        let engine = Engine::new(connect(&triton, "cost", 64).await, EngineConfig::default());
+        let outcomes: Vec<_> = stream::iter(0..500u64)
+            .infer(&engine, OperatorConfig::default(), |&i| Ok(json!(i as f64)))
+            .collect()
+            .await;
+        for o in &outcomes {
+            assert_eq!(
+                o.result.as_ref().unwrap().as_f64(),
+                Some(2.0 * o.record as f64)
+            );
+        }
+        let s = &stats(&triton, "cost").await["model_stats"][0];
+        assert_eq!(s["inference_count"], 500);
+        assert!(s["execution_count"].as_u64().unwrap() <= 25, "{s}");
+
+        let text = connect(&triton, "text", 32).await;
+        let out = text
+            .call(&[json!("naïve"), json!(""), json!(5)])
+            .await
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().as_u64(), Some(5));
+        assert_eq!(out[1].as_ref().unwrap().as_u64(), Some(0));
+        assert_eq!(out[2].as_ref().unwrap_err().kind, ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grpc_errors_triton_really_returns_are_classified() {
+        let triton = start();
+        let mut config =
+            KserveConfig::new(format!("http://127.0.0.1:{}", triton.grpc_port()), "nope");
+        config.ready_timeout = Duration::from_secs(2);
+        let err = KserveGrpc::connect(config)
+            .await
+            .err()
+            .expect("unknown model");
+        assert!(err.to_string().contains("nope"), "{err}");
+
+        let queued = Arc::new(connect(&triton, "queued", 1).await);
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                let b = Arc::clone(&queued);
+                tokio::spawn(async move { b.call(&[json!(i as f64)]).await })
+            })
+            .collect();
+        let mut kinds = Vec::new();
+        for c in calls {
+            kinds.push(c.await.unwrap().err().map(|e| e.kind));
+        }
+        assert!(kinds.contains(&None), "{kinds:?}");
+        assert!(kinds.contains(&Some(ErrorKind::Overloaded)), "{kinds:?}");
+        assert!(
+            kinds.iter().flatten().all(|k| *k == ErrorKind::Overloaded),
+            "{kinds:?}"
+        );
+    }
+}
