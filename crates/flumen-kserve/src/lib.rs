@@ -416,8 +416,10 @@ impl Backend for KserveHttp {
             "inputs": [{"name": self.input.name, "shape": batch.shape, "datatype": self.input.datatype, "data": batch.data}],
             "outputs": [{"name": self.output.name}],
         });
+        // Triton's per-request timeout (µs): the server gives up when we do.
+        body["parameters"] = json!({"timeout": self.config.request_timeout.as_micros() as u64});
         if let Some(p) = self.config.priority {
-            body["parameters"] = json!({"priority": p});
+            body["parameters"]["priority"] = json!(p);
         }
         let url = format!("{}/infer", self.config.model_path());
         let response = self.http.post(&url).json(&body).send().await.map_err(|e| {

@@ -132,6 +132,27 @@ async fn errors_triton_really_returns_are_classified() {
         ErrorKind::InvalidInput
     );
 
+    // Triton's own answer to a wrong shape and to a wrong datatype (sent raw, since
+    // the backend checks records before sending them): 400, permanent.
+    for bad in [
+        json!({"inputs": [{"name": "X", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}),
+        json!({"inputs": [{"name": "X", "shape": [1, 1], "datatype": "INT64", "data": [1]}]}),
+    ] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v2/models/cost/infer", triton.http_url()))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(
+            flumen_core::http::classify_status(status, &body),
+            ErrorKind::Permanent
+        );
+    }
+
     // Queue full (max_queue_size 1, one instance busy 300 ms): Triton rejects, and
     // the rejection is overload, not failure.
     let queued = Arc::new(connect(&triton, "queued").await);
