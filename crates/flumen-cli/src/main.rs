@@ -1,5 +1,6 @@
 //! `flumen`: runs a stream of JSONL records through a model backend.
 
+mod backends;
 mod run;
 
 use std::process::ExitCode;

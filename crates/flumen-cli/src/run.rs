@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backends::{AnyBackend, BackendConfig, FileConfig, SimSection};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use flumen_core::ErrorKind;
@@ -12,7 +13,6 @@ use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
     OperatorConfig, OrderMode, Outcome, RetryConfig,
 };
-use flumen_sim::{Faults, Sim, SimConfig};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// Concurrency control: `adaptive` (latency gradient), `aimd`, or a fixed number.
     #[arg(long, default_value = "adaptive", value_parser = parse_concurrency)]
     concurrency: ConcurrencyConfig,
+    /// A TOML file choosing and configuring the backend (`[backend]`), the engine
+    /// (`[engine]`) and the operator (`[operator]`); it replaces the engine,
+    /// operator and simulator flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Exit with status 1 when any record failed.
     #[arg(long)]
     fail_on_dead_letter: bool,
@@ -134,16 +139,12 @@ impl std::fmt::Display for BadConfig {
 impl std::error::Error for BadConfig {}
 
 impl SimArgs {
-    fn config(&self, problems: &mut Vec<String>) -> SimConfig {
-        let mut ms = |v: f64, name: &str| {
+    fn section(&self, problems: &mut Vec<String>) -> SimSection {
+        for (v, name) in [(self.sim_a_ms, "sim-a-ms"), (self.sim_b_ms, "sim-b-ms")] {
             if !(v.is_finite() && v >= 0.0) {
                 problems.push(format!("--{name}: must be a number ≥ 0, got {v}"));
-                return Duration::ZERO;
             }
-            Duration::from_secs_f64(v / 1e3)
-        };
-        let base = ms(self.sim_a_ms, "sim-a-ms");
-        let per_item = ms(self.sim_b_ms, "sim-b-ms");
+        }
         if self.sim_slots == 0 {
             problems.push("--sim-slots: must be > 0".into());
         }
@@ -156,19 +157,110 @@ impl SimArgs {
                 self.sim_error_rate
             ));
         }
-        SimConfig {
-            base,
-            per_item,
+        SimSection {
+            a_ms: self.sim_a_ms.max(0.0),
+            b_ms: self.sim_b_ms.max(0.0),
             slots: self.sim_slots,
             max_batch: self.sim_max_batch,
+            error_rate: self.sim_error_rate,
             seed: self.sim_seed,
-            faults: Faults {
-                item_error_rate: self.sim_error_rate,
-                ..Faults::default()
-            },
-            ..SimConfig::default()
         }
     }
+}
+
+/// What a run is made of: from `--config`, or from the flags.
+struct Setup {
+    backend: BackendConfig,
+    engine: EngineConfig,
+    operator: OperatorConfig,
+    key_field: Option<String>,
+}
+
+fn from_file(path: &std::path::Path) -> Result<Setup> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadConfig(vec![format!("{shown}: cannot read: {e}")]))?;
+    let file = FileConfig::parse(&shown, &text).map_err(BadConfig)?;
+    let problems: Vec<String> = file
+        .validate()
+        .into_iter()
+        .map(|p| format!("{shown}: {p}"))
+        .collect();
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let o = &file.operator;
+    let operator = OperatorConfig {
+        order: match o.order.as_deref() {
+            Some("ordered") => OrderMode::Ordered,
+            Some("keyed") => OrderMode::Keyed,
+            _ => OrderMode::Unordered,
+        },
+        capacity: o.capacity.unwrap_or(1_000),
+        timeout: match o.timeout_ms {
+            Some(0) => None,
+            t => Some(Duration::from_millis(t.unwrap_or(60_000))),
+        },
+    };
+    Ok(Setup {
+        engine: file.engine("backend"),
+        key_field: o.key_field.clone(),
+        operator,
+        backend: file.backend,
+    })
+}
+
+fn from_flags(args: &RunArgs) -> Result<Setup> {
+    let mut problems = Vec::new();
+    if args.capacity == 0 {
+        problems.push("--capacity: must be > 0".to_owned());
+    }
+    if args.max_attempts == 0 {
+        problems.push("--max-attempts: must be > 0".to_owned());
+    }
+    if args.attempt_timeout_ms == Some(0) {
+        problems.push("--attempt-timeout-ms: must be > 0".to_owned());
+    }
+    if args.max_batch == Some(0) {
+        problems.push("--max-batch: must be > 0".to_owned());
+    }
+    if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
+        problems.push("--order keyed: needs --key-field".to_owned());
+    }
+    let sim = args.sim.section(&mut problems);
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let engine = EngineConfig {
+        name: "sim".into(),
+        batch: BatchConfig {
+            max_items: args.max_batch,
+            max_wait: args.max_wait_ms.map(Duration::from_millis),
+            ..BatchConfig::default()
+        },
+        concurrency: args.concurrency.clone(),
+        retry: RetryConfig {
+            max_attempts: args.max_attempts,
+            ..RetryConfig::default()
+        },
+        attempt_timeout: args.attempt_timeout_ms.map(Duration::from_millis),
+        ..EngineConfig::default()
+    };
+    let operator = OperatorConfig {
+        order: match args.order {
+            Order::Unordered => OrderMode::Unordered,
+            Order::Ordered => OrderMode::Ordered,
+            Order::Keyed => OrderMode::Keyed,
+        },
+        capacity: args.capacity,
+        timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
+    };
+    Ok(Setup {
+        backend: BackendConfig::Sim(sim),
+        engine,
+        operator,
+        key_field: args.key_field.clone(),
+    })
 }
 
 /// One input line: its number (from 1) and what it holds.
@@ -300,45 +392,14 @@ impl Tally {
 
 /// Runs `flumen run`.
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
-    let mut problems = Vec::new();
-    if args.capacity == 0 {
-        problems.push("--capacity: must be > 0".to_owned());
-    }
-    if args.max_attempts == 0 {
-        problems.push("--max-attempts: must be > 0".to_owned());
-    }
-    if args.attempt_timeout_ms == Some(0) {
-        problems.push("--attempt-timeout-ms: must be > 0".to_owned());
-    }
-    if args.max_batch == Some(0) {
-        problems.push("--max-batch: must be > 0".to_owned());
-    }
-    if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
-        problems.push("--order keyed: needs --key-field".to_owned());
-    }
-    let sim_config = args.sim.config(&mut problems);
-    if !problems.is_empty() {
-        return Err(BadConfig(problems).into());
-    }
-    let sim = Arc::new(Sim::<Value>::new(sim_config));
-    let engine = Engine::from_arc(
-        Arc::clone(&sim),
-        EngineConfig {
-            name: "sim".into(),
-            batch: BatchConfig {
-                max_items: args.max_batch,
-                max_wait: args.max_wait_ms.map(Duration::from_millis),
-                ..BatchConfig::default()
-            },
-            concurrency: args.concurrency.clone(),
-            retry: RetryConfig {
-                max_attempts: args.max_attempts,
-                ..RetryConfig::default()
-            },
-            attempt_timeout: args.attempt_timeout_ms.map(Duration::from_millis),
-            ..EngineConfig::default()
-        },
-    );
+    let setup = match &args.config {
+        Some(path) => from_file(path)?,
+        None => from_flags(&args)?,
+    };
+    let backend = AnyBackend::build(&setup.backend)
+        .await
+        .map_err(|p| anyhow::anyhow!("cannot start the backend: {}", p.join("; ")))?;
+    let engine = Engine::new(backend, setup.engine);
     let reader: Box<dyn AsyncRead + Unpin + Send> = match &args.input {
         None => Box::new(tokio::io::stdin()),
         Some(p) if p.as_os_str() == "-" => Box::new(tokio::io::stdin()),
@@ -349,21 +410,14 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         ),
     };
     let io_error = Arc::new(std::sync::Mutex::new(None));
-    let config = OperatorConfig {
-        order: match args.order {
-            Order::Unordered => OrderMode::Unordered,
-            Order::Ordered => OrderMode::Ordered,
-            Order::Keyed => OrderMode::Keyed,
-        },
-        capacity: args.capacity,
-        timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
-    };
+    let keyed = setup.operator.order == OrderMode::Keyed;
+    let config = setup.operator;
     let field = args.field.clone();
     let outcomes = lines(reader, Arc::clone(&io_error)).infer(&engine, config, move |line| {
         model_input(line, field.as_deref())
     });
-    let key_field = args.key_field.clone();
-    let mut outcomes = if matches!(args.order, Order::Keyed) {
+    let key_field = setup.key_field;
+    let mut outcomes = if keyed {
         outcomes.keyed_by(move |line| key_of(line, key_field.as_deref()))
     } else {
         outcomes

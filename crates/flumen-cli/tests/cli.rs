@@ -171,3 +171,65 @@ fn bad_flags_exit_with_status_2_and_name_the_flag() {
         assert!(err.contains(flag), "{flag} not named in: {err}");
     }
 }
+
+fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flumen-cli-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_bad_config_file_reports_every_problem_with_its_path_and_exits_2() {
+    let path = write_temp(
+        "bad.toml",
+        "[backend]\nkind = \"sim\"\nslots = 0\nerror_rate = 3.0\n\n[engine]\nconcurrency = \"lots\"\n\n[operator]\norder = \"keyed\"\n",
+    );
+    let out = flumen(&["run", "--config", path.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for p in [
+        "backend.slots",
+        "backend.error_rate",
+        "engine.concurrency",
+        "operator.key_field",
+    ] {
+        assert!(err.contains(p), "{p} not in: {err}");
+    }
+    let path = write_temp("typo.toml", "[backend]\nkind = \"sim\"\nslotz = 2\n");
+    let out = flumen(&["run", "--config", path.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("slotz") && err.contains("typo.toml"), "{err}");
+}
+
+#[test]
+fn a_config_file_runs_records_through_a_real_triton_server() {
+    use flumen_kserve::server::{cost_model, TritonServer};
+    let triton = TritonServer::start(&[cost_model("cost", 5.0, 0.1, 2, 64, false)])
+        .expect("tritonserver starts (bash scripts/triton.sh installs it)");
+    let config = format!(
+        "[backend]\nkind = \"kserve\"\nurl = \"{}\"\nmodel = \"cost\"\n\n[operator]\norder = \"ordered\"\n",
+        triton.http_url()
+    );
+    let path = write_temp("triton.toml", &config);
+    let input: String = (0..300)
+        .map(|i| format!("{{\"id\":{i},\"x\":{i}.5}}\n"))
+        .collect();
+    let out = flumen(
+        &["run", "--config", path.to_str().unwrap(), "--field", "x"],
+        input.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 300);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["id"], i as u64);
+        assert_eq!(l["prediction"].as_f64(), Some(2.0 * (i as f64 + 0.5)));
+    }
+}

@@ -1,0 +1,629 @@
+//! Backends chosen and configured in TOML, seen by the engine as JSON records in and
+//! JSON predictions out.
+//!
+//! ```toml
+//! [backend]
+//! kind = "kserve"            # sim | kserve | openai-embeddings | openai-chat | http
+//! url = "http://127.0.0.1:8000"
+//! model = "cost"
+//!
+//! [engine]                   # optional
+//! concurrency = "adaptive"   # adaptive | aimd | a number
+//! max_attempts = 4
+//!
+//! [operator]                 # optional
+//! order = "unordered"        # unordered | ordered | keyed
+//! capacity = 1000
+//! ```
+//!
+//! Unknown fields are errors; [`FileConfig::validate`] reports every problem at once,
+//! each with its path (`backend.url: must start with http://`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
+use flumen_engine::{
+    AimdConfig, BatchConfig, BreakerConfig, ConcurrencyConfig, EngineConfig, GradientConfig,
+    RetryConfig,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The model backend.
+    pub backend: BackendConfig,
+    /// The engine's batching, concurrency and reliability.
+    #[serde(default)]
+    pub engine: EngineSection,
+    /// The operator's order, capacity and deadline.
+    #[serde(default)]
+    pub operator: OperatorSection,
+}
+
+/// Which backend, and its settings.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BackendConfig {
+    /// The simulated cost model (echoes its input).
+    Sim(SimSection),
+    /// A KServe v2 / Triton model.
+    Kserve(KserveSection),
+    /// OpenAI-compatible `/embeddings` (records must be strings).
+    OpenaiEmbeddings(OpenAiSection),
+    /// OpenAI-compatible `/chat/completions` (records must be strings).
+    OpenaiChat(OpenAiSection),
+    /// Any JSON-over-HTTP model server.
+    Http(HttpSection),
+}
+
+/// `kind = "sim"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimSection {
+    /// Fixed cost per call, ms.
+    pub a_ms: f64,
+    /// Cost per record, ms.
+    pub b_ms: f64,
+    /// Parallel slots.
+    pub slots: usize,
+    /// Max batch.
+    pub max_batch: usize,
+    /// Probability that a record fails with a transient error.
+    pub error_rate: f64,
+    /// Seed of the random draws.
+    pub seed: u64,
+}
+
+impl Default for SimSection {
+    fn default() -> Self {
+        SimSection {
+            a_ms: 20.0,
+            b_ms: 0.5,
+            slots: 2,
+            max_batch: 64,
+            error_rate: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// `kind = "kserve"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KserveSection {
+    /// The server (HTTP root, or gRPC endpoint with `protocol = "grpc"`).
+    pub url: String,
+    /// The model.
+    pub model: String,
+    /// `http` (default) or `grpc`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// A model version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Input tensor name (default: the model's only input).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Output tensor name (default: the model's first output).
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Rows per request (default over HTTP: the model's max_batch_size; required over gRPC).
+    #[serde(default)]
+    pub max_batch_items: Option<usize>,
+    /// Request priority.
+    #[serde(default)]
+    pub priority: Option<u64>,
+    /// Request timeout, ms (default 30,000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `kind = "openai-embeddings"` or `"openai-chat"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiSection {
+    /// API root, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Model name.
+    pub model: String,
+    /// Environment variable holding the key (none: no key sent).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Extra headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Requests per minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// The model's context in (estimated) tokens.
+    #[serde(default)]
+    pub max_context_tokens: Option<u64>,
+    /// `truncate-tail` (default), `truncate-head` or `skip`.
+    #[serde(default)]
+    pub overflow: Option<String>,
+    /// Embeddings: inputs per request (≤ 2048).
+    #[serde(default)]
+    pub max_batch_items: Option<usize>,
+    /// Embeddings: `dimensions`.
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    /// Chat: system prompt.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// Chat: temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Chat: max_completion_tokens.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Request timeout, ms (default 60,000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `kind = "http"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Where to POST.
+    pub url: String,
+    /// `batched` (default) or `per-record`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Batched: records per request (default 32).
+    #[serde(default)]
+    pub max_batch_items: Option<usize>,
+    /// Request body with `"{{inputs}}"` (batched) or `"{{input}}"` (per record).
+    pub template: toml::Value,
+    /// JSON pointer to the result(s).
+    pub result: String,
+    /// Batched: JSON pointer within each result.
+    #[serde(default)]
+    pub item: Option<String>,
+    /// Extra headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Request timeout, ms (default 30,000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `[engine]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Records per call at most (default: the backend's).
+    pub max_batch: Option<usize>,
+    /// Triton-style wait for a fuller batch, ms.
+    pub max_wait_ms: Option<u64>,
+    /// Token budget per call.
+    pub max_batch_tokens: Option<u64>,
+    /// `adaptive` (default), `aimd`, or a fixed number.
+    pub concurrency: Option<toml::Value>,
+    /// Attempts per record at most.
+    pub max_attempts: Option<u32>,
+    /// Abandon and retry a call after this long, ms.
+    pub attempt_timeout_ms: Option<u64>,
+    /// Hedge idempotent calls after this long, ms.
+    pub hedge_after_ms: Option<u64>,
+    /// Turn the circuit breaker on (Resilience4j-like defaults).
+    pub breaker: bool,
+}
+
+/// `[operator]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OperatorSection {
+    /// `unordered`, `ordered` or `keyed`.
+    pub order: Option<String>,
+    /// Records in flight.
+    pub capacity: Option<usize>,
+    /// Per-record deadline, ms (0: none).
+    pub timeout_ms: Option<u64>,
+    /// With `keyed`: the record field holding the key.
+    pub key_field: Option<String>,
+}
+
+fn ms(v: Option<u64>, default: u64) -> Duration {
+    Duration::from_millis(v.unwrap_or(default))
+}
+
+fn json_of(v: &toml::Value) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+impl FileConfig {
+    /// Reads and parses `text` (from `path`, named in errors).
+    pub fn parse(path: &str, text: &str) -> Result<FileConfig, Vec<String>> {
+        toml::from_str(text).map_err(|e| vec![format!("{path}: {}", e.to_string().trim_end())])
+    }
+
+    /// Every problem at once, each with its path.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        match &self.backend {
+            BackendConfig::Sim(s) => {
+                if !(s.a_ms >= 0.0 && s.b_ms >= 0.0) {
+                    p.push("backend.a_ms, backend.b_ms: must be ≥ 0".into());
+                }
+                if s.slots == 0 {
+                    p.push("backend.slots: must be > 0".into());
+                }
+                if s.max_batch == 0 {
+                    p.push("backend.max_batch: must be > 0".into());
+                }
+                if !(0.0..=1.0).contains(&s.error_rate) {
+                    p.push("backend.error_rate: must be within 0..=1".into());
+                }
+            }
+            BackendConfig::Kserve(k) => {
+                if !(k.url.starts_with("http://") || k.url.starts_with("https://")) {
+                    p.push("backend.url: must start with http:// or https://".into());
+                }
+                match k.protocol.as_deref() {
+                    None | Some("http") => {}
+                    Some("grpc") if cfg!(feature = "grpc") => {
+                        if k.max_batch_items.is_none() {
+                            p.push("backend.max_batch_items: required over gRPC (the protocol does not expose max_batch_size)".into());
+                        }
+                    }
+                    Some("grpc") => {
+                        p.push("backend.protocol: grpc needs flumen-cli's `grpc` feature".into())
+                    }
+                    Some(other) => {
+                        p.push(format!("backend.protocol: `{other}` is not http or grpc"))
+                    }
+                }
+                if k.max_batch_items == Some(0) {
+                    p.push("backend.max_batch_items: must be > 0".into());
+                }
+            }
+            BackendConfig::OpenaiEmbeddings(o) | BackendConfig::OpenaiChat(o) => match o.openai() {
+                Ok(c) => p.extend(c.validate("backend")),
+                Err(e) => p.push(e),
+            },
+            BackendConfig::Http(h) => p.extend(h.http().validate("backend")),
+        }
+        if let Some(c) = &self.engine.concurrency {
+            if let Err(e) = concurrency(c) {
+                p.push(format!("engine.concurrency: {e}"));
+            }
+        }
+        if self.engine.max_attempts == Some(0) {
+            p.push("engine.max_attempts: must be > 0".into());
+        }
+        if self.engine.max_batch == Some(0) {
+            p.push("engine.max_batch: must be > 0".into());
+        }
+        if self.operator.capacity == Some(0) {
+            p.push("operator.capacity: must be > 0".into());
+        }
+        match self.operator.order.as_deref() {
+            None | Some("unordered") | Some("ordered") => {}
+            Some("keyed") if self.operator.key_field.is_none() => {
+                p.push("operator.key_field: required with order = \"keyed\"".into())
+            }
+            Some("keyed") => {}
+            Some(o) => p.push(format!(
+                "operator.order: `{o}` is not unordered, ordered or keyed"
+            )),
+        }
+        p
+    }
+
+    /// The engine's settings.
+    pub fn engine(&self, name: &str) -> EngineConfig {
+        let e = &self.engine;
+        EngineConfig {
+            name: name.into(),
+            batch: BatchConfig {
+                max_items: e.max_batch,
+                max_tokens: e.max_batch_tokens,
+                max_wait: e.max_wait_ms.map(Duration::from_millis),
+                ..BatchConfig::default()
+            },
+            concurrency: e
+                .concurrency
+                .as_ref()
+                .and_then(|c| concurrency(c).ok())
+                .unwrap_or_default(),
+            retry: RetryConfig {
+                max_attempts: e
+                    .max_attempts
+                    .unwrap_or(RetryConfig::default().max_attempts),
+                ..RetryConfig::default()
+            },
+            breaker: e.breaker.then(BreakerConfig::default),
+            attempt_timeout: e.attempt_timeout_ms.map(Duration::from_millis),
+            hedge_after: e.hedge_after_ms.map(Duration::from_millis),
+            seed: 0,
+        }
+    }
+}
+
+/// `"adaptive"`, `"aimd"` or a positive number.
+pub fn concurrency(v: &toml::Value) -> Result<ConcurrencyConfig, String> {
+    match v {
+        toml::Value::String(s) if s == "adaptive" => {
+            Ok(ConcurrencyConfig::Gradient(GradientConfig::default()))
+        }
+        toml::Value::String(s) if s == "aimd" => Ok(ConcurrencyConfig::Aimd(AimdConfig::default())),
+        toml::Value::Integer(n) if *n > 0 => Ok(ConcurrencyConfig::Fixed(*n as usize)),
+        other => Err(format!(
+            "`{other}` is not \"adaptive\", \"aimd\" or a positive number"
+        )),
+    }
+}
+
+impl OpenAiSection {
+    fn openai(&self) -> Result<flumen_openai::OpenAiConfig, String> {
+        let mut c = flumen_openai::OpenAiConfig::new(&self.base_url, &self.model);
+        if let Some(var) = &self.api_key_env {
+            c.api_key =
+                Some(flumen_openai::ApiKey::from_env(var).map_err(|e| format!("backend.{e}"))?);
+        }
+        c.headers = self.headers.clone().into_iter().collect();
+        c.requests_per_minute = self.requests_per_minute;
+        c.tokens_per_minute = self.tokens_per_minute;
+        if self.max_context_tokens.is_some() {
+            c.max_context_tokens = self.max_context_tokens;
+        }
+        c.overflow = match self.overflow.as_deref() {
+            None | Some("truncate-tail") => flumen_openai::OverflowPolicy::TruncateTail,
+            Some("truncate-head") => flumen_openai::OverflowPolicy::TruncateHead,
+            Some("skip") => flumen_openai::OverflowPolicy::Skip,
+            Some(o) => {
+                return Err(format!(
+                    "backend.overflow: `{o}` is not truncate-tail, truncate-head or skip"
+                ))
+            }
+        };
+        if let Some(n) = self.max_batch_items {
+            c.max_batch_items = n;
+        }
+        c.dimensions = self.dimensions;
+        c.system_prompt = self.system_prompt.clone();
+        c.temperature = self.temperature;
+        c.max_completion_tokens = self.max_completion_tokens;
+        c.request_timeout = ms(self.timeout_ms, 60_000);
+        Ok(c)
+    }
+}
+
+impl HttpSection {
+    fn http(&self) -> flumen_http::HttpJsonConfig {
+        flumen_http::HttpJsonConfig {
+            url: self.url.clone(),
+            headers: self.headers.clone().into_iter().collect(),
+            mode: match self.mode.as_deref() {
+                Some("per-record") => flumen_http::Mode::PerRecord,
+                _ => flumen_http::Mode::Batched {
+                    max_batch_items: self.max_batch_items.unwrap_or(32),
+                },
+            },
+            template: json_of(&self.template),
+            result: self.result.clone(),
+            item: self.item.clone(),
+            request_timeout: ms(self.timeout_ms, 30_000),
+            idempotent: true,
+        }
+    }
+}
+
+/// Any configured backend, with JSON records in and JSON predictions out.
+pub enum AnyBackend {
+    /// See [`flumen_sim::Sim`].
+    Sim(flumen_sim::Sim<Value>),
+    /// See [`flumen_kserve::KserveHttp`].
+    Kserve(flumen_kserve::KserveHttp),
+    /// See [`flumen_kserve::grpc::KserveGrpc`].
+    #[cfg(feature = "grpc")]
+    KserveGrpc(flumen_kserve::grpc::KserveGrpc),
+    /// See [`flumen_openai::Embeddings`].
+    Embeddings(flumen_openai::Embeddings),
+    /// See [`flumen_openai::Chat`].
+    Chat(flumen_openai::Chat),
+    /// See [`flumen_http::HttpJson`].
+    Http(flumen_http::HttpJson),
+}
+
+impl AnyBackend {
+    /// Builds (and for KServe, connects to) the backend of a validated configuration.
+    pub async fn build(config: &BackendConfig) -> Result<AnyBackend, Vec<String>> {
+        Ok(match config {
+            BackendConfig::Sim(s) => AnyBackend::Sim(flumen_sim::Sim::new(flumen_sim::SimConfig {
+                base: Duration::from_secs_f64(s.a_ms / 1e3),
+                per_item: Duration::from_secs_f64(s.b_ms / 1e3),
+                slots: s.slots,
+                max_batch: s.max_batch,
+                seed: s.seed,
+                faults: flumen_sim::Faults {
+                    item_error_rate: s.error_rate,
+                    ..flumen_sim::Faults::default()
+                },
+                ..flumen_sim::SimConfig::default()
+            })),
+            BackendConfig::Kserve(k) => {
+                let mut c = flumen_kserve::KserveConfig::new(&k.url, &k.model);
+                c.version = k.version.clone();
+                c.input = k.input.clone();
+                c.output = k.output.clone();
+                c.max_batch_items = k.max_batch_items;
+                c.priority = k.priority;
+                c.request_timeout = ms(k.timeout_ms, 30_000);
+                let fail = |e: flumen_kserve::KserveError| vec![format!("backend: {e}")];
+                match k.protocol.as_deref() {
+                    #[cfg(feature = "grpc")]
+                    Some("grpc") => AnyBackend::KserveGrpc(
+                        flumen_kserve::grpc::KserveGrpc::connect(c)
+                            .await
+                            .map_err(fail)?,
+                    ),
+                    _ => AnyBackend::Kserve(
+                        flumen_kserve::KserveHttp::connect(c).await.map_err(fail)?,
+                    ),
+                }
+            }
+            BackendConfig::OpenaiEmbeddings(o) => AnyBackend::Embeddings(
+                flumen_openai::Embeddings::new(o.openai().map_err(|e| vec![e])?)?,
+            ),
+            BackendConfig::OpenaiChat(o) => {
+                AnyBackend::Chat(flumen_openai::Chat::new(o.openai().map_err(|e| vec![e])?)?)
+            }
+            BackendConfig::Http(h) => AnyBackend::Http(flumen_http::HttpJson::new(h.http())?),
+        })
+    }
+}
+
+/// A record that must be a string, for the text backends.
+fn text(v: &Value) -> Result<String, BackendError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| BackendError::invalid_input(format!("this backend takes text, not {v}")))
+}
+
+/// Runs a text backend on JSON records: non-strings fail alone.
+async fn on_text<B, O>(backend: &B, batch: &[Value], out: impl Fn(O) -> Value) -> BatchResult<Value>
+where
+    B: Backend<Input = String, Output = O>,
+{
+    let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
+    let mut texts = Vec::new();
+    let mut at = Vec::new();
+    for (i, v) in batch.iter().enumerate() {
+        match text(v) {
+            Ok(t) => {
+                texts.push(t);
+                at.push(i);
+            }
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    if !texts.is_empty() {
+        for (i, r) in at.into_iter().zip(backend.call(&texts).await?) {
+            results[i] = Some(r.map(&out));
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every record has a result"))
+        .collect())
+}
+
+impl Backend for AnyBackend {
+    type Input = Value;
+    type Output = Value;
+
+    fn capabilities(&self) -> Capabilities {
+        match self {
+            AnyBackend::Sim(b) => b.capabilities(),
+            AnyBackend::Kserve(b) => b.capabilities(),
+            #[cfg(feature = "grpc")]
+            AnyBackend::KserveGrpc(b) => b.capabilities(),
+            AnyBackend::Embeddings(b) => b.capabilities(),
+            AnyBackend::Chat(b) => b.capabilities(),
+            AnyBackend::Http(b) => b.capabilities(),
+        }
+    }
+
+    fn cost(&self, record: &Value) -> ItemCost {
+        match self {
+            AnyBackend::Sim(b) => b.cost(record),
+            AnyBackend::Kserve(b) => b.cost(record),
+            #[cfg(feature = "grpc")]
+            AnyBackend::KserveGrpc(b) => b.cost(record),
+            AnyBackend::Embeddings(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
+            AnyBackend::Chat(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
+            AnyBackend::Http(b) => b.cost(record),
+        }
+    }
+
+    async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
+        match self {
+            AnyBackend::Sim(b) => b.call(batch).await,
+            AnyBackend::Kserve(b) => b.call(batch).await,
+            #[cfg(feature = "grpc")]
+            AnyBackend::KserveGrpc(b) => b.call(batch).await,
+            AnyBackend::Embeddings(b) => on_text(b, batch, |v: Vec<f32>| Value::from(v)).await,
+            AnyBackend::Chat(b) => on_text(b, batch, Value::String).await,
+            AnyBackend::Http(b) => b.call(batch).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            [backend]
+            kind = "http"
+            url = "ftp://example"
+            template = { text = "{{inputs}}" }
+            result = "predictions"
+            mode = "per-record"
+
+            [engine]
+            concurrency = "lots"
+            max_attempts = 0
+
+            [operator]
+            order = "keyed"
+            capacity = 0
+        "#;
+        let config = FileConfig::parse("p.toml", text).unwrap();
+        let problems = config.validate();
+        for path in [
+            "backend.url",
+            "backend.template",
+            "backend.result",
+            "engine.concurrency",
+            "engine.max_attempts",
+            "operator.key_field",
+            "operator.capacity",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(path)),
+                "{path} missing in {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_named_with_where_they_are() {
+        // Inside the tagged [backend] table the parser points at the table's line.
+        let e = FileConfig::parse("p.toml", "[backend]\nkind = \"sim\"\nslotz = 3\n").unwrap_err();
+        assert!(
+            e[0].contains("slotz") && e[0].contains("[backend]"),
+            "{e:?}"
+        );
+        let e = FileConfig::parse(
+            "p.toml",
+            "[backend]\nkind = \"sim\"\n[engine]\nbreakr = true\n",
+        )
+        .unwrap_err();
+        assert!(e[0].contains("breakr") && e[0].contains("line 4"), "{e:?}");
+        let e = FileConfig::parse("p.toml", "[backend]\nkind = \"magic\"\n").unwrap_err();
+        assert!(e[0].contains("magic"), "{e:?}");
+    }
+
+    #[test]
+    fn a_good_file_makes_its_engine() {
+        let text = "[backend]\nkind = \"sim\"\n[engine]\nconcurrency = 3\nmax_attempts = 2\nbreaker = true\n";
+        let config = FileConfig::parse("p.toml", text).unwrap();
+        assert!(config.validate().is_empty());
+        let e = config.engine("x");
+        assert_eq!(e.concurrency, ConcurrencyConfig::Fixed(3));
+        assert_eq!(e.retry.max_attempts, 2);
+        assert!(e.breaker.is_some());
+    }
+}
