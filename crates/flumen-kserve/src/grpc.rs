@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::raw::decode_raw;
 use crate::{finish, Batch, KserveConfig, KserveError, TensorSpec};
 
 /// The generated protocol types and client.
@@ -92,60 +93,6 @@ fn contents(datatype: &str, data: &[Value]) -> Result<InferTensorContents, Backe
         }
     }
     Ok(c)
-}
-
-/// Elements of a raw (little-endian) output tensor.
-pub fn decode_raw(datatype: &str, raw: &[u8]) -> Result<Vec<Value>, BackendError> {
-    fn fixed<const N: usize>(
-        raw: &[u8],
-        f: impl Fn([u8; N]) -> Value,
-    ) -> Result<Vec<Value>, BackendError> {
-        if raw.len() % N != 0 {
-            return Err(BackendError::permanent(format!(
-                "{} raw bytes are not a multiple of {N}",
-                raw.len()
-            )));
-        }
-        Ok(raw
-            .chunks_exact(N)
-            .map(|c| f(c.try_into().expect("chunk of N")))
-            .collect())
-    }
-    match datatype {
-        "BOOL" => fixed::<1>(raw, |b| Value::Bool(b[0] != 0)),
-        "INT8" => fixed::<1>(raw, |b| i8::from_le_bytes(b).into()),
-        "UINT8" => fixed::<1>(raw, |b| u8::from_le_bytes(b).into()),
-        "INT16" => fixed::<2>(raw, |b| i16::from_le_bytes(b).into()),
-        "UINT16" => fixed::<2>(raw, |b| u16::from_le_bytes(b).into()),
-        "INT32" => fixed::<4>(raw, |b| i32::from_le_bytes(b).into()),
-        "UINT32" => fixed::<4>(raw, |b| u32::from_le_bytes(b).into()),
-        "INT64" => fixed::<8>(raw, |b| i64::from_le_bytes(b).into()),
-        "UINT64" => fixed::<8>(raw, |b| u64::from_le_bytes(b).into()),
-        "FP32" => fixed::<4>(raw, |b| f64::from(f32::from_le_bytes(b)).into()),
-        "FP64" => fixed::<8>(raw, |b| f64::from_le_bytes(b).into()),
-        "BYTES" => {
-            // Each element: a 4-byte little-endian length, then the bytes.
-            let mut out = Vec::new();
-            let mut rest = raw;
-            while !rest.is_empty() {
-                let (len, tail) = rest
-                    .split_first_chunk::<4>()
-                    .ok_or_else(|| BackendError::permanent("truncated BYTES element length"))?;
-                let len = u32::from_le_bytes(*len) as usize;
-                if tail.len() < len {
-                    return Err(BackendError::permanent("truncated BYTES element"));
-                }
-                out.push(Value::String(
-                    String::from_utf8_lossy(&tail[..len]).into_owned(),
-                ));
-                rest = &tail[len..];
-            }
-            Ok(out)
-        }
-        other => Err(BackendError::permanent(format!(
-            "datatype {other} is not supported over gRPC yet"
-        ))),
-    }
 }
 
 fn typed(c: &InferTensorContents) -> Vec<Value> {
@@ -353,29 +300,6 @@ impl Backend for KserveGrpc {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn raw_tensors_decode_little_endian_and_length_prefixed_bytes() {
-        let fp32: Vec<u8> = [1.5f32, -2.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        assert_eq!(
-            decode_raw("FP32", &fp32).unwrap(),
-            vec![Value::from(1.5), Value::from(-2.0)]
-        );
-        let mut bytes = Vec::new();
-        for s in ["ab", "", "é"] {
-            bytes.extend((s.len() as u32).to_le_bytes());
-            bytes.extend(s.as_bytes());
-        }
-        assert_eq!(
-            decode_raw("BYTES", &bytes).unwrap(),
-            vec![Value::from("ab"), Value::from(""), Value::from("é")]
-        );
-        assert!(decode_raw("INT32", &[1, 2, 3]).is_err());
-        assert!(decode_raw("BYTES", &[9, 0, 0, 0, b'x']).is_err());
-    }
 
     #[test]
     fn queue_full_is_overload_and_bad_requests_are_not_retried() {

@@ -10,11 +10,12 @@
 //! queue full) are overload, other 5xx transient, 4xx (unknown model, wrong shape or
 //! datatype) permanent. A record that does not fit the input's shape or datatype
 //! fails alone, as invalid input, without being sent. With the `grpc` feature,
-//! [`grpc::KserveGrpc`] speaks the same protocol over gRPC. Not yet here: the
-//! binary tensor extension over HTTP.
+//! [`grpc::KserveGrpc`] speaks the same protocol over gRPC. Large batches use
+//! the binary tensor extension over HTTP (see [`KserveConfig::binary_threshold`]).
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+pub mod raw;
 pub mod server;
 
 use std::time::Duration;
@@ -45,6 +46,9 @@ pub struct KserveConfig {
     pub ready_timeout: Duration,
     /// Request priority passed to the server (Triton: `priority`, 1 is highest).
     pub priority: Option<u64>,
+    /// HTTP: batches of at least this many elements travel as binary tensors (the
+    /// binary tensor extension), both ways; `None`: always JSON.
+    pub binary_threshold: Option<usize>,
 }
 
 impl KserveConfig {
@@ -60,6 +64,7 @@ impl KserveConfig {
             request_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(60),
             priority: None,
+            binary_threshold: Some(4_096),
         }
     }
 
@@ -409,20 +414,48 @@ impl Backend for KserveHttp {
 
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
         let mut results = vec![None; batch.len()];
-        let Some(batch) = Batch::assemble(&self.input, self.batched, batch, &mut results) else {
+        let Some(mut batch) = Batch::assemble(&self.input, self.batched, batch, &mut results)
+        else {
             return Ok(finish(results));
         };
-        let mut body = json!({
-            "inputs": [{"name": self.input.name, "shape": batch.shape, "datatype": self.input.datatype, "data": batch.data}],
-            "outputs": [{"name": self.output.name}],
-        });
+        // Large batches use the binary tensor extension both ways.
+        let binary = self
+            .config
+            .binary_threshold
+            .is_some_and(|t| batch.data.len() >= t);
+        let mut input =
+            json!({"name": self.input.name, "shape": batch.shape, "datatype": self.input.datatype});
+        let mut output = json!({"name": self.output.name});
+        let raw = if binary {
+            let raw = raw::encode_raw(&self.input.datatype, &batch.data)?;
+            input["parameters"] = json!({"binary_data_size": raw.len()});
+            output["parameters"] = json!({"binary_data": true});
+            Some(raw)
+        } else {
+            input["data"] = Value::Array(std::mem::take(&mut batch.data));
+            None
+        };
+        let mut header = json!({"inputs": [input], "outputs": [output]});
         // Triton's per-request timeout (µs): the server gives up when we do.
-        body["parameters"] = json!({"timeout": self.config.request_timeout.as_micros() as u64});
+        header["parameters"] = json!({"timeout": self.config.request_timeout.as_micros() as u64});
         if let Some(p) = self.config.priority {
-            body["parameters"]["priority"] = json!(p);
+            header["parameters"]["priority"] = json!(p);
         }
         let url = format!("{}/infer", self.config.model_path());
-        let response = self.http.post(&url).json(&body).send().await.map_err(|e| {
+        let request = match raw {
+            Some(raw) => {
+                let mut body = serde_json::to_vec(&header).expect("JSON serializes");
+                let header_len = body.len();
+                body.extend(raw);
+                self.http
+                    .post(&url)
+                    .header("Inference-Header-Content-Length", header_len)
+                    .header("Content-Type", "application/octet-stream")
+                    .body(body)
+            }
+            None => self.http.post(&url).json(&header),
+        };
+        let response = request.send().await.map_err(|e| {
             let kind = if e.is_timeout() {
                 ErrorKind::Timeout
             } else {
@@ -449,26 +482,57 @@ impl Backend for KserveHttp {
             }
             return Err(e);
         }
-        let answer: Value = response
-            .json()
-            .await
+        let header_len = response
+            .headers()
+            .get("inference-header-content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let bytes = response.bytes().await.map_err(|e| {
+            BackendError::transient(format!("reading the infer response failed: {e}"))
+        })?;
+        let split_at = header_len.unwrap_or(bytes.len()).min(bytes.len());
+        let (json_part, mut binary_part) = bytes.split_at(split_at);
+        let answer: Value = serde_json::from_slice(json_part)
             .map_err(|e| BackendError::permanent(format!("unparseable infer response: {e}")))?;
-        let out = answer
+        let outputs = answer
             .get("outputs")
             .and_then(Value::as_array)
-            .and_then(|o| o.iter().find(|t| t["name"] == self.output.name.as_str()))
-            .ok_or_else(|| {
-                BackendError::permanent(format!(
-                    "the response has no output `{}`",
-                    self.output.name
-                ))
-            })?;
-        let flat = out.get("data").and_then(Value::as_array).ok_or_else(|| {
-            BackendError::permanent(
-                "the output has no JSON `data` (binary outputs are not supported yet)",
-            )
+            .ok_or_else(|| BackendError::permanent("the response has no `outputs`"))?;
+        let mut flat = None;
+        for out in outputs {
+            let size = out
+                .pointer("/parameters/binary_data_size")
+                .and_then(Value::as_u64);
+            let raw = match size {
+                Some(n) if n as usize <= binary_part.len() => {
+                    let (this, rest) = binary_part.split_at(n as usize);
+                    binary_part = rest;
+                    Some(this)
+                }
+                Some(_) => return Err(BackendError::permanent("truncated binary output")),
+                None => None,
+            };
+            if out["name"] != self.output.name.as_str() {
+                continue;
+            }
+            flat = Some(match raw {
+                Some(raw) => raw::decode_raw(
+                    out["datatype"].as_str().unwrap_or(&self.output.datatype),
+                    raw,
+                )?,
+                None => out
+                    .get("data")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .ok_or_else(|| {
+                        BackendError::permanent("the output has neither `data` nor binary data")
+                    })?,
+            });
+        }
+        let flat = flat.ok_or_else(|| {
+            BackendError::permanent(format!("the response has no output `{}`", self.output.name))
         })?;
-        batch.split(flat, &mut results)?;
+        batch.split(&flat, &mut results)?;
         Ok(finish(results))
     }
 }

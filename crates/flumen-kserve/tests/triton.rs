@@ -105,6 +105,31 @@ async fn bytes_tensors_carry_text() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_tensor_extension_carries_numbers_and_text_both_ways() {
+    let triton = start();
+    let binary = |model: &str| {
+        let mut c = KserveConfig::new(triton.http_url(), model);
+        c.binary_threshold = Some(1);
+        c
+    };
+    let cost = KserveHttp::connect(binary("cost")).await.unwrap();
+    let rows: Vec<Value> = (0..64).map(|i| json!(i as f64 + 0.25)).collect();
+    for (i, r) in cost.call(&rows).await.unwrap().iter().enumerate() {
+        assert_eq!(r.as_ref().unwrap().as_f64(), Some(2.0 * (i as f64 + 0.25)));
+    }
+    let text = KserveHttp::connect(binary("text")).await.unwrap();
+    let out = text
+        .call(&[json!("naïve"), json!(""), json!("x".repeat(1000))])
+        .await
+        .unwrap();
+    let lengths: Vec<u64> = out
+        .iter()
+        .map(|r| r.as_ref().unwrap().as_u64().unwrap())
+        .collect();
+    assert_eq!(lengths, vec![5, 0, 1000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_triton_really_returns_are_classified() {
     let triton = start();
     // An unknown model: connect says so, with Triton's words.
