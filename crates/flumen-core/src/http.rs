@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::ErrorKind;
+use crate::{BackendError, ErrorKind};
 
 /// The error kind of an HTTP status (with the response body, for context errors).
 ///
@@ -40,6 +40,34 @@ pub fn parse_retry_after(
     parse(retry_after_ms, 1e-3).or_else(|| parse(retry_after, 1.0))
 }
 
+/// The error for a response with a non-success `status`: its kind from the status
+/// (and the body, for context errors), and, for overload, the wait the server asked
+/// for in its `Retry-After` / `retry-after-ms` headers.
+pub fn response_error(
+    status: u16,
+    body: &str,
+    message: &str,
+    retry_after: Option<&str>,
+    retry_after_ms: Option<&str>,
+) -> BackendError {
+    let kind = classify_status(status, body);
+    let mut error = BackendError::new(kind, format!("HTTP {status}: {message}"));
+    if kind == ErrorKind::Overloaded {
+        error.retry_after = parse_retry_after(retry_after, retry_after_ms);
+    }
+    error
+}
+
+/// The error for a request that got no response: a timeout, or transient.
+pub fn transport_error(timed_out: bool, what: impl std::fmt::Display) -> BackendError {
+    let kind = if timed_out {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Transient
+    };
+    BackendError::new(kind, what.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +85,20 @@ mod tests {
         assert_eq!(classify_status(400, "{}"), ErrorKind::Permanent);
         let ctx = r#"{"error":{"code":"context_length_exceeded"}}"#;
         assert_eq!(classify_status(400, ctx), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn response_errors_carry_retry_after_only_for_overload() {
+        let e = response_error(429, "", "slow down", Some("2"), None);
+        assert_eq!(
+            (e.kind, e.retry_after),
+            (ErrorKind::Overloaded, Some(Duration::from_secs(2)))
+        );
+        assert_eq!(e.message, "HTTP 429: slow down");
+        let e = response_error(500, "", "boom", Some("2"), None);
+        assert_eq!((e.kind, e.retry_after), (ErrorKind::Transient, None));
+        assert_eq!(transport_error(true, "late").kind, ErrorKind::Timeout);
+        assert_eq!(transport_error(false, "reset").kind, ErrorKind::Transient);
     }
 
     #[test]

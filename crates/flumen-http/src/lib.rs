@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use flumen_core::http::{classify_status, parse_retry_after};
-use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ErrorKind, ItemCost};
+use flumen_core::http::{response_error, transport_error};
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
 use serde_json::Value;
 
 /// How records map to requests.
@@ -137,14 +137,10 @@ impl HttpJson {
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
-        let response = request.send().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                ErrorKind::Timeout
-            } else {
-                ErrorKind::Transient
-            };
-            BackendError::new(kind, format!("request failed: {e}"))
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(e.is_timeout(), format!("request failed: {e}")))?;
         let status = response.status();
         if !status.is_success() {
             let ra = response
@@ -153,13 +149,14 @@ impl HttpJson {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             let body = response.text().await.unwrap_or_default();
-            let kind = classify_status(status.as_u16(), &body);
             let short: String = body.chars().take(300).collect();
-            let mut e = BackendError::new(kind, format!("HTTP {}: {short}", status.as_u16()));
-            if kind == ErrorKind::Overloaded {
-                e.retry_after = parse_retry_after(ra.as_deref(), None);
-            }
-            return Err(e);
+            return Err(response_error(
+                status.as_u16(),
+                &body,
+                &short,
+                ra.as_deref(),
+                None,
+            ));
         }
         response
             .json()

@@ -20,8 +20,8 @@ pub mod server;
 
 use std::time::Duration;
 
-use flumen_core::http::{classify_status, parse_retry_after};
-use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ErrorKind, ItemCost};
+use flumen_core::http::{response_error, transport_error};
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -455,14 +455,10 @@ impl Backend for KserveHttp {
             }
             None => self.http.post(&url).json(&header),
         };
-        let response = request.send().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                ErrorKind::Timeout
-            } else {
-                ErrorKind::Transient
-            };
-            BackendError::new(kind, format!("infer request failed: {e}"))
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(e.is_timeout(), format!("infer request failed: {e}")))?;
         let status = response.status();
         if !status.is_success() {
             let ra = response
@@ -475,12 +471,13 @@ impl Backend for KserveHttp {
                 .ok()
                 .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or(text);
-            let kind = classify_status(status.as_u16(), &message);
-            let mut e = BackendError::new(kind, format!("HTTP {}: {message}", status.as_u16()));
-            if kind == ErrorKind::Overloaded {
-                e.retry_after = parse_retry_after(ra.as_deref(), None);
-            }
-            return Err(e);
+            return Err(response_error(
+                status.as_u16(),
+                &message,
+                &message,
+                ra.as_deref(),
+                None,
+            ));
         }
         let header_len = response
             .headers()

@@ -1,8 +1,8 @@
 //! The HTTP side shared by both endpoints: auth, headers, rate limits, and one
 //! exhaustive mapping from HTTP status to Flumen's error kinds.
 
-use flumen_core::http::{classify_status, parse_retry_after};
-use flumen_core::{BackendError, ErrorKind};
+use flumen_core::http::{response_error, transport_error};
+use flumen_core::BackendError;
 use serde_json::Value;
 use std::sync::Mutex;
 use tokio::time::Instant;
@@ -77,14 +77,9 @@ impl Client {
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
+        // reqwest's errors name the URL, never the headers: no key leaks here.
         let response = request.send().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                ErrorKind::Timeout
-            } else {
-                ErrorKind::Transient
-            };
-            // reqwest's errors name the URL, never the headers: no key leaks here.
-            BackendError::new(kind, format!("request to {endpoint} failed: {e}"))
+            transport_error(e.is_timeout(), format!("request to {endpoint} failed: {e}"))
         })?;
         let status = response.status();
         if !status.is_success() {
@@ -97,15 +92,14 @@ impl Client {
             };
             let (ra, ra_ms) = (header("retry-after"), header("retry-after-ms"));
             let body = response.text().await.unwrap_or_default();
-            let kind = classify_status(status.as_u16(), &body);
-            let mut error = BackendError::new(
-                kind,
-                format!("HTTP {}: {}", status.as_u16(), error_message(&body)),
-            );
-            if kind == ErrorKind::Overloaded {
-                error.retry_after = parse_retry_after(ra.as_deref(), ra_ms.as_deref());
-            }
-            return Err(error);
+            let message = error_message(&body);
+            return Err(response_error(
+                status.as_u16(),
+                &body,
+                &message,
+                ra.as_deref(),
+                ra_ms.as_deref(),
+            ));
         }
         response.json::<Value>().await.map_err(|e| {
             BackendError::permanent(format!("unparseable response from {endpoint}: {e}"))
