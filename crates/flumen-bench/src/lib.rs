@@ -6,3 +6,5 @@
 pub mod baselines;
 pub mod load;
 pub mod report;
+pub mod suite;
+pub mod svg;

@@ -19,7 +19,49 @@ struct Cli {
 enum Command {
     /// Run JSONL records from a file or stdin through a backend; write one JSON line
     /// per record (its prediction, or its failure) to stdout.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
+    /// Run the side-by-side benchmark suite (Flumen and the baselines on one
+    /// simulated backend) and write a Markdown report with SVG plots.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// 3 s windows instead of 10 s (about two minutes in all).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write report.md and the plots.
+    #[arg(long, default_value = "bench-report")]
+    out: std::path::PathBuf,
+    /// Latency objective for goodput, ms.
+    #[arg(long, default_value_t = 500)]
+    slo_ms: u64,
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let options = flumen_bench::suite::SuiteOptions {
+        quick: args.quick,
+        slo: std::time::Duration::from_millis(args.slo_ms),
+        ..Default::default()
+    };
+    eprintln!(
+        "flumen bench: running the {} suite…",
+        if args.quick { "quick" } else { "full" }
+    );
+    let report = flumen_bench::suite::run(&options).await;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    std::fs::write(args.out.join("report.md"), &report.markdown)
+        .context("cannot write report.md")?;
+    for (name, svg) in &report.plots {
+        std::fs::write(args.out.join(name), svg).with_context(|| format!("cannot write {name}"))?;
+    }
+    eprintln!(
+        "flumen bench: wrote {}",
+        args.out.join("report.md").display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -35,7 +77,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run::run(args)),
+        Command::Run(args) => runtime.block_on(run::run(*args)),
+        Command::Bench(args) => runtime.block_on(bench(args)),
     };
     match result {
         Ok(code) => code,
