@@ -247,61 +247,8 @@ impl FileConfig {
 
     /// Every problem at once, each with its path.
     pub fn validate(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        match &self.backend {
-            BackendConfig::Sim(s) => {
-                if !(s.a_ms >= 0.0 && s.b_ms >= 0.0) {
-                    p.push("backend.a_ms, backend.b_ms: must be ≥ 0".into());
-                }
-                if s.slots == 0 {
-                    p.push("backend.slots: must be > 0".into());
-                }
-                if s.max_batch == 0 {
-                    p.push("backend.max_batch: must be > 0".into());
-                }
-                if !(0.0..=1.0).contains(&s.error_rate) {
-                    p.push("backend.error_rate: must be within 0..=1".into());
-                }
-            }
-            BackendConfig::Kserve(k) => {
-                if !(k.url.starts_with("http://") || k.url.starts_with("https://")) {
-                    p.push("backend.url: must start with http:// or https://".into());
-                }
-                match k.protocol.as_deref() {
-                    None | Some("http") => {}
-                    Some("grpc") if cfg!(feature = "grpc") => {
-                        if k.max_batch_items.is_none() {
-                            p.push("backend.max_batch_items: required over gRPC (the protocol does not expose max_batch_size)".into());
-                        }
-                    }
-                    Some("grpc") => {
-                        p.push("backend.protocol: grpc needs flumen-cli's `grpc` feature".into())
-                    }
-                    Some(other) => {
-                        p.push(format!("backend.protocol: `{other}` is not http or grpc"))
-                    }
-                }
-                if k.max_batch_items == Some(0) {
-                    p.push("backend.max_batch_items: must be > 0".into());
-                }
-            }
-            BackendConfig::OpenaiEmbeddings(o) | BackendConfig::OpenaiChat(o) => match o.openai() {
-                Ok(c) => p.extend(c.validate("backend")),
-                Err(e) => p.push(e),
-            },
-            BackendConfig::Http(h) => p.extend(h.http().validate("backend")),
-        }
-        if let Some(c) = &self.engine.concurrency {
-            if let Err(e) = concurrency(c) {
-                p.push(format!("engine.concurrency: {e}"));
-            }
-        }
-        if self.engine.max_attempts == Some(0) {
-            p.push("engine.max_attempts: must be > 0".into());
-        }
-        if self.engine.max_batch == Some(0) {
-            p.push("engine.max_batch: must be > 0".into());
-        }
+        let mut p = self.backend.validate("backend");
+        p.extend(self.engine.validate("engine"));
         if self.operator.capacity == Some(0) {
             p.push("operator.capacity: must be > 0".into());
         }
@@ -320,7 +267,82 @@ impl FileConfig {
 
     /// The engine's settings.
     pub fn engine(&self, name: &str) -> EngineConfig {
-        let e = &self.engine;
+        self.engine.config(name)
+    }
+}
+
+impl BackendConfig {
+    /// Every problem with this backend's settings, each under `path`.
+    pub fn validate(&self, path: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        match self {
+            BackendConfig::Sim(s) => {
+                if !(s.a_ms >= 0.0 && s.b_ms >= 0.0) {
+                    p.push(format!("{path}.a_ms, {path}.b_ms: must be ≥ 0"));
+                }
+                if s.slots == 0 {
+                    p.push(format!("{path}.slots: must be > 0"));
+                }
+                if s.max_batch == 0 {
+                    p.push(format!("{path}.max_batch: must be > 0"));
+                }
+                if !(0.0..=1.0).contains(&s.error_rate) {
+                    p.push(format!("{path}.error_rate: must be within 0..=1"));
+                }
+            }
+            BackendConfig::Kserve(k) => {
+                if !(k.url.starts_with("http://") || k.url.starts_with("https://")) {
+                    p.push(format!("{path}.url: must start with http:// or https://"));
+                }
+                match k.protocol.as_deref() {
+                    None | Some("http") => {}
+                    Some("grpc") if cfg!(feature = "grpc") => {
+                        if k.max_batch_items.is_none() {
+                            p.push(format!("{path}.max_batch_items: required over gRPC (the protocol does not expose max_batch_size)"));
+                        }
+                    }
+                    Some("grpc") => p.push(format!(
+                        "{path}.protocol: grpc needs flumen-cli's `grpc` feature"
+                    )),
+                    Some(other) => {
+                        p.push(format!("{path}.protocol: `{other}` is not http or grpc"))
+                    }
+                }
+                if k.max_batch_items == Some(0) {
+                    p.push(format!("{path}.max_batch_items: must be > 0"));
+                }
+            }
+            BackendConfig::OpenaiEmbeddings(o) | BackendConfig::OpenaiChat(o) => match o.openai() {
+                Ok(c) => p.extend(c.validate(path)),
+                Err(e) => p.push(e.replacen("backend", path, 1)),
+            },
+            BackendConfig::Http(h) => p.extend(h.http().validate(path)),
+        }
+        p
+    }
+}
+
+impl EngineSection {
+    /// Every problem with these settings, each under `path`.
+    pub fn validate(&self, path: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Some(c) = &self.concurrency {
+            if let Err(e) = concurrency(c) {
+                p.push(format!("{path}.concurrency: {e}"));
+            }
+        }
+        if self.max_attempts == Some(0) {
+            p.push(format!("{path}.max_attempts: must be > 0"));
+        }
+        if self.max_batch == Some(0) {
+            p.push(format!("{path}.max_batch: must be > 0"));
+        }
+        p
+    }
+
+    /// The engine's settings.
+    pub fn config(&self, name: &str) -> EngineConfig {
+        let e = self;
         EngineConfig {
             name: name.into(),
             batch: BatchConfig {

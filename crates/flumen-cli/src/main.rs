@@ -2,6 +2,7 @@
 
 mod backends;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,12 @@ enum Command {
     /// Run JSONL records from a file or stdin through a backend; write one JSON line
     /// per record (its prediction, or its failure) to stdout.
     Run(Box<run::RunArgs>),
+    /// Serve models over OpenAI-compatible and KServe v2 HTTP endpoints, batching
+    /// every caller's requests together.
+    Serve {
+        /// The gateway's TOML configuration (`[server]`, `[[models]]`).
+        config: std::path::PathBuf,
+    },
     /// Run the side-by-side benchmark suite (Flumen and the baselines on one
     /// simulated backend) and write a Markdown report with SVG plots.
     Bench(BenchArgs),
@@ -79,6 +86,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => runtime.block_on(run::run(*args)),
         Command::Bench(args) => runtime.block_on(bench(args)),
+        Command::Serve { config } => runtime
+            .block_on(serve::serve(&config))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,567 @@
+//! `flumen serve`: a gateway in front of the engines, so that engines that send one
+//! request per row (Flink, Spark, RisingWave) get batching, adaptive concurrency,
+//! retries and breakers without changing. Every caller's records go into one
+//! shared engine per model and are batched together.
+//!
+//! Front protocols: OpenAI `/v1/embeddings`, `/v1/chat/completions` (non-streaming),
+//! `/v1/models`; KServe v2 over HTTP with JSON tensors (`/v2/health/*`,
+//! `/v2/models/{m}`, `/v2/models/{m}/ready`, `/v2/models/{m}/infer`). Admission
+//! control answers 429 with `Retry-After` once a model has `max_pending` records in
+//! the engine; bearer-token auth (constant-time comparison) when configured; body
+//! size and items per request bounded; a request deadline from `x-request-timeout-ms`
+//! (or the server's default). Not here yet: KServe gRPC, SSE streaming, TLS,
+//! Prometheus `/metrics`, graceful drain.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flumen_core::{ErrorKind, Failure};
+use flumen_engine::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::backends::{AnyBackend, BackendConfig, EngineSection};
+use crate::run::BadConfig;
+
+/// A gateway configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The listener and its limits.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// The models served, each with its backend and engine.
+    pub models: Vec<ModelSection>,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address to listen on.
+    pub listen: String,
+    /// Environment variable holding the bearer token callers must send (none: open).
+    pub api_key_env: Option<String>,
+    /// Largest request body, bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Most items (inputs, rows) in one request (413 above).
+    pub max_items: usize,
+    /// Records per model admitted into its engine at once (429 above).
+    pub max_pending: usize,
+    /// Default deadline of a request, ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:8080".into(),
+            api_key_env: None,
+            max_body_bytes: 8 << 20,
+            max_items: 2_048,
+            max_pending: 10_000,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// `[[models]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The name callers use.
+    pub name: String,
+    /// Its backend.
+    pub backend: BackendConfig,
+    /// Its engine.
+    #[serde(default)]
+    pub engine: EngineSection,
+}
+
+impl ServeConfig {
+    /// Every problem at once, each with its path.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.models.is_empty() {
+            p.push("models: at least one model is needed".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let path = format!("models[{i}]");
+            if m.name.is_empty() || !names.insert(m.name.as_str()) {
+                p.push(format!("{path}.name: must be non-empty and unique"));
+            }
+            p.extend(m.backend.validate(&format!("{path}.backend")));
+            p.extend(m.engine.validate(&format!("{path}.engine")));
+        }
+        let s = &self.server;
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!(
+                "server.listen: `{}` is not an address like 127.0.0.1:8080",
+                s.listen
+            ));
+        }
+        for (field, v) in [
+            ("max_body_bytes", s.max_body_bytes),
+            ("max_items", s.max_items),
+            ("max_pending", s.max_pending),
+        ] {
+            if v == 0 {
+                p.push(format!("server.{field}: must be > 0"));
+            }
+        }
+        if let Some(var) = &s.api_key_env {
+            if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                p.push(format!(
+                    "server.api_key_env: environment variable `{var}` is not set"
+                ));
+            }
+        }
+        p
+    }
+}
+
+struct Model {
+    engine: Engine<AnyBackend>,
+    pending: AtomicUsize,
+}
+
+struct Gateway {
+    models: BTreeMap<String, Model>,
+    token: Option<String>,
+    max_items: usize,
+    max_pending: usize,
+    timeout: Duration,
+}
+
+/// An error answer: status, and an OpenAI-style body.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let message = message.into();
+    (status, Json(json!({"error": {"message": message, "type": status.canonical_reason().unwrap_or("error")}}))).into_response()
+}
+
+/// A request turned away: its status, its reason, and whether to say when to retry.
+struct Reject {
+    status: StatusCode,
+    message: String,
+    retry_after: bool,
+}
+
+impl Reject {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Reject {
+            status,
+            message: message.into(),
+            retry_after: status == StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+}
+
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        let mut r = error(self.status, self.message);
+        if self.retry_after {
+            r.headers_mut()
+                .insert("retry-after", "1".parse().expect("header value"));
+        }
+        r
+    }
+}
+
+/// The one mapping from a record's failure to an HTTP status.
+fn failure_status(f: &Failure) -> StatusCode {
+    match f.kind {
+        ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::InvalidInput => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorKind::Transient | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Equal in constant time (for equal lengths): no early exit on the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+impl Gateway {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Reject> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let sent = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if same(sent.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Reject::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token",
+            ))
+        }
+    }
+
+    fn deadline(&self, headers: &HeaderMap) -> Instant {
+        let ms = headers
+            .get("x-request-timeout-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Instant::now()
+            + ms.map_or(self.timeout, Duration::from_millis)
+                .min(self.timeout * 10)
+    }
+
+    /// Runs `records` through `model`'s engine: all results, or the first failure.
+    async fn infer(
+        &self,
+        name: &str,
+        records: Vec<Value>,
+        headers: &HeaderMap,
+    ) -> Result<Vec<Value>, Reject> {
+        self.authorize(headers)?;
+        let model = self
+            .models
+            .get(name)
+            .ok_or_else(|| Reject::new(StatusCode::NOT_FOUND, format!("unknown model `{name}`")))?;
+        if records.is_empty() {
+            return Err(Reject::new(StatusCode::BAD_REQUEST, "no input"));
+        }
+        if records.len() > self.max_items {
+            return Err(Reject::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{} items; at most {} per request",
+                    records.len(),
+                    self.max_items
+                ),
+            ));
+        }
+        // Admission control: answer early rather than queue without bound.
+        let n = records.len();
+        if model.pending.fetch_add(n, Relaxed) + n > self.max_pending {
+            model.pending.fetch_sub(n, Relaxed);
+            return Err(Reject::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the model is overloaded; retry later",
+            ));
+        }
+        let deadline = self.deadline(headers);
+        let pending: Vec<_> = records
+            .into_iter()
+            .map(|r| model.engine.submit(r, Some(deadline)))
+            .collect();
+        let results = futures::future::join_all(pending).await;
+        model.pending.fetch_sub(n, Relaxed);
+        let mut out = Vec::with_capacity(n);
+        for r in results {
+            match r {
+                Ok(v) => out.push(v),
+                Err(f) => return Err(Reject::new(failure_status(&f), f.to_string())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+type Shared = Arc<Gateway>;
+
+async fn embeddings(
+    State(g): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let inputs: Vec<Value> = match &body["input"] {
+        Value::String(s) => vec![Value::String(s.clone())],
+        Value::Array(a) if a.iter().all(Value::is_string) => a.clone(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`input` must be a string or an array of strings",
+            )
+        }
+    };
+    match g.infer(&model, inputs, &headers).await {
+        Err(r) => r.into_response(),
+        Ok(vectors) => {
+            if let Some(bad) = vectors
+                .iter()
+                .find(|v| !v.as_array().is_some_and(|a| a.iter().all(Value::is_number)))
+            {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("model `{model}` does not return vectors (got {bad})"),
+                );
+            }
+            let data: Vec<Value> = vectors
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+                .collect();
+            Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0}})).into_response()
+        }
+    }
+}
+
+async fn chat(State(g): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    if body["stream"].as_bool() == Some(true) {
+        return error(StatusCode::BAD_REQUEST, "stream: true is not supported yet");
+    }
+    let Some(content) = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`messages` needs a user message with string content",
+        );
+    };
+    match g
+        .infer(&model, vec![Value::String(content.to_owned())], &headers)
+        .await
+    {
+        Err(r) => r.into_response(),
+        Ok(mut out) => {
+            let reply = match out.pop() {
+                Some(Value::String(s)) => s,
+                Some(other) => other.to_string(),
+                None => String::new(),
+            };
+            Json(json!({
+                "id": "chatcmpl-flumen", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            }))
+            .into_response()
+        }
+    }
+}
+
+async fn list_models(State(g): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(r) = g.authorize(&headers) {
+        return r.into_response();
+    }
+    let data: Vec<Value> = g
+        .models
+        .keys()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "flumen"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn kserve_metadata(State(g): State<Shared>, Path(model): Path<String>) -> Response {
+    if !g.models.contains_key(&model) {
+        return error(StatusCode::NOT_FOUND, format!("unknown model `{model}`"));
+    }
+    Json(json!({
+        "name": model, "versions": ["1"], "platform": "flumen",
+        "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, -1]}]
+    }))
+    .into_response()
+}
+
+async fn kserve_ready(State(g): State<Shared>, Path(model): Path<String>) -> StatusCode {
+    if g.models.contains_key(&model) {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+/// KServe v2 infer with JSON tensors: each row of the first input is a record; the
+/// predictions come back as the rows of `OUTPUT` (FP32 for numbers, BYTES else).
+async fn kserve_infer(
+    State(g): State<Shared>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    // KServe clients do not always say `application/json`: read the body as JSON
+    // whatever its content type; binary tensors are not accepted yet.
+    if headers.contains_key("inference-header-content-length") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "binary tensors are not supported yet: send JSON data (binary_data=False)",
+        );
+    }
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
+    };
+    let Some(input) = body["inputs"].as_array().and_then(|i| i.first()) else {
+        return error(StatusCode::BAD_REQUEST, "`inputs` must hold one tensor");
+    };
+    let shape: Vec<usize> = input["shape"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(Value::as_u64)
+                .map(|d| d as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(data) = input["data"].as_array() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "only JSON `data` tensors are supported (send binary_data=False)",
+        );
+    };
+    let rows = shape.first().copied().unwrap_or(0).max(1);
+    if data.is_empty() || data.len() % rows != 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{} elements do not fill shape {shape:?}", data.len()),
+        );
+    }
+    let per_row = data.len() / rows;
+    let records: Vec<Value> = data
+        .chunks(per_row)
+        .map(|c| {
+            if per_row == 1 {
+                c[0].clone()
+            } else {
+                Value::Array(c.to_vec())
+            }
+        })
+        .collect();
+    match g.infer(&model, records, &headers).await {
+        Err(r) => r.into_response(),
+        Ok(out) => {
+            let flat: Vec<Value> = out
+                .iter()
+                .flat_map(|v| match v {
+                    Value::Array(a) => a.clone(),
+                    other => vec![other.clone()],
+                })
+                .collect();
+            let numeric = flat.iter().all(Value::is_number);
+            let data: Vec<Value> = if numeric {
+                flat
+            } else {
+                flat.iter()
+                    .map(|v| {
+                        v.as_str().map_or(Value::String(v.to_string()), |s| {
+                            Value::String(s.to_owned())
+                        })
+                    })
+                    .collect()
+            };
+            let cols = data.len() / out.len().max(1);
+            Json(json!({
+                "model_name": model, "model_version": "1",
+                "outputs": [{"name": "OUTPUT", "datatype": if numeric { "FP32" } else { "BYTES" }, "shape": [out.len(), cols], "data": data}]
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// Runs `flumen serve CONFIG` until interrupted.
+pub async fn serve(path: &std::path::Path) -> Result<()> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadConfig(vec![format!("{shown}: cannot read: {e}")]))?;
+    let config: ServeConfig = toml::from_str(&text)
+        .map_err(|e| BadConfig(vec![format!("{shown}: {}", e.to_string().trim_end())]))?;
+    let problems: Vec<String> = config
+        .validate()
+        .into_iter()
+        .map(|p| format!("{shown}: {p}"))
+        .collect();
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let mut models = BTreeMap::new();
+    for m in &config.models {
+        let backend = AnyBackend::build(&m.backend).await.map_err(|p| {
+            anyhow::anyhow!(
+                "model `{}`: cannot start its backend: {}",
+                m.name,
+                p.join("; ")
+            )
+        })?;
+        let engine = Engine::new(backend, m.engine.config(&m.name));
+        models.insert(
+            m.name.clone(),
+            Model {
+                engine,
+                pending: AtomicUsize::new(0),
+            },
+        );
+    }
+    let s = &config.server;
+    let token = match &s.api_key_env {
+        Some(var) => Some(std::env::var(var).context("server.api_key_env")?),
+        None => None,
+    };
+    let gateway = Arc::new(Gateway {
+        models,
+        token,
+        max_items: s.max_items,
+        max_pending: s.max_pending,
+        timeout: Duration::from_millis(s.timeout_ms),
+    });
+    let app = Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(list_models))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+        .route("/health/live", get(|| async { StatusCode::OK }))
+        .route("/health/ready", get(|| async { StatusCode::OK }))
+        .route("/v2/models/{model}", get(kserve_metadata))
+        .route("/v2/models/{model}/ready", get(kserve_ready))
+        .route("/v2/models/{model}/infer", post(kserve_infer))
+        .layer(DefaultBodyLimit::max(s.max_body_bytes))
+        .with_state(gateway);
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", s.listen))?;
+    eprintln!(
+        "flumen serve: listening on http://{}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("the server failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_without_shortcuts() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret2"));
+        assert!(!same(b"", b"x"));
+    }
+
+    #[test]
+    fn failures_map_to_one_status_each() {
+        let f = |k| failure_status(&Failure::new(k, "x", 1));
+        assert_eq!(f(ErrorKind::Overloaded), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(f(ErrorKind::Timeout), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(f(ErrorKind::InvalidInput), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(f(ErrorKind::Permanent), StatusCode::BAD_GATEWAY);
+    }
+}

@@ -1,0 +1,200 @@
+//! `flumen serve` with clients no one here wrote: the official `openai` package and
+//! `tritonclient[http]`, installed from PyPI by `scripts/pyclients.sh`. The `embed`
+//! model is served by a real Triton server behind the gateway; `echo` by the simulator.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use flumen_kserve::server::{PythonModel, TritonServer};
+
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pyclients() -> PathBuf {
+    let dir = std::env::var_os("FLUMEN_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps"))
+        .join("py");
+    assert!(
+        dir.join(".installed-1").exists(),
+        "the Python clients are not installed: run `bash scripts/pyclients.sh` (scripts/test.sh does)"
+    );
+    dir
+}
+
+fn embed_model() -> PythonModel {
+    PythonModel {
+        name: "embed".into(),
+        config: "max_batch_size: 64\n\
+                 input [ { name: \"TEXT\", data_type: TYPE_STRING, dims: [ 1 ] } ]\n\
+                 output [ { name: \"EMB\", data_type: TYPE_FP32, dims: [ 4 ] } ]\n"
+            .into(),
+        execute: "        out = []\n\
+                  \x20       for r in requests:\n\
+                  \x20           t = pb_utils.get_input_tensor_by_name(r, 'TEXT').as_numpy()\n\
+                  \x20           e = []\n\
+                  \x20           for s in t:\n\
+                  \x20               x = s[0].decode('utf-8')\n\
+                  \x20               e.append([len(x), sum(c in 'aeiou' for c in x), x.count(' '), 1.0])\n\
+                  \x20           out.append(pb_utils.InferenceResponse([pb_utils.Tensor('EMB', np.array(e, dtype=np.float32))]))\n\
+                  \x20       return out"
+            .into(),
+    }
+}
+
+const CLIENT: &str = r#"
+import json, sys, urllib.request, urllib.error
+import numpy as np
+import openai
+from openai import OpenAI
+import tritonclient.http as httpclient
+
+port = sys.argv[1]
+base = f"http://127.0.0.1:{port}"
+c = OpenAI(base_url=base + "/v1", api_key="tok-123", max_retries=0)
+r = c.embeddings.create(model="embed", input=["hello world", "naïve"])
+assert [d.index for d in r.data] == [0, 1], r
+assert r.data[0].embedding == [11.0, 3.0, 1.0, 1.0], r.data[0].embedding
+assert r.data[1].embedding == [5.0, 2.0, 0.0, 1.0], r.data[1].embedding
+one = c.embeddings.create(model="embed", input="abc")
+assert len(one.data) == 1 and one.data[0].embedding[0] == 3.0
+ch = c.chat.completions.create(model="echo", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "ping"}])
+assert ch.choices[0].message.content == "ping", ch
+assert sorted(m.id for m in c.models.list()) == ["echo", "embed"]
+
+bad = OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+try:
+    bad.embeddings.create(model="embed", input="x")
+    raise SystemExit("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401
+try:
+    c.embeddings.create(model="nope", input="x")
+    raise SystemExit("an unknown model was accepted")
+except openai.NotFoundError:
+    pass
+
+def post(path, data, ctype="application/json"):
+    req = urllib.request.Request(base + path, data=data, method="POST",
+        headers={"Content-Type": ctype, "Authorization": "Bearer tok-123"})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+status, body = post("/v1/embeddings", b'{"model": "embed", "input": [')
+assert status == 400, (status, body)
+status, body = post("/v1/embeddings", json.dumps({"model": "embed", "input": ["x" * 100] * 300}).encode())
+assert status == 413, (status, body)
+
+t = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+assert t.is_server_live() and t.is_server_ready()
+assert t.is_model_ready("echo")
+x = httpclient.InferInput("INPUT", [3, 1], "FP32")
+x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32), binary_data=False)
+res = t.infer("echo", [x], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)],
+              headers={"Authorization": "Bearer tok-123"})
+assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
+print("ALL OK")
+"#;
+
+// Waiting (bounded) for a child process to listen is not timing logic under test.
+#[allow(clippy::disallowed_methods)]
+#[test]
+fn official_openai_and_tritonclient_talk_to_flumen_serve() {
+    let py = pyclients();
+    let triton = TritonServer::start(&[embed_model()])
+        .expect("tritonserver starts (bash scripts/triton.sh)");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("flumen-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\napi_key_env = \"FLUMEN_TEST_GATEWAY_TOKEN\"\nmax_body_bytes = 20000\nmax_items = 100\n\n\
+             [[models]]\nname = \"embed\"\n[models.backend]\nkind = \"kserve\"\nurl = \"{}\"\nmodel = \"embed\"\n\n\
+             [[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\nb_ms = 0.01\n",
+            triton.http_url()
+        ),
+    )
+    .unwrap();
+    let _gateway = Gateway(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .env("FLUMEN_TEST_GATEWAY_TOKEN", "tok-123")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flumen serve starts"),
+    );
+    // The gateway connects to Triton (waiting for readiness) before it listens.
+    let mut up = false;
+    for _ in 0..600 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "flumen serve did not start listening");
+    let script = dir.join("client.py");
+    std::fs::File::create(&script)
+        .unwrap()
+        .write_all(CLIENT.as_bytes())
+        .unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(port.to_string())
+        .env("PYTHONPATH", &py)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_bad_gateway_config_reports_every_problem() {
+    let dir = std::env::temp_dir().join(format!("flumen-serve-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bad.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"nowhere\"\nmax_items = 0\n\n[[models]]\nname = \"a\"\n[models.backend]\nkind = \"sim\"\nslots = 0\n\n[[models]]\nname = \"a\"\n[models.backend]\nkind = \"sim\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["serve", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for p in [
+        "server.listen",
+        "server.max_items",
+        "models[0].backend.slots",
+        "models[1].name",
+    ] {
+        assert!(err.contains(p), "{p} not in {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
