@@ -9,8 +9,9 @@
 //! control answers 429 with `Retry-After` once a model has `max_pending` records in
 //! the engine; bearer-token auth (constant-time comparison) when configured; body
 //! size and items per request bounded; a request deadline from `x-request-timeout-ms`
-//! (or the server's default). Not here yet: KServe gRPC, SSE streaming, TLS,
-//! Prometheus `/metrics`, graceful drain.
+//! (or the server's default); Prometheus `/metrics` with every engine's metrics.
+//! Not here yet: KServe gRPC, SSE streaming, TLS,
+//! graceful drain beyond axum's (in-flight requests finish on Ctrl-C).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -137,6 +138,7 @@ struct Model {
 
 struct Gateway {
     models: BTreeMap<String, Model>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
     token: Option<String>,
     max_items: usize,
     max_pending: usize,
@@ -486,6 +488,11 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     if !problems.is_empty() {
         return Err(BadConfig(problems).into());
     }
+    // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("cannot install the metrics recorder")?;
+    flumen_engine::telemetry::describe();
     let mut models = BTreeMap::new();
     for m in &config.models {
         let backend = AnyBackend::build(&m.backend).await.map_err(|p| {
@@ -511,6 +518,7 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     };
     let gateway = Arc::new(Gateway {
         models,
+        metrics: handle,
         token,
         max_items: s.max_items,
         max_pending: s.max_pending,
@@ -522,6 +530,10 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
         .route("/v1/models", get(list_models))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+        .route(
+            "/metrics",
+            get(|State(g): State<Shared>| async move { g.metrics.render() }),
+        )
         .route("/health/live", get(|| async { StatusCode::OK }))
         .route("/health/ready", get(|| async { StatusCode::OK }))
         .route("/v2/models/{model}", get(kserve_metadata))

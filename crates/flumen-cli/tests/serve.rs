@@ -105,6 +105,9 @@ x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32), binary_
 res = t.infer("echo", [x], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)],
               headers={"Authorization": "Bearer tok-123"})
 assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
+with urllib.request.urlopen(base + "/metrics") as resp:
+    text = resp.read().decode()
+assert "flumen_batch_size" in text and 'outcome="ok"' in text, text[:2000]
 print("ALL OK")
 "#;
 
