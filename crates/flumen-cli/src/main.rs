@@ -3,6 +3,8 @@
 mod backends;
 mod run;
 mod serve;
+#[cfg(feature = "grpc")]
+mod serve_grpc;
 
 use std::process::ExitCode;
 

@@ -10,7 +10,8 @@
 //! the engine; bearer-token auth (constant-time comparison) when configured; body
 //! size and items per request bounded; a request deadline from `x-request-timeout-ms`
 //! (or the server's default); Prometheus `/metrics` with every engine's metrics.
-//! Not here yet: KServe gRPC, SSE streaming, TLS,
+//! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature. Not here yet: SSE
+//! streaming, TLS,
 //! graceful drain beyond axum's (in-flight requests finish on Ctrl-C).
 
 use std::collections::BTreeMap;
@@ -50,6 +51,8 @@ pub struct ServeConfig {
 pub struct ServerSection {
     /// Address to listen on.
     pub listen: String,
+    /// Address for KServe v2 over gRPC (needs the `grpc` feature); none: no gRPC.
+    pub grpc_listen: Option<String>,
     /// Environment variable holding the bearer token callers must send (none: open).
     pub api_key_env: Option<String>,
     /// Largest request body, bytes (413 above).
@@ -66,6 +69,7 @@ impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             listen: "127.0.0.1:8080".into(),
+            grpc_listen: None,
             api_key_env: None,
             max_body_bytes: 8 << 20,
             max_items: 2_048,
@@ -120,6 +124,15 @@ impl ServeConfig {
                 p.push(format!("server.{field}: must be > 0"));
             }
         }
+        if let Some(g) = &s.grpc_listen {
+            if !cfg!(feature = "grpc") {
+                p.push("server.grpc_listen: needs flumen-cli's `grpc` feature".into());
+            } else if g.parse::<std::net::SocketAddr>().is_err() {
+                p.push(format!(
+                    "server.grpc_listen: `{g}` is not an address like 127.0.0.1:8081"
+                ));
+            }
+        }
         if let Some(var) = &s.api_key_env {
             if std::env::var(var).map_or(true, |v| v.is_empty()) {
                 p.push(format!(
@@ -136,7 +149,7 @@ struct Model {
     pending: AtomicUsize,
 }
 
-struct Gateway {
+pub(crate) struct Gateway {
     models: BTreeMap<String, Model>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     token: Option<String>,
@@ -152,9 +165,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// A request turned away: its status, its reason, and whether to say when to retry.
-struct Reject {
-    status: StatusCode,
-    message: String,
+pub(crate) struct Reject {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
     retry_after: bool,
 }
 
@@ -197,12 +210,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl Gateway {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Reject> {
+        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
+        self.check_token(sent)
+    }
+
+    /// Whether `name` is served.
+    pub(crate) fn has_model(&self, name: &str) -> bool {
+        self.models.contains_key(name)
+    }
+
+    /// Checks an `Authorization` value (`Bearer …`) against the configured token.
+    pub(crate) fn check_token(&self, authorization: Option<&str>) -> Result<(), Reject> {
         let Some(token) = &self.token else {
             return Ok(());
         };
-        let sent = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        let sent = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if same(sent.as_bytes(), token.as_bytes()) {
@@ -215,17 +237,13 @@ impl Gateway {
         }
     }
 
-    fn deadline(&self, headers: &HeaderMap) -> Instant {
-        let ms = headers
-            .get("x-request-timeout-ms")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        Instant::now()
-            + ms.map_or(self.timeout, Duration::from_millis)
-                .min(self.timeout * 10)
+    /// A request's deadline: the caller's timeout (capped at ten times the default),
+    /// or the default.
+    pub(crate) fn deadline(&self, caller: Option<Duration>) -> Instant {
+        Instant::now() + caller.map_or(self.timeout, |t| t.min(self.timeout * 10))
     }
 
-    /// Runs `records` through `model`'s engine: all results, or the first failure.
+    /// Runs `records` through `model`'s engine, for an HTTP caller.
     async fn infer(
         &self,
         name: &str,
@@ -233,6 +251,21 @@ impl Gateway {
         headers: &HeaderMap,
     ) -> Result<Vec<Value>, Reject> {
         self.authorize(headers)?;
+        let timeout = headers
+            .get("x-request-timeout-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        self.run(name, records, self.deadline(timeout)).await
+    }
+
+    /// Runs `records` through `model`'s engine: all results, or the first failure.
+    pub(crate) async fn run(
+        &self,
+        name: &str,
+        records: Vec<Value>,
+        deadline: Instant,
+    ) -> Result<Vec<Value>, Reject> {
         let model = self
             .models
             .get(name)
@@ -259,7 +292,6 @@ impl Gateway {
                 "the model is overloaded; retry later",
             ));
         }
-        let deadline = self.deadline(headers);
         let pending: Vec<_> = records
             .into_iter()
             .map(|r| model.engine.submit(r, Some(deadline)))
@@ -366,7 +398,7 @@ async fn list_models(State(g): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 async fn kserve_metadata(State(g): State<Shared>, Path(model): Path<String>) -> Response {
-    if !g.models.contains_key(&model) {
+    if !g.has_model(&model) {
         return error(StatusCode::NOT_FOUND, format!("unknown model `{model}`"));
     }
     Json(json!({
@@ -378,7 +410,7 @@ async fn kserve_metadata(State(g): State<Shared>, Path(model): Path<String>) -> 
 }
 
 async fn kserve_ready(State(g): State<Shared>, Path(model): Path<String>) -> StatusCode {
-    if g.models.contains_key(&model) {
+    if g.has_model(&model) {
         StatusCode::OK
     } else {
         StatusCode::NOT_FOUND
@@ -540,7 +572,22 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
         .route("/v2/models/{model}/ready", get(kserve_ready))
         .route("/v2/models/{model}/infer", post(kserve_infer))
         .layer(DefaultBodyLimit::max(s.max_body_bytes))
-        .with_state(gateway);
+        .with_state(Arc::clone(&gateway));
+    #[cfg(feature = "grpc")]
+    if let Some(addr) = &s.grpc_listen {
+        let addr: std::net::SocketAddr = addr.parse().context("server.grpc_listen")?;
+        let service = crate::serve_grpc::GrpcGateway(Arc::clone(&gateway)).service();
+        eprintln!("flumen serve: KServe v2 gRPC on {addr}");
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve(addr)
+                .await
+            {
+                eprintln!("flumen serve: the gRPC server failed: {e}");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;

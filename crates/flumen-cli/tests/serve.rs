@@ -25,7 +25,7 @@ fn pyclients() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps"))
         .join("py");
     assert!(
-        dir.join(".installed-1").exists(),
+        dir.join(".installed-2").exists(),
         "the Python clients are not installed: run `bash scripts/pyclients.sh` (scripts/test.sh does)"
     );
     dir
@@ -105,6 +105,26 @@ x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32), binary_
 res = t.infer("echo", [x], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)],
               headers={"Authorization": "Bearer tok-123"})
 assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
+if len(sys.argv) > 2:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+    g = grpcclient.InferenceServerClient(url=f"127.0.0.1:{sys.argv[2]}")
+    assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("echo")
+    x = grpcclient.InferInput("INPUT", [2, 1], "FP32")
+    x.set_data_from_numpy(np.array([[4.0], [5.5]], dtype=np.float32))
+    res = g.infer("echo", [x], headers={"authorization": "Bearer tok-123"}, client_timeout=10)
+    assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [4.0, 5.5], res.as_numpy("OUTPUT")
+    t = grpcclient.InferInput("INPUT", [2, 1], "BYTES")
+    t.set_data_from_numpy(np.array([[b"hello"], [b"caf\xc3\xa9"]], dtype=np.object_))
+    res = g.infer("embed", [t], headers={"authorization": "Bearer tok-123"})
+    assert res.as_numpy("OUTPUT").tolist() == [[5.0, 2.0, 0.0, 1.0], [4.0, 1.0, 0.0, 1.0]], res.as_numpy("OUTPUT")
+    try:
+        g.infer("echo", [x])
+        raise SystemExit("gRPC without a token was accepted")
+    except InferenceServerException as e:
+        assert "UNAUTHENTICATED" in str(e.status()), e.status()
+    print("GRPC OK")
+
 with urllib.request.urlopen(base + "/metrics") as resp:
     text = resp.read().decode()
 assert "flumen_batch_size" in text and 'outcome="ok"' in text, text[:2000]
@@ -118,18 +138,26 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
     let py = pyclients();
     let triton = TritonServer::start(&[embed_model()])
         .expect("tritonserver starts (bash scripts/triton.sh)");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, grpc_port) = (free(), free());
+    let grpc = if cfg!(feature = "grpc") {
+        format!("grpc_listen = \"127.0.0.1:{grpc_port}\"\n")
+    } else {
+        String::new()
+    };
     let dir = std::env::temp_dir().join(format!("flumen-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("serve.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\napi_key_env = \"FLUMEN_TEST_GATEWAY_TOKEN\"\nmax_body_bytes = 20000\nmax_items = 100\n\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n{grpc}api_key_env = \"FLUMEN_TEST_GATEWAY_TOKEN\"\nmax_body_bytes = 20000\nmax_items = 100\n\n\
              [[models]]\nname = \"embed\"\n[models.backend]\nkind = \"kserve\"\nurl = \"{}\"\nmodel = \"embed\"\n\n\
              [[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\nb_ms = 0.01\n",
             triton.http_url()
@@ -160,9 +188,13 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
         .unwrap()
         .write_all(CLIENT.as_bytes())
         .unwrap();
+    let mut args = vec![port.to_string()];
+    if cfg!(feature = "grpc") {
+        args.push(grpc_port.to_string());
+    }
     let out = Command::new("python3")
         .arg(&script)
-        .arg(port.to_string())
+        .args(&args)
         .env("PYTHONPATH", &py)
         .output()
         .expect("python3 runs");

@@ -95,7 +95,8 @@ fn contents(datatype: &str, data: &[Value]) -> Result<InferTensorContents, Backe
     Ok(c)
 }
 
-fn typed(c: &InferTensorContents) -> Vec<Value> {
+/// The elements of typed (non-raw) tensor contents.
+pub fn typed(c: &InferTensorContents) -> Vec<Value> {
     let mut out: Vec<Value> = c.bool_contents.iter().map(|b| Value::Bool(*b)).collect();
     out.extend(c.int_contents.iter().map(|x| Value::from(*x)));
     out.extend(c.int64_contents.iter().map(|x| Value::from(*x)));

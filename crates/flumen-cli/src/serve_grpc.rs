@@ -1,0 +1,218 @@
+//! KServe v2 over gRPC for `flumen serve` (with the `grpc` feature): the same models
+//! and engines as over HTTP. Tensors come as typed contents or `raw_input_contents`
+//! (what tritonclient sends) and go back as `raw_output_contents`; `grpc-timeout`
+//! becomes the records' deadline; admission control answers `RESOURCE_EXHAUSTED`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use flumen_kserve::grpc::proto::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use flumen_kserve::grpc::proto::model_infer_response::InferOutputTensor;
+use flumen_kserve::grpc::proto::{self, model_metadata_response::TensorMetadata};
+use flumen_kserve::grpc::typed;
+use flumen_kserve::raw::{decode_raw, encode_raw};
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+
+use crate::serve::{Gateway, Reject};
+
+/// The gRPC face of the gateway.
+pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
+
+impl GrpcGateway {
+    pub(crate) fn service(self) -> GrpcInferenceServiceServer<GrpcGateway> {
+        GrpcInferenceServiceServer::new(self)
+    }
+}
+
+/// `grpc-timeout`: an integer and a unit (H, M, S, m, u, n).
+fn grpc_timeout(v: &str) -> Option<Duration> {
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The one mapping from a rejection to a gRPC status.
+fn status(r: Reject) -> Status {
+    let message = r.message;
+    match r.status {
+        StatusCode::TOO_MANY_REQUESTS => Status::resource_exhausted(message),
+        StatusCode::UNAUTHORIZED => Status::unauthenticated(message),
+        StatusCode::NOT_FOUND => Status::not_found(message),
+        StatusCode::BAD_REQUEST
+        | StatusCode::PAYLOAD_TOO_LARGE
+        | StatusCode::UNPROCESSABLE_ENTITY => Status::invalid_argument(message),
+        StatusCode::GATEWAY_TIMEOUT => Status::deadline_exceeded(message),
+        StatusCode::SERVICE_UNAVAILABLE => Status::unavailable(message),
+        _ => Status::internal(message),
+    }
+}
+
+fn meta(name: &str, datatype: &str) -> TensorMetadata {
+    TensorMetadata {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape: vec![-1, -1],
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcGateway {
+    async fn server_live(
+        &self,
+        _: Request<proto::ServerLiveRequest>,
+    ) -> Result<Response<proto::ServerLiveResponse>, Status> {
+        Ok(Response::new(proto::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<proto::ServerReadyRequest>,
+    ) -> Result<Response<proto::ServerReadyResponse>, Status> {
+        Ok(Response::new(proto::ServerReadyResponse { ready: true }))
+    }
+
+    async fn model_ready(
+        &self,
+        r: Request<proto::ModelReadyRequest>,
+    ) -> Result<Response<proto::ModelReadyResponse>, Status> {
+        let ready = self.0.has_model(&r.get_ref().name);
+        Ok(Response::new(proto::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<proto::ServerMetadataRequest>,
+    ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
+        Ok(Response::new(proto::ServerMetadataResponse {
+            name: "flumen".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec![],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<proto::ModelMetadataRequest>,
+    ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
+        let name = r.into_inner().name;
+        if !self.0.has_model(&name) {
+            return Err(Status::not_found(format!("unknown model `{name}`")));
+        }
+        Ok(Response::new(proto::ModelMetadataResponse {
+            name,
+            versions: vec!["1".into()],
+            platform: "flumen".into(),
+            inputs: vec![meta("INPUT", "BYTES")],
+            outputs: vec![meta("OUTPUT", "BYTES")],
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        r: Request<proto::ModelInferRequest>,
+    ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        let auth = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.0.check_token(auth.as_deref()).map_err(status)?;
+        let timeout = r
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
+        let req = r.into_inner();
+        let input = req
+            .inputs
+            .first()
+            .ok_or_else(|| Status::invalid_argument("`inputs` must hold one tensor"))?;
+        let data = match req.raw_input_contents.first() {
+            Some(raw) => {
+                decode_raw(&input.datatype, raw).map_err(|e| Status::invalid_argument(e.message))?
+            }
+            None => typed(input.contents.as_ref().unwrap_or(&Default::default())),
+        };
+        let rows = input.shape.first().copied().unwrap_or(1).max(1) as usize;
+        if data.is_empty() || data.len() % rows != 0 {
+            return Err(Status::invalid_argument(format!(
+                "{} elements do not fill shape {:?}",
+                data.len(),
+                input.shape
+            )));
+        }
+        let per_row = data.len() / rows;
+        let records: Vec<Value> = data
+            .chunks(per_row)
+            .map(|c| {
+                if per_row == 1 {
+                    c[0].clone()
+                } else {
+                    Value::Array(c.to_vec())
+                }
+            })
+            .collect();
+        let out = self
+            .0
+            .run(&req.model_name, records, self.0.deadline(timeout))
+            .await
+            .map_err(status)?;
+        let flat: Vec<Value> = out
+            .iter()
+            .flat_map(|v| match v {
+                Value::Array(a) => a.clone(),
+                other => vec![other.clone()],
+            })
+            .collect();
+        let numeric = flat.iter().all(Value::is_number);
+        let datatype = if numeric { "FP32" } else { "BYTES" };
+        let flat: Vec<Value> = if numeric {
+            flat
+        } else {
+            flat.iter()
+                .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect()
+        };
+        let raw = encode_raw(datatype, &flat).map_err(|e| Status::internal(e.message))?;
+        Ok(Response::new(proto::ModelInferResponse {
+            model_name: req.model_name,
+            model_version: "1".into(),
+            id: req.id,
+            outputs: vec![InferOutputTensor {
+                name: "OUTPUT".into(),
+                datatype: datatype.into(),
+                shape: vec![out.len() as i64, (flat.len() / out.len().max(1)) as i64],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![raw],
+            ..Default::default()
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(grpc_timeout("x"), None);
+        assert_eq!(grpc_timeout(""), None);
+    }
+}
