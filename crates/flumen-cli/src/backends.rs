@@ -442,7 +442,7 @@ impl HttpSection {
 /// Any configured backend, with JSON records in and JSON predictions out.
 pub enum AnyBackend {
     /// See [`flumen_sim::Sim`].
-    Sim(flumen_sim::Sim<Value>),
+    Sim(Box<flumen_sim::Sim<Value>>),
     /// See [`flumen_kserve::KserveHttp`].
     Kserve(flumen_kserve::KserveHttp),
     /// See [`flumen_kserve::grpc::KserveGrpc`].
@@ -460,18 +460,20 @@ impl AnyBackend {
     /// Builds (and for KServe, connects to) the backend of a validated configuration.
     pub async fn build(config: &BackendConfig) -> Result<AnyBackend, Vec<String>> {
         Ok(match config {
-            BackendConfig::Sim(s) => AnyBackend::Sim(flumen_sim::Sim::new(flumen_sim::SimConfig {
-                base: Duration::from_secs_f64(s.a_ms / 1e3),
-                per_item: Duration::from_secs_f64(s.b_ms / 1e3),
-                slots: s.slots,
-                max_batch: s.max_batch,
-                seed: s.seed,
-                faults: flumen_sim::Faults {
-                    item_error_rate: s.error_rate,
-                    ..flumen_sim::Faults::default()
-                },
-                ..flumen_sim::SimConfig::default()
-            })),
+            BackendConfig::Sim(s) => {
+                AnyBackend::Sim(Box::new(flumen_sim::Sim::new(flumen_sim::SimConfig {
+                    base: Duration::from_secs_f64(s.a_ms / 1e3),
+                    per_item: Duration::from_secs_f64(s.b_ms / 1e3),
+                    slots: s.slots,
+                    max_batch: s.max_batch,
+                    seed: s.seed,
+                    faults: flumen_sim::Faults {
+                        item_error_rate: s.error_rate,
+                        ..flumen_sim::Faults::default()
+                    },
+                    ..flumen_sim::SimConfig::default()
+                })))
+            }
             BackendConfig::Kserve(k) => {
                 let mut c = flumen_kserve::KserveConfig::new(&k.url, &k.model);
                 c.version = k.version.clone();
