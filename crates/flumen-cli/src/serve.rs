@@ -3,15 +3,15 @@
 //! retries and breakers without changing. Every caller's records go into one
 //! shared engine per model and are batched together.
 //!
-//! Front protocols: OpenAI `/v1/embeddings`, `/v1/chat/completions` (non-streaming),
+//! Front protocols: OpenAI `/v1/embeddings`, `/v1/chat/completions` (with
+//! `stream: true`, the reply arrives as one SSE chunk: no backend streams yet),
 //! `/v1/models`; KServe v2 over HTTP with JSON tensors (`/v2/health/*`,
 //! `/v2/models/{m}`, `/v2/models/{m}/ready`, `/v2/models/{m}/infer`). Admission
 //! control answers 429 with `Retry-After` once a model has `max_pending` records in
 //! the engine; bearer-token auth (constant-time comparison) when configured; body
 //! size and items per request bounded; a request deadline from `x-request-timeout-ms`
 //! (or the server's default); Prometheus `/metrics` with every engine's metrics.
-//! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature. Not here yet: SSE
-//! streaming, TLS,
+//! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature. Not here yet: TLS,
 //! graceful drain beyond axum's (in-flight requests finish on Ctrl-C).
 
 use std::collections::BTreeMap;
@@ -351,9 +351,7 @@ async fn embeddings(
 
 async fn chat(State(g): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let model = body["model"].as_str().unwrap_or_default().to_owned();
-    if body["stream"].as_bool() == Some(true) {
-        return error(StatusCode::BAD_REQUEST, "stream: true is not supported yet");
-    }
+    let stream = body["stream"].as_bool() == Some(true);
     let Some(content) = body["messages"]
         .as_array()
         .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
@@ -375,6 +373,9 @@ async fn chat(State(g): State<Shared>, headers: HeaderMap, Json(body): Json<Valu
                 Some(other) => other.to_string(),
                 None => String::new(),
             };
+            if stream {
+                return sse_reply(&model, &reply);
+            }
             Json(json!({
                 "id": "chatcmpl-flumen", "object": "chat.completion", "created": 0, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
@@ -383,6 +384,30 @@ async fn chat(State(g): State<Shared>, headers: HeaderMap, Json(body): Json<Valu
             .into_response()
         }
     }
+}
+
+/// A whole reply as an OpenAI chat stream: one content chunk, a final chunk, and
+/// `[DONE]`. The backends answer in one piece, so the stream has one piece too.
+fn sse_reply(model: &str, reply: &str) -> Response {
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": "chatcmpl-flumen", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+        })
+    };
+    let body = format!(
+        "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+        chunk(json!({"role": "assistant", "content": reply}), Value::Null),
+        chunk(json!({}), json!("stop"))
+    );
+    (
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn list_models(State(g): State<Shared>, headers: HeaderMap) -> Response {

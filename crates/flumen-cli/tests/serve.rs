@@ -70,6 +70,9 @@ assert len(one.data) == 1 and one.data[0].embedding[0] == 3.0
 ch = c.chat.completions.create(model="echo", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "ping"}])
 assert ch.choices[0].message.content == "ping", ch
 assert sorted(m.id for m in c.models.list()) == ["echo", "embed"]
+pieces = [ev.choices[0].delta.content for ev in c.chat.completions.create(
+    model="echo", messages=[{"role": "user", "content": "streamed"}], stream=True) if ev.choices and ev.choices[0].delta.content]
+assert "".join(pieces) == "streamed", pieces
 
 bad = OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
 try:
