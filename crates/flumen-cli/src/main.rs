@@ -1,10 +1,6 @@
 //! `flumen`: runs a stream of JSONL records through a model backend.
 
-mod backends;
 mod run;
-mod serve;
-#[cfg(feature = "grpc")]
-mod serve_grpc;
 
 use std::process::ExitCode;
 
@@ -89,12 +85,12 @@ fn main() -> ExitCode {
         Command::Run(args) => runtime.block_on(run::run(*args)),
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Serve { config } => runtime
-            .block_on(serve::serve(&config))
+            .block_on(flumen_gateway::serve::serve(&config))
             .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<run::BadConfig>().is_some() => {
+        Err(e) if e.downcast_ref::<flumen_gateway::BadConfig>().is_some() => {
             eprintln!("flumen: {e}");
             ExitCode::from(2)
         }

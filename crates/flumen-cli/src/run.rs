@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backends::{AnyBackend, BackendConfig, FileConfig, SimSection};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use flumen_core::ErrorKind;
@@ -13,6 +12,7 @@ use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
     OperatorConfig, OrderMode, Outcome, RetryConfig,
 };
+use flumen_gateway::backends::{AnyBackend, BackendConfig, FileConfig, SimSection};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -122,21 +122,7 @@ fn parse_concurrency(s: &str) -> Result<ConcurrencyConfig, String> {
     }
 }
 
-/// Invalid options: every problem found, each naming its flag. Exits with status 2.
-#[derive(Debug)]
-pub struct BadConfig(pub Vec<String>);
-
-impl std::fmt::Display for BadConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid options:")?;
-        for p in &self.0 {
-            write!(f, "\n  {p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for BadConfig {}
+pub use flumen_gateway::BadConfig;
 
 impl SimArgs {
     fn section(&self, problems: &mut Vec<String>) -> SimSection {

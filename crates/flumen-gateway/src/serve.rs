@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::backends::{AnyBackend, BackendConfig, EngineSection};
-use crate::run::BadConfig;
+use crate::BadConfig;
 
 /// A gateway configuration file.
 #[derive(Debug, Deserialize)]
@@ -126,7 +126,7 @@ impl ServeConfig {
         }
         if let Some(g) = &s.grpc_listen {
             if !cfg!(feature = "grpc") {
-                p.push("server.grpc_listen: needs flumen-cli's `grpc` feature".into());
+                p.push("server.grpc_listen: needs the `grpc` feature".into());
             } else if g.parse::<std::net::SocketAddr>().is_err() {
                 p.push(format!(
                     "server.grpc_listen: `{g}` is not an address like 127.0.0.1:8081"

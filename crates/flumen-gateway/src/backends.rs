@@ -301,9 +301,9 @@ impl BackendConfig {
                             p.push(format!("{path}.max_batch_items: required over gRPC (the protocol does not expose max_batch_size)"));
                         }
                     }
-                    Some("grpc") => p.push(format!(
-                        "{path}.protocol: grpc needs flumen-cli's `grpc` feature"
-                    )),
+                    Some("grpc") => {
+                        p.push(format!("{path}.protocol: grpc needs the `grpc` feature"))
+                    }
                     Some(other) => {
                         p.push(format!("{path}.protocol: `{other}` is not http or grpc"))
                     }
