@@ -93,6 +93,18 @@ pub struct ModelSection {
 }
 
 impl ServeConfig {
+    /// Parses and validates a configuration; every problem, each with its path.
+    pub fn from_toml(text: &str) -> Result<ServeConfig, Vec<String>> {
+        let config: ServeConfig =
+            toml::from_str(text).map_err(|e| vec![e.to_string().trim_end().to_owned()])?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
     /// Every problem at once, each with its path.
     pub fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -545,11 +557,33 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     if !problems.is_empty() {
         return Err(BadConfig(problems).into());
     }
-    // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`.
+    let running = start(&config).await?;
+    eprintln!("flumen serve: listening on http://{}", running.addr);
+    running
+        .server
+        .await
+        .context("the server task failed")?
+        .context("the server failed")
+}
+
+/// A gateway running in the background.
+pub struct Running {
+    /// The HTTP address it listens on.
+    pub addr: std::net::SocketAddr,
+    /// The HTTP server; it ends on Ctrl-C, once in-flight requests are answered.
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a gateway for a validated configuration: connects every model's backend,
+/// then listens. A `listen` port of 0 picks a free one (see [`Running::addr`]).
+pub async fn start(config: &ServeConfig) -> Result<Running> {
+    // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`. A
+    // process runs one recorder: a second gateway in it exports nothing.
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).context("cannot install the metrics recorder")?;
-    flumen_engine::telemetry::describe();
+    if metrics::set_global_recorder(recorder).is_ok() {
+        flumen_engine::telemetry::describe();
+    }
     let mut models = BTreeMap::new();
     for m in &config.models {
         let backend = AnyBackend::build(&m.backend).await.map_err(|p| {
@@ -616,16 +650,15 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
-    eprintln!(
-        "flumen serve: listening on http://{}",
-        listener.local_addr()?
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("the server failed")
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    });
+    Ok(Running { addr, server })
 }
 
 #[cfg(test)]
