@@ -454,6 +454,48 @@ async fn kserve_ready(State(g): State<Shared>, Path(model): Path<String>) -> Sta
     }
 }
 
+/// The rows of a tensor's flat `data` with `rows` rows, one record each (a scalar
+/// for one element per row, else an array).
+pub(crate) fn tensor_records(data: &[Value], rows: usize) -> Result<Vec<Value>, String> {
+    let rows = rows.max(1);
+    if data.is_empty() || data.len() % rows != 0 {
+        return Err(format!("{} elements do not fill {rows} rows", data.len()));
+    }
+    let per_row = data.len() / rows;
+    Ok(data
+        .chunks(per_row)
+        .map(|c| {
+            if per_row == 1 {
+                c[0].clone()
+            } else {
+                Value::Array(c.to_vec())
+            }
+        })
+        .collect())
+}
+
+/// Predictions as one output tensor: its datatype (FP32 when every element is a
+/// number, else BYTES), its flat elements and its columns per row.
+pub(crate) fn output_tensor(out: &[Value]) -> (&'static str, Vec<Value>, usize) {
+    let flat: Vec<Value> = out
+        .iter()
+        .flat_map(|v| match v {
+            Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        })
+        .collect();
+    let numeric = flat.iter().all(Value::is_number);
+    let flat: Vec<Value> = if numeric {
+        flat
+    } else {
+        flat.iter()
+            .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .collect()
+    };
+    let cols = flat.len() / out.len().max(1);
+    (if numeric { "FP32" } else { "BYTES" }, flat, cols)
+}
+
 /// KServe v2 infer with JSON tensors: each row of the first input is a record; the
 /// predictions come back as the rows of `OUTPUT` (FP32 for numbers, BYTES else).
 async fn kserve_infer(
@@ -492,50 +534,17 @@ async fn kserve_infer(
             "only JSON `data` tensors are supported (send binary_data=False)",
         );
     };
-    let rows = shape.first().copied().unwrap_or(0).max(1);
-    if data.is_empty() || data.len() % rows != 0 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("{} elements do not fill shape {shape:?}", data.len()),
-        );
-    }
-    let per_row = data.len() / rows;
-    let records: Vec<Value> = data
-        .chunks(per_row)
-        .map(|c| {
-            if per_row == 1 {
-                c[0].clone()
-            } else {
-                Value::Array(c.to_vec())
-            }
-        })
-        .collect();
+    let records = match tensor_records(data, shape.first().copied().unwrap_or(1)) {
+        Ok(r) => r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, format!("{why} (shape {shape:?})")),
+    };
     match g.infer(&model, records, &headers).await {
         Err(r) => r.into_response(),
         Ok(out) => {
-            let flat: Vec<Value> = out
-                .iter()
-                .flat_map(|v| match v {
-                    Value::Array(a) => a.clone(),
-                    other => vec![other.clone()],
-                })
-                .collect();
-            let numeric = flat.iter().all(Value::is_number);
-            let data: Vec<Value> = if numeric {
-                flat
-            } else {
-                flat.iter()
-                    .map(|v| {
-                        v.as_str().map_or(Value::String(v.to_string()), |s| {
-                            Value::String(s.to_owned())
-                        })
-                    })
-                    .collect()
-            };
-            let cols = data.len() / out.len().max(1);
+            let (datatype, data, cols) = output_tensor(&out);
             Json(json!({
                 "model_name": model, "model_version": "1",
-                "outputs": [{"name": "OUTPUT", "datatype": if numeric { "FP32" } else { "BYTES" }, "shape": [out.len(), cols], "data": data}]
+                "outputs": [{"name": "OUTPUT", "datatype": datatype, "shape": [out.len(), cols], "data": data}]
             }))
             .into_response()
         }

@@ -14,10 +14,9 @@ use flumen_kserve::grpc::proto::model_infer_response::InferOutputTensor;
 use flumen_kserve::grpc::proto::{self, model_metadata_response::TensorMetadata};
 use flumen_kserve::grpc::typed;
 use flumen_kserve::raw::{decode_raw, encode_raw};
-use serde_json::Value;
 use tonic::{Request, Response, Status};
 
-use crate::serve::{Gateway, Reject};
+use crate::serve::{output_tensor, tensor_records, Gateway, Reject};
 
 /// The gRPC face of the gateway.
 pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
@@ -146,45 +145,14 @@ impl GrpcInferenceService for GrpcGateway {
             None => typed(input.contents.as_ref().unwrap_or(&Default::default())),
         };
         let rows = input.shape.first().copied().unwrap_or(1).max(1) as usize;
-        if data.is_empty() || data.len() % rows != 0 {
-            return Err(Status::invalid_argument(format!(
-                "{} elements do not fill shape {:?}",
-                data.len(),
-                input.shape
-            )));
-        }
-        let per_row = data.len() / rows;
-        let records: Vec<Value> = data
-            .chunks(per_row)
-            .map(|c| {
-                if per_row == 1 {
-                    c[0].clone()
-                } else {
-                    Value::Array(c.to_vec())
-                }
-            })
-            .collect();
+        let records = tensor_records(&data, rows)
+            .map_err(|why| Status::invalid_argument(format!("{why} (shape {:?})", input.shape)))?;
         let out = self
             .0
             .run(&req.model_name, records, self.0.deadline(timeout))
             .await
             .map_err(status)?;
-        let flat: Vec<Value> = out
-            .iter()
-            .flat_map(|v| match v {
-                Value::Array(a) => a.clone(),
-                other => vec![other.clone()],
-            })
-            .collect();
-        let numeric = flat.iter().all(Value::is_number);
-        let datatype = if numeric { "FP32" } else { "BYTES" };
-        let flat: Vec<Value> = if numeric {
-            flat
-        } else {
-            flat.iter()
-                .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-                .collect()
-        };
+        let (datatype, flat, cols) = output_tensor(&out);
         let raw = encode_raw(datatype, &flat).map_err(|e| Status::internal(e.message))?;
         Ok(Response::new(proto::ModelInferResponse {
             model_name: req.model_name,
@@ -193,7 +161,7 @@ impl GrpcInferenceService for GrpcGateway {
             outputs: vec![InferOutputTensor {
                 name: "OUTPUT".into(),
                 datatype: datatype.into(),
-                shape: vec![out.len() as i64, (flat.len() / out.len().max(1)) as i64],
+                shape: vec![out.len() as i64, cols as i64],
                 ..Default::default()
             }],
             raw_output_contents: vec![raw],
