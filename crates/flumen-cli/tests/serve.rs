@@ -100,6 +100,31 @@ assert status == 400, (status, body)
 status, body = post("/v1/embeddings", json.dumps({"model": "embed", "input": ["x" * 100] * 300}).encode())
 assert status == 413, (status, body)
 
+# Bad requests (wrong token, oversized, malformed) while good callers work: the good
+# ones all succeed.
+import threading
+good_results = []
+def good_caller(k):
+    cc = OpenAI(base_url=base + "/v1", api_key="tok-123", max_retries=0)
+    for j in range(20):
+        r = cc.chat.completions.create(model="echo", messages=[{"role": "user", "content": f"g{k}-{j}"}])
+        good_results.append(r.choices[0].message.content == f"g{k}-{j}")
+def bad_caller():
+    for _ in range(20):
+        assert post("/v1/embeddings", b'{"model": "embed", "input": [')[0] == 400
+        assert post("/v1/embeddings", json.dumps({"model": "embed", "input": ["x" * 100] * 300}).encode())[0] == 413
+        try:
+            bad.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+            raise SystemExit("a wrong key was accepted")
+        except openai.AuthenticationError:
+            pass
+threads = [threading.Thread(target=good_caller, args=(k,)) for k in range(4)] + [threading.Thread(target=bad_caller)]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+assert len(good_results) == 80 and all(good_results), good_results
+
 t = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
 assert t.is_server_live() and t.is_server_ready()
 assert t.is_model_ready("echo")
