@@ -261,3 +261,71 @@ fn a_bad_gateway_config_reports_every_problem() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[cfg(feature = "tls")]
+// Waiting (bounded) for a child process to listen is not timing logic under test.
+#[allow(clippy::disallowed_methods)]
+#[test]
+fn the_gateway_speaks_https_with_its_certificate() {
+    let py = pyclients();
+    let dir = std::env::temp_dir().join(format!("flumen-serve-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n[[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    )
+    .unwrap();
+    let _gateway = Gateway(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flumen serve starts"),
+    );
+    let mut up = false;
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "flumen serve did not start listening");
+    let script = format!(
+        "import sys, httpx\nfrom openai import OpenAI\n\
+         c = OpenAI(base_url='https://127.0.0.1:{port}/v1', api_key='x', max_retries=0, http_client=httpx.Client(verify={cert:?}))\n\
+         r = c.chat.completions.create(model='echo', messages=[{{'role': 'user', 'content': 'over tls'}}])\n\
+         assert r.choices[0].message.content == 'over tls', r\n\
+         try:\n    httpx.get('http://127.0.0.1:{port}/health/live', timeout=5)\n    raise SystemExit('plain HTTP was answered')\n\
+         except httpx.HTTPError:\n    pass\nprint('TLS OK')\n",
+        cert = cert_path.display().to_string()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .env("PYTHONPATH", &py)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("TLS OK"),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -11,7 +11,8 @@
 //! the engine; bearer-token auth (constant-time comparison) when configured; body
 //! size and items per request bounded; a request deadline from `x-request-timeout-ms`
 //! (or the server's default); Prometheus `/metrics` with every engine's metrics.
-//! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature. Not here yet: TLS,
+//! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature; HTTPS with
+//! `tls_cert`/`tls_key` and the `tls` feature. Not here yet:
 //! graceful drain beyond axum's (in-flight requests finish on Ctrl-C).
 
 use std::collections::BTreeMap;
@@ -51,6 +52,10 @@ pub struct ServeConfig {
 pub struct ServerSection {
     /// Address to listen on.
     pub listen: String,
+    /// TLS certificate chain (PEM) for the HTTP listener (needs the `tls` feature).
+    pub tls_cert: Option<String>,
+    /// TLS private key (PEM) for the HTTP listener.
+    pub tls_key: Option<String>,
     /// Address for KServe v2 over gRPC (needs the `grpc` feature); none: no gRPC.
     pub grpc_listen: Option<String>,
     /// Environment variable holding the bearer token callers must send (none: open).
@@ -70,6 +75,8 @@ impl Default for ServerSection {
         ServerSection {
             listen: "127.0.0.1:8080".into(),
             grpc_listen: None,
+            tls_cert: None,
+            tls_key: None,
             api_key_env: None,
             max_body_bytes: 8 << 20,
             max_items: 2_048,
@@ -135,6 +142,20 @@ impl ServeConfig {
             if v == 0 {
                 p.push(format!("server.{field}: must be > 0"));
             }
+        }
+        match (&s.tls_cert, &s.tls_key) {
+            (None, None) => {}
+            (Some(_), Some(_)) if !cfg!(feature = "tls") => {
+                p.push("server.tls_cert: TLS needs the `tls` feature".into())
+            }
+            (Some(c), Some(k)) => {
+                for (field, path) in [("tls_cert", c), ("tls_key", k)] {
+                    if !std::path::Path::new(path).is_file() {
+                        p.push(format!("server.{field}: `{path}` is not a readable file"));
+                    }
+                }
+            }
+            _ => p.push("server.tls_cert, server.tls_key: give both or neither".into()),
         }
         if let Some(g) = &s.grpc_listen {
             if !cfg!(feature = "grpc") {
@@ -567,7 +588,12 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
         return Err(BadConfig(problems).into());
     }
     let running = start(&config).await?;
-    eprintln!("flumen serve: listening on http://{}", running.addr);
+    let scheme = if config.server.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    eprintln!("flumen serve: listening on {scheme}://{}", running.addr);
     running
         .server
         .await
@@ -660,6 +686,12 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
+    #[cfg(feature = "tls")]
+    if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
+        let acceptor = tls::acceptor(cert, key)?;
+        let server = tokio::spawn(tls::serve(listener, acceptor, app));
+        return Ok(Running { addr, server });
+    }
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -668,6 +700,63 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
             .await
     });
     Ok(Running { addr, server })
+}
+
+/// HTTPS for the gateway's HTTP listener (rustls).
+#[cfg(feature = "tls")]
+mod tls {
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result};
+    use axum::Router;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::ServerConfig;
+    use tokio_rustls::TlsAcceptor;
+
+    /// A TLS acceptor for the PEM certificate chain and key at these paths.
+    pub(super) fn acceptor(cert: &str, key: &str) -> Result<TlsAcceptor> {
+        let certs = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("server.tls_cert: cannot read {cert}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("server.tls_cert: {cert} is not a PEM certificate chain"))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("server.tls_key: {key} is not a PEM private key"))?;
+        let config = ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("server.tls_cert / server.tls_key do not match")?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// Accepts TLS connections and serves `app` on each, until the task is dropped.
+    pub(super) async fn serve(
+        listener: tokio::net::TcpListener,
+        acceptor: TlsAcceptor,
+        app: Router,
+    ) -> std::io::Result<()> {
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A failed handshake concerns that connection only.
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = TowerToHyperService::new(app);
+                let _ = Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
 }
 
 #[cfg(test)]
