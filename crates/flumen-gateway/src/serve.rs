@@ -197,6 +197,19 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": {"message": message, "type": status.canonical_reason().unwrap_or("error")}}))).into_response()
 }
 
+/// Records counted against a model's `max_pending`, given back when dropped — also
+/// when the caller disconnects and the request's future is dropped midway.
+struct Admitted<'a> {
+    pending: &'a AtomicUsize,
+    n: usize,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(self.n, Relaxed);
+    }
+}
+
 /// A request turned away: its status, its reason, and whether to say when to retry.
 pub(crate) struct Reject {
     pub(crate) status: StatusCode,
@@ -318,8 +331,12 @@ impl Gateway {
         }
         // Admission control: answer early rather than queue without bound.
         let n = records.len();
+        let admitted = Admitted {
+            pending: &model.pending,
+            n,
+        };
         if model.pending.fetch_add(n, Relaxed) + n > self.max_pending {
-            model.pending.fetch_sub(n, Relaxed);
+            // `admitted` gives the places back as it drops.
             return Err(Reject::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "the model is overloaded; retry later",
@@ -330,7 +347,7 @@ impl Gateway {
             .map(|r| model.engine.submit(r, Some(deadline)))
             .collect();
         let results = futures::future::join_all(pending).await;
-        model.pending.fetch_sub(n, Relaxed);
+        drop(admitted);
         let mut out = Vec::with_capacity(n);
         for r in results {
             match r {
