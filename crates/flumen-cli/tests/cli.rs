@@ -26,7 +26,7 @@ fn json_lines(bytes: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-const FAST: [&str; 4] = ["--sim-a-ms", "1", "--sim-b-ms", "0.01"];
+const FAST: [&str; 6] = ["--backend", "sim", "--sim-a-ms", "1", "--sim-b-ms", "0.01"];
 
 #[test]
 fn every_input_line_yields_exactly_one_output_line() {
@@ -149,6 +149,8 @@ fn bad_flags_exit_with_status_2_and_name_the_flag() {
     let out = flumen(
         &[
             "run",
+            "--backend",
+            "sim",
             "--capacity",
             "0",
             "--sim-slots",
@@ -232,4 +234,57 @@ fn a_config_file_runs_records_through_a_real_triton_server() {
         assert_eq!(l["id"], i as u64);
         assert_eq!(l["prediction"].as_f64(), Some(2.0 * (i as f64 + 0.5)));
     }
+}
+
+#[test]
+fn the_default_backend_embeds_text_in_process_and_fails_non_text_alone() {
+    let input = concat!(
+        "{\"id\": 1, \"text\": \"The parcel arrived on time and intact.\"}\n",
+        "{\"id\": 2, \"text\": 42}\n",
+        "{\"id\": 3, \"text\": \"My package was delivered punctually and undamaged.\"}\n",
+        "not json\n",
+        "{\"id\": 5, \"text\": \"The parcel arrived on time and intact.\"}\n",
+        "{\"id\": 6, \"text\": \"Quarks are bound by the strong force.\"}\n",
+    );
+    let out = flumen(
+        &["run", "--field", "text", "--order", "ordered"],
+        input.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 6, "one line per record");
+    let vector = |l: &Value| -> Vec<f64> {
+        l["prediction"]
+            .as_array()
+            .expect("a vector")
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (a, c, e) = (vector(&lines[0]), vector(&lines[2]), vector(&lines[4]));
+    assert_eq!(a.len(), 384);
+    let norm = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "normalised: {norm}");
+    assert_eq!(a, e, "same text, same vector");
+    let cos = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f64>();
+    let unrelated = vector(&lines[5]);
+    let (near, far) = (cos(&a, &c), cos(&a, &unrelated));
+    assert!(
+        near > 0.5 && near > far + 0.3,
+        "paraphrase {near}, unrelated {far}"
+    );
+    assert_eq!(lines[1]["error"]["kind"], "invalid_input");
+    assert!(lines[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("text"));
+    assert_eq!(lines[3]["error"]["kind"], "invalid_input");
+    assert!(lines[3]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("line 4"));
 }

