@@ -558,11 +558,12 @@ impl<B: Backend> Dispatcher<B> {
             half_open
         });
         self.in_flight += 1;
-        self.stats.call_sent(batch.len());
+        self.stats.call_sent(batch.len(), first);
         self.instruments.batch_size.record(batch.len() as f64);
         let call = Call {
             backend: Arc::clone(&self.backend),
             instruments: Arc::clone(&self.instruments),
+            stats: Arc::clone(&self.stats),
             budget: Arc::clone(&self.budget),
             sent_at: now,
             in_flight: self.in_flight,
@@ -721,6 +722,7 @@ struct Report<B: Backend> {
 struct Call<B> {
     backend: Arc<B>,
     instruments: Arc<Instruments>,
+    stats: Arc<Stats>,
     budget: Arc<Mutex<RetryBudget>>,
     sent_at: Instant,
     in_flight: usize,
@@ -913,6 +915,7 @@ impl<B: Backend> Call<B> {
             }
             hedged.store(true, Relaxed);
             self.instruments.hedges.increment(1);
+            self.stats.call_sent(inputs.len(), 0);
             AssertUnwindSafe(self.backend.call(inputs))
                 .catch_unwind()
                 .await

@@ -19,6 +19,7 @@ pub struct Stats {
     limit: AtomicUsize,
     calls: AtomicU64,
     records_sent: AtomicU64,
+    resent: AtomicU64,
     max_batch: AtomicUsize,
     breaker: AtomicU8,
     transitions: Mutex<VecDeque<(Instant, BreakerState)>>,
@@ -37,6 +38,9 @@ pub struct StatsSnapshot {
     pub calls: u64,
     /// Records sent so far, counted once per call they were part of.
     pub records_sent: u64,
+    /// Of those, sends of a record after its first (retries, and re-sends after an
+    /// overload answer or a bisection).
+    pub resent: u64,
     /// The largest batch sent so far.
     pub max_batch: usize,
     /// The circuit breaker: 0 closed (or none), 1 half-open, 2 open.
@@ -63,6 +67,7 @@ impl Stats {
             limit: self.limit.load(Relaxed),
             calls: self.calls.load(Relaxed),
             records_sent: self.records_sent.load(Relaxed),
+            resent: self.resent.load(Relaxed),
             max_batch: self.max_batch.load(Relaxed),
             breaker: self.breaker.load(Relaxed),
         }
@@ -93,9 +98,11 @@ impl Stats {
         self.limit.store(limit, Relaxed);
     }
 
-    pub(crate) fn call_sent(&self, items: usize) {
+    pub(crate) fn call_sent(&self, items: usize, first_sends: usize) {
         self.calls.fetch_add(1, Relaxed);
         self.records_sent.fetch_add(items as u64, Relaxed);
+        self.resent
+            .fetch_add(items.saturating_sub(first_sends) as u64, Relaxed);
         self.max_batch.fetch_max(items, Relaxed);
     }
 }

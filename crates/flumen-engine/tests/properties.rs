@@ -212,6 +212,8 @@ struct Run {
     /// Distinct records the backend received, and records received in all.
     first_sends: u64,
     sends: u64,
+    /// What the engine's stats say it re-sent.
+    resent: u64,
     elapsed: Duration,
 }
 
@@ -277,6 +279,7 @@ fn run(case: &Case) -> Run {
             outcomes,
             first_sends: sent.0.len() as u64,
             sends: sent.1,
+            resent: engine.stats().resent,
             elapsed,
         }
     })
@@ -292,7 +295,7 @@ proptest! {
 
     #[test]
     fn every_record_has_exactly_one_outcome_in_the_promised_order(case in case()) {
-        let Run { outcomes, first_sends, sends, elapsed } = run(&case);
+        let Run { outcomes, first_sends, sends, resent, elapsed } = run(&case);
 
         let mut seen = vec![0u32; case.records as usize];
         for (rec, result) in &outcomes {
@@ -318,6 +321,7 @@ proptest! {
         // Every re-send the backend received — retries, halvings, hedges — was paid
         // from the budget.
         let retries = sends - first_sends;
+        prop_assert_eq!(resent, retries, "the engine's re-send count is the backend's");
         let r = &case.retry;
         let refill = r.budget_min_per_sec.max(flumen_engine::reliability::MIN_REFILL_PER_SEC);
         let allowed = r.budget_burst.max(1.0)
