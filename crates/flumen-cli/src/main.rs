@@ -1,5 +1,6 @@
 //! `flumen`: runs a stream of JSONL records through a model backend.
 
+mod progress;
 mod run;
 
 use std::process::ExitCode;
@@ -24,6 +25,13 @@ enum Command {
     Serve {
         /// The gateway's TOML configuration (`[server]`, `[[models]]`).
         config: std::path::PathBuf,
+    },
+    /// The main job in one command: 1,000 built-in review records through the
+    /// embedded all-MiniLM-L6-v2, written as JSONL with their embeddings, with progress.
+    Demo {
+        /// Where to write the records with their embeddings.
+        #[arg(long, short, default_value = "demo-embeddings.jsonl")]
+        output: std::path::PathBuf,
     },
     /// Run the side-by-side benchmark suite (Flumen and the baselines on one
     /// simulated backend) and write a Markdown report with SVG plots.
@@ -69,6 +77,36 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The demo's records: the same reviews as `examples/data/reviews.jsonl`.
+const SAMPLE: &[u8] = include_bytes!("../../../examples/data/reviews.jsonl");
+
+async fn demo(output: std::path::PathBuf) -> anyhow::Result<ExitCode> {
+    let mut argv = vec![
+        "flumen run".to_owned(),
+        "--field".into(),
+        "text".into(),
+        "--output".into(),
+    ];
+    argv.push(output.display().to_string());
+    #[derive(Parser)]
+    struct DemoRun {
+        #[command(flatten)]
+        run: run::RunArgs,
+    }
+    let args = DemoRun::try_parse_from(argv)?.run;
+    eprintln!(
+        "flumen demo: embedding {} review records with all-MiniLM-L6-v2, in process, into {}",
+        SAMPLE.iter().filter(|b| **b == b'\n').count(),
+        output.display()
+    );
+    let code = run::run(args, run::Input::Builtin(SAMPLE)).await?;
+    eprintln!(
+        "flumen demo: done; each line of {} is a review with its 384-float `prediction`",
+        output.display()
+    );
+    Ok(code)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -82,7 +120,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run::run(*args)),
+        Command::Run(args) => runtime.block_on(run::run(*args, run::Input::FromArgs)),
+        Command::Demo { output } => runtime.block_on(demo(output)),
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Serve { config } => runtime
             .block_on(flumen_gateway::serve::serve(&config))

@@ -20,6 +20,8 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::time::Instant;
 
+use crate::progress::{Progress, Snapshot};
+
 /// Options of `flumen run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -306,11 +308,12 @@ fn from_flags(args: &RunArgs) -> Result<Setup> {
     })
 }
 
-/// One input line: its number (from 1) and what it holds.
+/// One input line: its number (from 1), what it holds, and when it was read.
 struct Line {
     number: u64,
     record: Result<Value, String>,
     raw: Vec<u8>,
+    read_at: Instant,
 }
 
 fn parse_line(number: u64, raw: Vec<u8>) -> Line {
@@ -323,6 +326,7 @@ fn parse_line(number: u64, raw: Vec<u8>) -> Line {
         number,
         record,
         raw,
+        read_at: Instant::now(),
     }
 }
 
@@ -421,6 +425,32 @@ async fn open_output(path: Option<&PathBuf>) -> Result<Box<dyn AsyncWrite + Unpi
     })
 }
 
+/// The last outcomes' latencies (read → outcome), for a p99.
+#[derive(Debug, Default)]
+struct Latencies {
+    last: std::collections::VecDeque<Duration>,
+}
+
+impl Latencies {
+    const KEPT: usize = 2_000;
+
+    fn push(&mut self, d: Duration) {
+        if self.last.len() == Self::KEPT {
+            self.last.pop_front();
+        }
+        self.last.push_back(d);
+    }
+
+    fn p99(&self) -> Option<Duration> {
+        if self.last.is_empty() {
+            return None;
+        }
+        let mut v: Vec<Duration> = self.last.iter().copied().collect();
+        v.sort_unstable();
+        Some(v[(v.len() * 99 / 100).min(v.len() - 1)])
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     ok: u64,
@@ -433,25 +463,58 @@ impl Tally {
     }
 }
 
+/// Where the records come from.
+pub enum Input {
+    /// `args.input`: a file, or stdin.
+    FromArgs,
+    /// Records built into the binary (`flumen demo`).
+    Builtin(&'static [u8]),
+}
+
 /// Runs `flumen run`.
-pub async fn run(args: RunArgs) -> Result<ExitCode> {
+pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     let setup = match &args.config {
         Some(path) => from_file(path)?,
         None => from_flags(&args)?,
     };
+    #[cfg(feature = "embedded")]
+    if let BackendConfig::Embedded(e) = &setup.backend {
+        let spec = e.embed_config().model;
+        if e.dir.is_none() && !spec.is_cached() && !args.quiet {
+            eprintln!(
+                "flumen: fetching the model {} into {} (first run only)",
+                spec.name,
+                spec.cache_path().display()
+            );
+        }
+    }
     let backend = AnyBackend::build(&setup.backend)
         .await
         .map_err(|p| anyhow::anyhow!("cannot start the backend: {}", p.join("; ")))?;
     let engine = Engine::new(backend, setup.engine);
-    let reader: Box<dyn AsyncRead + Unpin + Send> = match &args.input {
-        None => Box::new(tokio::io::stdin()),
-        Some(p) if p.as_os_str() == "-" => Box::new(tokio::io::stdin()),
-        Some(p) => Box::new(
-            tokio::fs::File::open(p)
-                .await
-                .with_context(|| format!("cannot open {}", p.display()))?,
-        ),
-    };
+    let (reader, total_bytes): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) =
+        match (&input, &args.input) {
+            (Input::Builtin(bytes), _) => (Box::new(*bytes), Some(bytes.len() as u64)),
+            (Input::FromArgs, None) => (Box::new(tokio::io::stdin()), None),
+            (Input::FromArgs, Some(p)) if p.as_os_str() == "-" => {
+                (Box::new(tokio::io::stdin()), None)
+            }
+            (Input::FromArgs, Some(p)) => {
+                let file = tokio::fs::File::open(p)
+                    .await
+                    .with_context(|| format!("cannot open {}", p.display()))?;
+                let len = file
+                    .metadata()
+                    .await
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len());
+                (Box::new(file), len)
+            }
+        };
+    let mut progress = Progress::new(args.quiet, total_bytes);
+    let mut done_bytes = 0u64;
+    let mut latencies = Latencies::default();
     let io_error = Arc::new(std::sync::Mutex::new(None));
     let keyed = setup.operator.order == OrderMode::Keyed;
     let config = setup.operator;
@@ -474,6 +537,20 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let mut tally = Tally::default();
     while let Some(Outcome { record, result, .. }) = outcomes.next().await {
+        latencies.push(record.read_at.elapsed());
+        // The line and its newline (a skipped blank line or a `\r` is not counted, so
+        // the bar may end a little short of 100 %).
+        done_bytes += record.raw.len() as u64 + 1;
+        progress.tick(done_bytes, || {
+            let stats = engine.stats();
+            Snapshot {
+                ok: tally.ok,
+                failed: tally.failed_total(),
+                retried: stats.resent,
+                mean_batch: stats.mean_batch(),
+                p99: latencies.p99(),
+            }
+        });
         let (json, to_dead) = match result {
             Ok(prediction) => {
                 tally.ok += 1;
@@ -509,6 +586,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             .context("reading the input failed; the records read before it were processed");
     }
 
+    progress.finish();
     if !args.quiet {
         let elapsed = started.elapsed().as_secs_f64();
         let total = tally.ok + tally.failed_total();
@@ -523,12 +601,17 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             failed.push("none".into());
         }
         eprintln!(
-            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}",
+            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{}",
             total as f64 / elapsed.max(1e-9),
             tally.ok,
             failed.join(", "),
             stats.calls,
             stats.mean_batch(),
+            stats.resent,
+            latencies
+                .p99()
+                .map(|p| format!(", p99 {:.0} ms", p.as_secs_f64() * 1e3))
+                .unwrap_or_default(),
         );
     }
     if args.fail_on_dead_letter && tally.failed_total() > 0 {

@@ -288,3 +288,30 @@ fn the_default_backend_embeds_text_in_process_and_fails_non_text_alone() {
         .unwrap()
         .contains("line 4"));
 }
+
+#[test]
+fn demo_writes_the_built_in_reviews_with_their_embeddings() {
+    let dir = std::env::temp_dir().join(format!("flumen-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("out.jsonl");
+    let out = flumen(&["demo", "--output", path.to_str().unwrap()], b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&std::fs::read(&path).unwrap());
+    assert_eq!(lines.len(), 1_000);
+    let mut ids: Vec<u64> = lines.iter().map(|l| l["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..1_000).collect::<Vec<u64>>(), "every review once");
+    assert!(lines
+        .iter()
+        .all(|l| l["prediction"].as_array().is_some_and(|v| v.len() == 384)));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1000 records") && err.contains("1000 ok"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -174,6 +174,11 @@ impl ModelSpec {
             .join(&self.name)
     }
 
+    /// Whether a fetched copy is in the cache (not verified; [`ModelSpec::resolve`] does).
+    pub fn is_cached(&self) -> bool {
+        self.cache_path().join(MANIFEST).is_file()
+    }
+
     /// Finds the model's files, downloading and caching them if need be, and returns
     /// the directory that holds them.
     pub async fn resolve(&self) -> Result<PathBuf, EmbedError> {
