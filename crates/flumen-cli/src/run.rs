@@ -1,4 +1,6 @@
-//! `flumen run`: JSONL in, one JSON line per record out.
+//! `flumen run`: records from a source (a JSONL file, stdin, Kafka, NATS JetStream)
+//! through a backend, one outcome per record to a sink, failures to a dead-letter
+//! sink; a source's message is acknowledged only once its outcome is written.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use flumen_connect::{AckToken, Committer, Sink, SinkConfig, SinkRecord, Source, SourceConfig};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
@@ -15,9 +18,10 @@ use flumen_engine::{
 use flumen_gateway::backends::{
     AnyBackend, BackendConfig, EmbeddedSection, FileConfig, SimSection,
 };
-use futures::{Stream, StreamExt};
+use flumen_gateway::backends::{EngineSection, OperatorSection};
+use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::time::Instant;
 
 use crate::progress::{Progress, Snapshot};
@@ -25,7 +29,8 @@ use crate::progress::{Progress, Snapshot};
 /// Options of `flumen run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// JSONL input file; `-` or nothing reads stdin.
+    /// JSONL input file (`-` or nothing: stdin), or a pipeline file (`*.toml`: the
+    /// same as `--config`).
     input: Option<PathBuf>,
     /// Write outcomes here instead of stdout.
     #[arg(long, short)]
@@ -73,6 +78,10 @@ pub struct RunArgs {
     /// operator and simulator flags.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Records longer than this many bytes fail alone (invalid input) without being
+    /// parsed.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_record_bytes: usize,
     /// Exit with status 1 when any record failed.
     #[arg(long)]
     fail_on_dead_letter: bool,
@@ -196,21 +205,125 @@ impl SimArgs {
     }
 }
 
-/// What a run is made of: from `--config`, or from the flags.
+/// What orders outcomes with `keyed` order.
+#[derive(Debug, Clone)]
+enum KeyBy {
+    /// A record field.
+    Field(String),
+    /// The source partition (Kafka): per-partition order.
+    Partition,
+}
+
+/// What a run is made of: from a pipeline file, or from the flags.
 struct Setup {
     backend: BackendConfig,
     engine: EngineConfig,
     operator: OperatorConfig,
-    key_field: Option<String>,
+    key: Option<KeyBy>,
+    source: SourceConfig,
+    sink: SinkConfig,
+    dead_letter: Option<SinkConfig>,
+    field: Option<String>,
+    output_field: String,
+    max_record_bytes: usize,
 }
 
-fn from_file(path: &std::path::Path) -> Result<Setup> {
+/// A pipeline file: the backend, engine and operator sections of `--config`, plus
+/// where records come from and go to.
+///
+/// ```toml
+/// [source]
+/// kind = "kafka"            # file | stdin | kafka | nats
+/// brokers = "127.0.0.1:9092"
+/// topic = "reviews"
+/// group = "flumen"
+///
+/// [mapping]
+/// input = "text"            # the field that is the model's input (default: the record)
+/// output = "embedding"      # where the prediction goes (default: "prediction")
+///
+/// [sink]
+/// kind = "kafka"
+/// brokers = "127.0.0.1:9092"
+/// topic = "reviews-embedded"
+///
+/// [dead_letter]             # optional: failures go here instead of the sink
+/// kind = "file"
+/// path = "failed.jsonl"
+///
+/// [backend]
+/// kind = "embedded"
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineFile {
+    backend: BackendConfig,
+    #[serde(default)]
+    engine: EngineSection,
+    #[serde(default)]
+    operator: OperatorSection,
+    source: Option<SourceConfig>,
+    sink: Option<SinkConfig>,
+    dead_letter: Option<SinkConfig>,
+    #[serde(default)]
+    mapping: MappingSection,
+}
+
+/// `[mapping]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingSection {
+    /// The record field that is the model's input.
+    input: Option<String>,
+    /// The field the prediction is written to.
+    output: Option<String>,
+    /// Longer records fail alone (default 1 MiB).
+    max_record_bytes: Option<usize>,
+}
+
+fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| BadConfig(vec![format!("{shown}: cannot read: {e}")]))?;
-    let file = FileConfig::parse(&shown, &text).map_err(BadConfig)?;
-    let problems: Vec<String> = file
-        .validate()
+    let file: PipelineFile = toml::from_str(&text)
+        .map_err(|e| BadConfig(vec![format!("{shown}: {}", e.to_string().trim_end())]))?;
+    let PipelineFile {
+        backend,
+        engine,
+        operator,
+        source,
+        sink,
+        dead_letter,
+        mapping,
+    } = file;
+    let file = FileConfig {
+        backend,
+        engine,
+        operator,
+    };
+    let mut problems = file.validate();
+    for (section, problems_of) in [
+        ("source", source.as_ref().map(|s| s.validate("source"))),
+        ("sink", sink.as_ref().map(|s| s.validate("sink"))),
+        (
+            "dead_letter",
+            dead_letter.as_ref().map(|s| s.validate("dead_letter")),
+        ),
+    ] {
+        let _ = section;
+        problems.extend(problems_of.unwrap_or_default());
+    }
+    if mapping.max_record_bytes == Some(0) {
+        problems.push("mapping.max_record_bytes: must be > 0".into());
+    }
+    if file.operator.order.as_deref() == Some("partition")
+        && !matches!(source, Some(SourceConfig::Kafka(_)))
+    {
+        problems.push(
+            "operator.order: `partition` needs a partitioned source (kind = \"kafka\")".into(),
+        );
+    }
+    let problems: Vec<String> = problems
         .into_iter()
         .map(|p| format!("{shown}: {p}"))
         .collect();
@@ -218,10 +331,15 @@ fn from_file(path: &std::path::Path) -> Result<Setup> {
         return Err(BadConfig(problems).into());
     }
     let o = &file.operator;
+    let key = match o.order.as_deref() {
+        Some("keyed") => o.key_field.clone().map(KeyBy::Field),
+        Some("partition") => Some(KeyBy::Partition),
+        _ => None,
+    };
     let operator = OperatorConfig {
         order: match o.order.as_deref() {
             Some("ordered") => OrderMode::Ordered,
-            Some("keyed") => OrderMode::Keyed,
+            Some("keyed") | Some("partition") => OrderMode::Keyed,
             _ => OrderMode::Unordered,
         },
         capacity: o.capacity.unwrap_or(1_000),
@@ -232,10 +350,30 @@ fn from_file(path: &std::path::Path) -> Result<Setup> {
     };
     Ok(Setup {
         engine: file.engine("backend"),
-        key_field: o.key_field.clone(),
+        key,
         operator,
+        source: source.unwrap_or(SourceConfig::Stdin),
+        sink: match &args.output {
+            Some(p) => SinkConfig::File { path: p.clone() },
+            None => sink.unwrap_or(SinkConfig::Stdout),
+        },
+        dead_letter: match &args.dead_letter {
+            Some(p) => Some(SinkConfig::File { path: p.clone() }),
+            None => dead_letter,
+        },
+        field: args.field.clone().or(mapping.input),
+        output_field: mapping.output.unwrap_or_else(|| args.output_field.clone()),
+        max_record_bytes: mapping.max_record_bytes.unwrap_or(args.max_record_bytes),
         backend: file.backend,
     })
+}
+
+fn source_of_flags(args: &RunArgs) -> SourceConfig {
+    match &args.input {
+        None => SourceConfig::Stdin,
+        Some(p) if p.as_os_str() == "-" => SourceConfig::Stdin,
+        Some(p) => SourceConfig::File { path: p.clone() },
+    }
 }
 
 fn from_flags(args: &RunArgs) -> Result<Setup> {
@@ -254,6 +392,9 @@ fn from_flags(args: &RunArgs) -> Result<Setup> {
     }
     if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
         problems.push("--order keyed: needs --key-field".to_owned());
+    }
+    if args.max_record_bytes == 0 {
+        problems.push("--max-record-bytes: must be > 0".to_owned());
     }
     let backend = match args.backend {
         BackendKind::Sim => BackendConfig::Sim(args.sim.section(&mut problems)),
@@ -304,63 +445,63 @@ fn from_flags(args: &RunArgs) -> Result<Setup> {
         backend,
         engine,
         operator,
-        key_field: args.key_field.clone(),
+        key: match args.order {
+            Order::Keyed => args.key_field.clone().map(KeyBy::Field),
+            _ => None,
+        },
+        source: source_of_flags(args),
+        sink: match &args.output {
+            Some(p) => SinkConfig::File { path: p.clone() },
+            None => SinkConfig::Stdout,
+        },
+        dead_letter: args
+            .dead_letter
+            .as_ref()
+            .map(|p| SinkConfig::File { path: p.clone() }),
+        field: args.field.clone(),
+        output_field: args.output_field.clone(),
+        max_record_bytes: args.max_record_bytes,
     })
 }
 
-/// One input line: its number (from 1), what it holds, and when it was read.
+/// One record from the source: where it came from, what it holds, when it was read,
+/// and the token that acknowledges it once its outcome is written.
 struct Line {
-    number: u64,
+    position: String,
+    partition: i32,
     record: Result<Value, String>,
     raw: Vec<u8>,
     read_at: Instant,
+    token: std::sync::Mutex<Option<AckToken>>,
 }
 
-fn parse_line(number: u64, raw: Vec<u8>) -> Line {
-    let record = match std::str::from_utf8(&raw) {
-        Err(e) => Err(format!("line {number}: invalid UTF-8 ({e})")),
-        Ok(text) => serde_json::from_str::<Value>(text)
-            .map_err(|e| format!("line {number}: invalid JSON: {e}")),
+fn parse_line(message: flumen_connect::Message, max_bytes: usize) -> Line {
+    let flumen_connect::Message {
+        payload: raw,
+        position,
+        partition,
+        token,
+    } = message;
+    let record = if raw.len() > max_bytes {
+        Err(format!(
+            "{position}: record is {} bytes, over the limit of {max_bytes} (--max-record-bytes, mapping.max_record_bytes)",
+            raw.len()
+        ))
+    } else {
+        match std::str::from_utf8(&raw) {
+            Err(e) => Err(format!("{position}: invalid UTF-8 ({e})")),
+            Ok(text) => serde_json::from_str::<Value>(text)
+                .map_err(|e| format!("{position}: invalid JSON: {e}")),
+        }
     };
     Line {
-        number,
+        position,
+        partition,
         record,
         raw,
         read_at: Instant::now(),
+        token: std::sync::Mutex::new(Some(token)),
     }
-}
-
-/// Reads JSONL lines (blank lines skipped); reading stops at the first I/O error,
-/// which is reported after the stream ends.
-fn lines(
-    reader: impl AsyncRead + Unpin + Send + 'static,
-    io_error: Arc<std::sync::Mutex<Option<std::io::Error>>>,
-) -> impl Stream<Item = Line> + Send + 'static {
-    let reader = BufReader::with_capacity(1 << 16, reader).split(b'\n');
-    futures::stream::unfold((reader, 0u64), move |(mut reader, mut n)| {
-        let io_error = Arc::clone(&io_error);
-        async move {
-            loop {
-                match reader.next_segment().await {
-                    Ok(Some(mut raw)) => {
-                        n += 1;
-                        if raw.last() == Some(&b'\r') {
-                            raw.pop();
-                        }
-                        if raw.iter().all(u8::is_ascii_whitespace) {
-                            continue;
-                        }
-                        return Some((parse_line(n, raw), (reader, n)));
-                    }
-                    Ok(None) => return None,
-                    Err(e) => {
-                        *io_error.lock().expect("io error slot") = Some(e);
-                        return None;
-                    }
-                }
-            }
-        }
-    })
 }
 
 fn model_input(line: &Line, field: Option<&str>) -> Result<Value, String> {
@@ -370,13 +511,16 @@ fn model_input(line: &Line, field: Option<&str>) -> Result<Value, String> {
         Some(f) => record
             .get(f)
             .cloned()
-            .ok_or_else(|| format!("line {}: field `{f}` is missing", line.number)),
+            .ok_or_else(|| format!("{}: field `{f}` is missing", line.position)),
     }
 }
 
-fn key_of(line: &Line, key_field: Option<&str>) -> String {
-    match (&line.record, key_field) {
-        (Ok(record), Some(f)) => record.get(f).map(Value::to_string).unwrap_or_default(),
+fn key_of(line: &Line, key: Option<&KeyBy>) -> String {
+    match (key, &line.record) {
+        (Some(KeyBy::Partition), _) => line.partition.to_string(),
+        (Some(KeyBy::Field(f)), Ok(record)) => {
+            record.get(f).map(Value::to_string).unwrap_or_default()
+        }
         _ => String::new(),
     }
 }
@@ -403,26 +547,23 @@ fn failure_line(line: &Line, failure: &flumen_core::Failure) -> Value {
         Ok(v) => v.clone(),
         Err(_) => Value::String(String::from_utf8_lossy(&line.raw).into_owned()),
     };
-    json!({
-        "line": line.number,
+    let mut doc = json!({
+        "source": line.position,
         "record": record,
         "error": {
             "kind": failure.kind.as_str(),
             "message": failure.message,
             "attempts": failure.attempts,
         }
-    })
-}
-
-async fn open_output(path: Option<&PathBuf>) -> Result<Box<dyn AsyncWrite + Unpin + Send>> {
-    Ok(match path {
-        None => Box::new(tokio::io::stdout()),
-        Some(p) => Box::new(
-            tokio::fs::File::create(p)
-                .await
-                .with_context(|| format!("cannot create {}", p.display()))?,
-        ),
-    })
+    });
+    if let Some(n) = line
+        .position
+        .strip_prefix("line ")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        doc["line"] = n.into();
+    }
+    doc
 }
 
 /// The last outcomes' latencies (read → outcome), for a p99.
@@ -463,18 +604,65 @@ impl Tally {
     }
 }
 
+async fn close(committer: Committer) -> Result<()> {
+    committer
+        .close()
+        .await
+        .context("cannot acknowledge the source")
+}
+
 /// Where the records come from.
 pub enum Input {
-    /// `args.input`: a file, or stdin.
+    /// The flags or the pipeline file: a file, stdin, Kafka, NATS.
     FromArgs,
     /// Records built into the binary (`flumen demo`).
     Builtin(&'static [u8]),
 }
 
+/// Stops the source on the first SIGINT/SIGTERM (in-flight records finish, are
+/// written and acknowledged); exits at once on the second.
+async fn first_signal(quiet: bool) {
+    async fn one() {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    one().await;
+    if !quiet {
+        eprintln!("\nflumen: stopping: finishing the records in flight (again to exit at once)");
+    }
+    tokio::spawn(async {
+        one().await;
+        eprintln!("flumen: exiting at once; unacknowledged records will be delivered again");
+        std::process::exit(130);
+    });
+}
+
 /// Runs `flumen run`.
 pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
-    let setup = match &args.config {
-        Some(path) => from_file(path)?,
+    let config_path = args.config.clone().or_else(|| {
+        args.input
+            .clone()
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+    });
+    let setup = match &config_path {
+        Some(path) => from_file(path, &args)?,
         None => from_flags(&args)?,
     };
     #[cfg(feature = "embedded")]
@@ -492,55 +680,104 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         .await
         .map_err(|p| anyhow::anyhow!("cannot start the backend: {}", p.join("; ")))?;
     let engine = Engine::new(backend, setup.engine);
-    let (reader, total_bytes): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) =
-        match (&input, &args.input) {
-            (Input::Builtin(bytes), _) => (Box::new(*bytes), Some(bytes.len() as u64)),
-            (Input::FromArgs, None) => (Box::new(tokio::io::stdin()), None),
-            (Input::FromArgs, Some(p)) if p.as_os_str() == "-" => {
-                (Box::new(tokio::io::stdin()), None)
-            }
-            (Input::FromArgs, Some(p)) => {
-                let file = tokio::fs::File::open(p)
-                    .await
-                    .with_context(|| format!("cannot open {}", p.display()))?;
-                let len = file
-                    .metadata()
-                    .await
-                    .ok()
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len());
-                (Box::new(file), len)
-            }
-        };
-    let mut progress = Progress::new(args.quiet, total_bytes);
+    let capacity = setup.operator.capacity;
+    let source = match input {
+        Input::Builtin(bytes) => Source::from_bytes(bytes),
+        Input::FromArgs => Source::open(&setup.source, capacity).await?,
+    };
+    let mut sink = Sink::open(&setup.sink).await?;
+    let mut dead = match &setup.dead_letter {
+        Some(c) => Some(Sink::open(c).await?),
+        None => None,
+    };
+    let Source {
+        messages,
+        mut committer,
+        size,
+    } = source;
+    let mut progress = Progress::new(args.quiet, size);
     let mut done_bytes = 0u64;
     let mut latencies = Latencies::default();
-    let io_error = Arc::new(std::sync::Mutex::new(None));
+
+    // The source ends at the first signal or its first error (kept for the end).
+    let source_error = Arc::new(std::sync::Mutex::new(None));
+    let slot = Arc::clone(&source_error);
+    let max_bytes = setup.max_record_bytes;
+    let lines = messages
+        .take_until(Box::pin(first_signal(args.quiet)))
+        .scan((), move |_, m| {
+            futures::future::ready(match m {
+                Ok(m) => Some(parse_line(m, max_bytes)),
+                Err(e) => {
+                    *slot.lock().expect("error slot") = Some(e);
+                    None
+                }
+            })
+        });
     let keyed = setup.operator.order == OrderMode::Keyed;
-    let config = setup.operator;
-    let field = args.field.clone();
-    let outcomes = lines(reader, Arc::clone(&io_error)).infer(&engine, config, move |line| {
+    let field = setup.field.clone();
+    let outcomes = lines.infer(&engine, setup.operator, move |line| {
         model_input(line, field.as_deref())
     });
-    let key_field = setup.key_field;
-    let mut outcomes = if keyed {
-        outcomes.keyed_by(move |line| key_of(line, key_field.as_deref()))
+    let key = setup.key;
+    let outcomes = if keyed {
+        outcomes.keyed_by(move |line| key_of(line, key.as_ref()))
     } else {
         outcomes
     };
+    // Whatever outcomes are ready go out together: one write (flushed or
+    // acknowledged by the broker), then one acknowledgement of their sources.
+    let mut chunks = outcomes.ready_chunks(512);
 
-    let mut out = BufWriter::new(open_output(args.output.as_ref()).await?);
-    let mut dead = match &args.dead_letter {
-        Some(p) => Some(BufWriter::new(open_output(Some(p)).await?)),
-        None => None,
-    };
     let started = Instant::now();
     let mut tally = Tally::default();
-    while let Some(Outcome { record, result, .. }) = outcomes.next().await {
-        latencies.push(record.read_at.elapsed());
-        // The line and its newline (a skipped blank line or a `\r` is not counted, so
-        // the bar may end a little short of 100 %).
-        done_bytes += record.raw.len() as u64 + 1;
+    while let Some(chunk) = chunks.next().await {
+        let mut good = Vec::with_capacity(chunk.len());
+        let mut bad = Vec::new();
+        let mut tokens = Vec::with_capacity(chunk.len());
+        for Outcome { record, result, .. } in chunk {
+            latencies.push(record.read_at.elapsed());
+            done_bytes += record.raw.len() as u64 + 1;
+            let (json, failed) = match result {
+                Ok(prediction) => {
+                    tally.ok += 1;
+                    (
+                        success_line(&record, &setup.output_field, prediction),
+                        false,
+                    )
+                }
+                Err(failure) => {
+                    let i = ErrorKind::ALL
+                        .iter()
+                        .position(|k| *k == failure.kind)
+                        .unwrap_or(0);
+                    tally.failed[i] += 1;
+                    (failure_line(&record, &failure), true)
+                }
+            };
+            let out = SinkRecord {
+                key: None,
+                payload: serde_json::to_vec(&json).expect("JSON values serialize"),
+            };
+            if failed && dead.is_some() {
+                bad.push(out);
+            } else {
+                good.push(out);
+            }
+            if let Some(t) = record.token.lock().expect("token lock").take() {
+                tokens.push(t);
+            }
+        }
+        sink.write(good).await.context("cannot write the output")?;
+        if let Some(d) = &mut dead {
+            d.write(bad)
+                .await
+                .context("cannot write the dead-letter output")?;
+        }
+        committer
+            .done(tokens)
+            .await
+            .context("cannot acknowledge the source")?;
         progress.tick(done_bytes, || {
             let stats = engine.stats();
             Snapshot {
@@ -551,39 +788,11 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 p99: latencies.p99(),
             }
         });
-        let (json, to_dead) = match result {
-            Ok(prediction) => {
-                tally.ok += 1;
-                (success_line(&record, &args.output_field, prediction), false)
-            }
-            Err(failure) => {
-                let i = ErrorKind::ALL
-                    .iter()
-                    .position(|k| *k == failure.kind)
-                    .unwrap_or(0);
-                tally.failed[i] += 1;
-                (failure_line(&record, &failure), true)
-            }
-        };
-        let mut bytes = serde_json::to_vec(&json).expect("JSON values serialize");
-        bytes.push(b'\n');
-        let sink = match (&mut dead, to_dead) {
-            (Some(d), true) => d,
-            _ => &mut out,
-        };
-        sink.write_all(&bytes)
-            .await
-            .context("cannot write output")?;
     }
-    out.flush().await.context("cannot write output")?;
-    if let Some(d) = &mut dead {
-        d.flush()
-            .await
-            .context("cannot write the dead-letter output")?;
-    }
-    if let Some(e) = io_error.lock().expect("io error slot").take() {
+    close(committer).await?;
+    if let Some(e) = source_error.lock().expect("error slot").take() {
         return Err(e)
-            .context("reading the input failed; the records read before it were processed");
+            .context("the source failed; the records before were processed and acknowledged");
     }
 
     progress.finish();

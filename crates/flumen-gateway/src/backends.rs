@@ -314,7 +314,8 @@ pub struct EngineSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OperatorSection {
-    /// `unordered`, `ordered` or `keyed`.
+    /// `unordered`, `ordered`, `keyed` (by `key_field`) or `partition` (per source
+    /// partition, for Kafka).
     pub order: Option<String>,
     /// Records in flight.
     pub capacity: Option<usize>,
@@ -350,9 +351,9 @@ impl FileConfig {
             Some("keyed") if self.operator.key_field.is_none() => {
                 p.push("operator.key_field: required with order = \"keyed\"".into())
             }
-            Some("keyed") => {}
+            Some("keyed") | Some("partition") => {}
             Some(o) => p.push(format!(
-                "operator.order: `{o}` is not unordered, ordered or keyed"
+                "operator.order: `{o}` is not unordered, ordered, keyed or partition"
             )),
         }
         p

@@ -1,0 +1,249 @@
+//! Flumen's sources and sinks, and the acknowledgement that makes a pipeline
+//! at-least-once: a source's message is acknowledged (Kafka offset committed, NATS
+//! message acked) only after its outcome — prediction or dead letter — has been
+//! durably written by the sink.
+//!
+//! - [`Source`]: JSONL from a file or stdin; Kafka (feature `kafka`: a consumer group,
+//!   offsets committed by hand, contiguously per partition, see [`OffsetTracker`]);
+//!   NATS JetStream (feature `nats`: a durable pull consumer, explicit acks,
+//!   `max_ack_pending` = the pipeline's capacity so backpressure reaches the server).
+//! - [`Sink`]: JSONL to a file or stdout (flushed); Kafka (acks = all, every delivery
+//!   awaited); NATS JetStream (every publish acknowledgement awaited).
+//! - [`Committer`]: hand it the tokens of records whose outcomes a sink has written.
+//!
+//! Several processes sharing a Kafka consumer group or a NATS durable consumer share
+//! the work; the brokers coordinate, Flumen does not.
+
+mod config;
+mod lines;
+mod tracker;
+
+#[cfg(feature = "kafka")]
+mod kafka;
+#[cfg(feature = "nats")]
+mod nats;
+
+use futures::stream::BoxStream;
+
+/// The Kafka client library, for tests and tools that need the same version.
+#[cfg(feature = "kafka")]
+pub use rdkafka;
+
+/// The NATS client library, for tests and tools that need the same version.
+#[cfg(feature = "nats")]
+pub use async_nats;
+
+pub use config::{SinkConfig, SourceConfig};
+pub use tracker::OffsetTracker;
+
+/// Why a source or sink failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Reading from the source failed; the messages before were delivered.
+    #[error("source: {0}")]
+    Source(String),
+    /// Writing to a sink failed; nothing of that write was acknowledged.
+    #[error("sink: {0}")]
+    Sink(String),
+    /// Acknowledging (committing) failed; the records will be seen again.
+    #[error("commit: {0}")]
+    Commit(String),
+    /// The connector was not compiled in.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// One message from a source.
+pub struct Message {
+    /// The bytes (one JSON record).
+    pub payload: Vec<u8>,
+    /// Where it came from, for error messages: `line 12`, `topic/3@1200`, `stream seq 77`.
+    pub position: String,
+    /// The partition (Kafka) or 0: the unit of per-partition order.
+    pub partition: i32,
+    /// What to hand the [`Committer`] once the outcome is written.
+    pub token: AckToken,
+}
+
+/// Identifies a delivered message to its source's [`Committer`].
+pub enum AckToken {
+    /// Files and stdin: nothing to acknowledge.
+    None,
+    /// A Kafka record.
+    #[cfg(feature = "kafka")]
+    Kafka {
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+    },
+    /// A NATS JetStream message, acked through its reply subject.
+    #[cfg(feature = "nats")]
+    Nats(Box<async_nats::jetstream::Message>),
+}
+
+impl std::fmt::Debug for AckToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AckToken::None => f.write_str("None"),
+            #[cfg(feature = "kafka")]
+            AckToken::Kafka { partition, offset } => write!(f, "Kafka({partition}@{offset})"),
+            #[cfg(feature = "nats")]
+            AckToken::Nats(m) => write!(f, "Nats({})", m.subject),
+        }
+    }
+}
+
+/// An opened source: its messages, and the committer that acknowledges them.
+pub struct Source {
+    /// The messages, in the source's order; an `Err` ends the stream.
+    pub messages: BoxStream<'static, Result<Message, ConnectError>>,
+    /// Acknowledges messages whose outcomes are written.
+    pub committer: Committer,
+    /// The input's size in bytes, when known (a file), for progress.
+    pub size: Option<u64>,
+}
+
+impl Source {
+    /// Opens a source. `capacity`: the records the pipeline keeps in flight (NATS's
+    /// `max_ack_pending`).
+    pub async fn open(config: &SourceConfig, capacity: usize) -> Result<Source, ConnectError> {
+        match config {
+            SourceConfig::File { path } => lines::file_source(path).await,
+            SourceConfig::Stdin => Ok(lines::stdin_source()),
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(k) => kafka::source(k),
+            #[cfg(feature = "nats")]
+            SourceConfig::Nats(n) => nats::source(n, capacity).await,
+            #[allow(unreachable_patterns)]
+            other => {
+                let _ = capacity;
+                Err(ConnectError::Unsupported(format!(
+                    "source kind `{}` needs flumen built with the `{}` feature",
+                    other.kind(),
+                    other.kind()
+                )))
+            }
+        }
+    }
+
+    /// A source over bytes in memory (JSONL), such as `flumen demo`'s built-in sample.
+    pub fn from_bytes(bytes: &'static [u8]) -> Source {
+        lines::bytes_source(bytes)
+    }
+}
+
+/// Acknowledges delivered messages once their outcomes are written.
+pub struct Committer {
+    inner: CommitterKind,
+}
+
+enum CommitterKind {
+    None,
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::KafkaCommitter),
+    #[cfg(feature = "nats")]
+    Nats,
+}
+
+impl Committer {
+    fn none() -> Committer {
+        Committer {
+            inner: CommitterKind::None,
+        }
+    }
+
+    /// The outcomes of these messages are durably written: acknowledge them.
+    pub async fn done(&mut self, tokens: Vec<AckToken>) -> Result<(), ConnectError> {
+        match &mut self.inner {
+            CommitterKind::None => {
+                drop(tokens);
+                Ok(())
+            }
+            #[cfg(feature = "kafka")]
+            CommitterKind::Kafka(k) => k.done(tokens),
+            #[cfg(feature = "nats")]
+            CommitterKind::Nats => nats::ack(tokens).await,
+        }
+    }
+
+    /// Records delivered and not yet acknowledged (known for Kafka only).
+    pub fn in_flight(&self) -> Option<usize> {
+        match &self.inner {
+            #[cfg(feature = "kafka")]
+            CommitterKind::Kafka(k) => Some(k.in_flight()),
+            _ => None,
+        }
+    }
+
+    /// Commits what is committable now, and waits for it (at the end of a run).
+    pub async fn close(self) -> Result<(), ConnectError> {
+        match self.inner {
+            CommitterKind::None => Ok(()),
+            #[cfg(feature = "kafka")]
+            CommitterKind::Kafka(k) => k.close(),
+            #[cfg(feature = "nats")]
+            CommitterKind::Nats => Ok(()),
+        }
+    }
+}
+
+/// One record for a sink.
+#[derive(Debug, Clone)]
+pub struct SinkRecord {
+    /// The key (Kafka's message key; ignored by other sinks).
+    pub key: Option<Vec<u8>>,
+    /// One JSON document, without a trailing newline.
+    pub payload: Vec<u8>,
+}
+
+/// Where outcomes go.
+pub struct Sink {
+    inner: SinkKind,
+}
+
+enum SinkKind {
+    Lines(lines::LinesSink),
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::KafkaSink),
+    #[cfg(feature = "nats")]
+    Nats(nats::NatsSink),
+}
+
+impl Sink {
+    /// Opens a sink.
+    pub async fn open(config: &SinkConfig) -> Result<Sink, ConnectError> {
+        let inner = match config {
+            SinkConfig::File { path } => SinkKind::Lines(lines::LinesSink::file(path).await?),
+            SinkConfig::Stdout => SinkKind::Lines(lines::LinesSink::stdout()),
+            #[cfg(feature = "kafka")]
+            SinkConfig::Kafka(k) => SinkKind::Kafka(kafka::KafkaSink::new(k)?),
+            #[cfg(feature = "nats")]
+            SinkConfig::Nats(n) => SinkKind::Nats(nats::NatsSink::connect(n).await?),
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(ConnectError::Unsupported(format!(
+                    "sink kind `{}` needs flumen built with the `{}` feature",
+                    other.kind(),
+                    other.kind()
+                )))
+            }
+        };
+        Ok(Sink { inner })
+    }
+
+    /// Writes records; when this returns `Ok` they are durable (flushed, or
+    /// acknowledged by the broker).
+    pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<(), ConnectError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        match &mut self.inner {
+            SinkKind::Lines(s) => s.write(records).await,
+            #[cfg(feature = "kafka")]
+            SinkKind::Kafka(s) => s.write(records).await,
+            #[cfg(feature = "nats")]
+            SinkKind::Nats(s) => s.write(records).await,
+        }
+    }
+}
