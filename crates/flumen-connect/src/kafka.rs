@@ -6,8 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -16,6 +19,63 @@ use tokio::time::Instant;
 
 use crate::config::{KafkaSink as SinkConfig, KafkaSource as SourceConfig};
 use crate::{AckToken, Committer, CommitterKind, ConnectError, Message, SinkRecord, Source};
+
+/// Sees rebalances: before partitions are taken away, commits what is committable for
+/// them and forgets them (their new owner resumes from that commit); reports each
+/// assignment on stderr, where operators (and the scale-out test) look for it.
+struct Rebalancing {
+    tracker: Arc<Mutex<crate::OffsetTracker>>,
+    topic: String,
+}
+
+impl ClientContext for Rebalancing {}
+
+impl ConsumerContext for Rebalancing {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            let mut tracker = self.tracker.lock().expect("tracker lock");
+            let mut commit = TopicPartitionList::new();
+            for (partition, offset) in tracker.to_commit() {
+                if revoked.contains(&partition) {
+                    let _ =
+                        commit.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
+                }
+            }
+            for p in &revoked {
+                tracker.forget(*p);
+            }
+            drop(tracker);
+            if commit.count() > 0 {
+                if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                    eprintln!(
+                        "flumen: kafka {}: commit before revocation failed: {e}",
+                        self.topic
+                    );
+                }
+            }
+            eprintln!(
+                "flumen: kafka {}: revoked partitions {revoked:?}",
+                self.topic
+            );
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let mut parts: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                parts.sort_unstable();
+                eprintln!(
+                    "flumen: kafka {}: assigned partitions {parts:?}",
+                    self.topic
+                );
+            }
+            Rebalance::Error(e) => eprintln!("flumen: kafka {}: rebalance failed: {e}", self.topic),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
 
 pub(crate) fn source(config: &SourceConfig) -> Result<Source, ConnectError> {
     let mut client = ClientConfig::new();
@@ -31,14 +91,18 @@ pub(crate) fn source(config: &SourceConfig) -> Result<Source, ConnectError> {
     for (k, v) in &config.properties {
         client.set(k, v);
     }
-    let consumer: StreamConsumer = client
-        .create()
+    let tracker = Arc::new(Mutex::new(crate::OffsetTracker::default()));
+    let context = Rebalancing {
+        tracker: Arc::clone(&tracker),
+        topic: config.topic.clone(),
+    };
+    let consumer: StreamConsumer<Rebalancing> = client
+        .create_with_context(context)
         .map_err(|e| ConnectError::Source(format!("kafka consumer: {e}")))?;
     consumer
         .subscribe(&[&config.topic])
         .map_err(|e| ConnectError::Source(format!("subscribing to {}: {e}", config.topic)))?;
     let consumer = Arc::new(consumer);
-    let tracker = Arc::new(Mutex::new(crate::OffsetTracker::default()));
     let topic = config.topic.clone();
     let messages = futures::stream::unfold(
         (Arc::clone(&consumer), Arc::clone(&tracker), topic.clone()),
@@ -78,7 +142,7 @@ pub(crate) fn source(config: &SourceConfig) -> Result<Source, ConnectError> {
 }
 
 pub(crate) struct KafkaCommitter {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Rebalancing>>,
     tracker: Arc<Mutex<crate::OffsetTracker>>,
     topic: String,
     interval: Duration,
