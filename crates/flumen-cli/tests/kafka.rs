@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use flumen_connect::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use flumen_connect::rdkafka::client::DefaultClientContext;
@@ -170,7 +172,7 @@ fn pipeline(name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn worker(config: &PathBuf) -> Killed {
+fn worker(config: &std::path::Path) -> Killed {
     Killed(
         Command::new(env!("CARGO_BIN_EXE_flumen"))
             .args(["run", config.to_str().unwrap(), "--quiet"])
@@ -184,7 +186,7 @@ fn worker(config: &PathBuf) -> Killed {
 type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// A worker whose stderr lines are collected.
-fn logged_worker(config: &PathBuf) -> (Killed, Log) {
+fn logged_worker(config: &std::path::Path) -> (Killed, Log) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
         .args(["run", config.to_str().unwrap(), "--quiet"])

@@ -270,6 +270,7 @@ impl SinkConfig {
 }
 
 fn feature_check(p: &mut Vec<String>, path: &str, kind: &str) {
+    #[allow(clippy::match_like_matches_macro)] // the arms differ by features
     let built = match kind {
         "kafka" => cfg!(feature = "kafka"),
         "nats" => cfg!(feature = "nats"),

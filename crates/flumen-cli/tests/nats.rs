@@ -1,0 +1,348 @@
+//! `flumen run` against a real NATS JetStream server (Debian's nats-server, installed
+//! by `scripts/system.sh`): 10,000 records end to end with bad ones dead-lettered, a
+//! worker killed with SIGKILL and restarted, and two workers on one durable consumer.
+#![cfg(feature = "nats")]
+// Tests wait on child processes and a server with real time.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::HashSet;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use flumen_connect::async_nats::{self, jetstream};
+use futures::StreamExt;
+use serde_json::Value;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    _child: Killed,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh JetStream server on a free port, storing in a scratch directory.
+fn server(name: &str) -> Server {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let ok = Command::new("bash")
+        .arg(format!("{root}/scripts/system.sh"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "scripts/system.sh installs nats-server");
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("flumen-nats-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    let child = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Server {
+        _child: child,
+        url: format!("nats://127.0.0.1:{port}"),
+        dir,
+    }
+}
+
+async fn js(url: &str) -> jetstream::Context {
+    jetstream::new(async_nats::connect(url).await.unwrap())
+}
+
+async fn streams(js: &jetstream::Context, names: &[(&str, &str)]) {
+    for (name, subject) in names {
+        js.create_stream(jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: vec![subject.to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, payloads: Vec<Vec<u8>>) {
+    for chunk in payloads.chunks(500) {
+        let mut acks = Vec::new();
+        for p in chunk {
+            acks.push(
+                js.publish(subject.to_string(), p.clone().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+}
+
+/// Messages in `stream` now.
+async fn count(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// Waits until `stream` holds at least `n` messages (or `limit` passes), then reads
+/// them all.
+async fn read(js: &jetstream::Context, stream: &str, n: u64, limit: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    while count(js, stream).await < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = count(js, stream).await;
+    let s = js.get_stream(stream).await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer = s
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while (out.len() as u64) < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("messages keep coming")
+            .unwrap()
+            .unwrap();
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+    }
+    out
+}
+
+fn pipeline(name: &str, url: &str, out: &str, sim: &str, extra: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flumen-nats-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"IN\"\nconsumer = \"flumen\"\nack_wait_s = 3\n\n\
+             [sink]\nkind = \"nats\"\nurl = \"{url}\"\nsubject = \"{out}\"\n\n\
+             [dead_letter]\nkind = \"nats\"\nurl = \"{url}\"\nsubject = \"dead\"\n\n\
+             [mapping]\ninput = \"text\"\nmax_record_bytes = 4096\n\n\
+             [backend]\nkind = \"sim\"\n{sim}\n\n[operator]\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn worker(config: &std::path::Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["run", config.to_str().unwrap(), "--quiet"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flumen starts"),
+    )
+}
+
+fn stop(mut w: Killed) -> std::process::ExitStatus {
+    let pid = w.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = w.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "flumen did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const N: usize = 10_000;
+
+fn records() -> Vec<Vec<u8>> {
+    (0..N)
+        .map(|i| format!("{{\"id\": {i}, \"text\": \"record {i}\"}}").into_bytes())
+        .collect()
+}
+
+fn ids(values: &[Value]) -> Vec<u64> {
+    values.iter().filter_map(|v| v["id"].as_u64()).collect()
+}
+
+const FAST: &str = "a_ms = 2.0\nb_ms = 0.02\nslots = 2\nmax_batch = 64";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_records_through_jetstream_and_bad_ones_to_the_dead_letter_subject() {
+    let s = server("e2e");
+    let js = js(&s.url).await;
+    streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
+    let mut payloads = records();
+    payloads.push(b"{not json".to_vec());
+    payloads.push(b"{\"id\": \"no-text\"}".to_vec());
+    payloads.push(vec![b'{', 0xff, 0xfe, b'}']);
+    payloads.push(format!("{{\"text\": \"{}\"}}", "x".repeat(5_000)).into_bytes());
+    publish(&js, "in", payloads).await;
+
+    let w = worker(&pipeline("e2e.toml", &s.url, "out", FAST, "capacity = 500"));
+    let out = read(&js, "OUT", N as u64, Duration::from_secs(120)).await;
+    let dead = read(&js, "DEAD", 4, Duration::from_secs(30)).await;
+    assert!(stop(w).success(), "graceful stop");
+    let got = ids(&out);
+    assert_eq!(got.len(), N);
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>().len(),
+        N,
+        "each record once"
+    );
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| d["error"]["message"].to_string())
+        .collect();
+    for want in [
+        "invalid JSON",
+        "field `text` is missing",
+        "invalid UTF-8",
+        "over the limit of 4096",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "{want} in {reasons:#?}"
+        );
+    }
+    // Everything was acknowledged: nothing left pending on the durable consumer.
+    let info = js
+        .get_stream("IN")
+        .await
+        .unwrap()
+        .consumer_info("flumen")
+        .await
+        .unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_and_restarted_loses_nothing() {
+    let s = server("crash");
+    let js = js(&s.url).await;
+    streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
+    publish(&js, "in", records()).await;
+    let capacity = 200;
+    let cfg = pipeline(
+        "crash.toml",
+        &s.url,
+        "out",
+        "a_ms = 20.0\nb_ms = 0.5\nslots = 1\nmax_batch = 32",
+        &format!("capacity = {capacity}"),
+    );
+    let mut first = worker(&cfg);
+    let before = read(&js, "OUT", 3_000, Duration::from_secs(120))
+        .await
+        .len();
+    assert!(before >= 3_000);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let second = worker(&cfg);
+    // Unacknowledged messages come back after ack_wait (3 s).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut all;
+    loop {
+        all = read(&js, "OUT", 0, Duration::ZERO).await;
+        if ids(&all).into_iter().collect::<HashSet<_>>().len() >= N || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(stop(second).success());
+    let unique = ids(&all).into_iter().collect::<HashSet<_>>().len();
+    assert_eq!(unique, N, "every input has an output after the restart");
+    let duplicates = all.len() - N;
+    eprintln!(
+        "nats crash test: {before} outputs before SIGKILL, {} in all, {duplicates} duplicates",
+        all.len()
+    );
+    // At most what was unacknowledged at the kill: max_ack_pending = capacity.
+    assert!(
+        duplicates <= capacity,
+        "{duplicates} duplicates exceed max_ack_pending {capacity}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_durable_consumer_share_the_stream() {
+    let s = server("share");
+    let js = js(&s.url).await;
+    streams(
+        &js,
+        &[
+            ("IN", "in"),
+            ("OUTA", "out-a"),
+            ("OUTB", "out-b"),
+            ("DEAD", "dead"),
+        ],
+    )
+    .await;
+    let a = pipeline("a.toml", &s.url, "out-a", FAST, "capacity = 300");
+    let b = pipeline("b.toml", &s.url, "out-b", FAST, "capacity = 300");
+    let (wa, wb) = (worker(&a), worker(&b));
+    publish(&js, "in", records()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(&js, "OUTA").await + count(&js, "OUTB").await < N as u64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stop(wa).success() && stop(wb).success());
+    let (oa, ob) = (
+        ids(&read(&js, "OUTA", 0, Duration::ZERO).await),
+        ids(&read(&js, "OUTB", 0, Duration::ZERO).await),
+    );
+    let (sa, sb): (HashSet<u64>, HashSet<u64>) =
+        (oa.iter().copied().collect(), ob.iter().copied().collect());
+    eprintln!(
+        "nats scale-out: worker a {} records, worker b {}",
+        sa.len(),
+        sb.len()
+    );
+    assert!(!sa.is_empty() && !sb.is_empty(), "both workers got a share");
+    assert!(sa.is_disjoint(&sb), "no record processed by both");
+    assert_eq!(sa.len() + sb.len(), N);
+    assert_eq!(oa.len() + ob.len(), N, "nothing twice");
+}
