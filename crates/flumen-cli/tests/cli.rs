@@ -54,7 +54,8 @@ fn every_input_line_yields_exactly_one_output_line() {
 
 #[test]
 fn bad_lines_fail_alone_with_their_line_number_and_the_run_goes_on() {
-    let input = b"{\"id\":1,\"text\":\"a\"}\nnot json\n{\"id\":2}\n\xff\xfe\n\n{\"id\":3,\"text\":\"ok\"}\n";
+    let mut input = b"{\"id\":1,\"text\":\"a\"}\nnot json\n{\"id\":2}\n\xff\xfe\n\n{\"id\":3,\"text\":\"ok\"}\n".to_vec();
+    input.extend(format!("{{\"id\":7,\"text\":\"{}\"}}\n", "x".repeat(300)).as_bytes());
     let dir = std::env::temp_dir().join(format!("flumen-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let dead = dir.join("dead.jsonl");
@@ -64,9 +65,11 @@ fn bad_lines_fail_alone_with_their_line_number_and_the_run_goes_on() {
         "text",
         "--dead-letter",
         dead.to_str().unwrap(),
+        "--max-record-bytes",
+        "200",
     ];
     args.extend(FAST);
-    let out = flumen(&args, input);
+    let out = flumen(&args, &input);
     assert!(out.status.success());
     let mut ok: Vec<u64> = json_lines(&out.stdout)
         .iter()
@@ -86,7 +89,15 @@ fn bad_lines_fail_alone_with_their_line_number_and_the_run_goes_on() {
         })
         .collect();
     reasons.sort();
-    assert_eq!(reasons.len(), 3);
+    assert_eq!(reasons.len(), 4);
+    assert_eq!(reasons[3].0, 7);
+    assert!(
+        reasons[3]
+            .2
+            .contains("line 7: record is 315 bytes, over the limit of 200"),
+        "{}",
+        reasons[3].2
+    );
     assert_eq!(reasons[0].0, 2);
     assert!(reasons[0].2.starts_with("line 2: invalid JSON"));
     assert_eq!(reasons[1].0, 3);
@@ -313,5 +324,82 @@ fn demo_writes_the_built_in_reviews_with_their_embeddings() {
         err.contains("1000 records") && err.contains("1000 ok"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_bad_pipeline_file_reports_every_problem_with_its_path_and_exits_2() {
+    let path = write_temp(
+        "pipeline.toml",
+        "[source]\nkind = \"kafka\"\nbrokers = \"\"\ntopic = \"in\"\ngroup = \"\"\nstart = \"middle\"\n\n\
+         [sink]\nkind = \"nats\"\nurl = \"http://x\"\nsubject = \"\"\n\n\
+         [mapping]\nmax_record_bytes = 0\n\n\
+         [backend]\nkind = \"sim\"\nslots = 0\n",
+    );
+    let out = flumen(&["run", path.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for p in [
+        "source.brokers",
+        "source.group",
+        "source.start",
+        "sink.url",
+        "sink.subject",
+        "mapping.max_record_bytes",
+        "backend.slots",
+    ] {
+        assert!(
+            err.contains(&format!("pipeline.toml: {p}")),
+            "{p} not named in: {err}"
+        );
+    }
+    // A type error names its field.
+    let path = write_temp(
+        "pipeline2.toml",
+        "[source]\nkind = \"file\"\npath = 3\n\n[backend]\nkind = \"sim\"\n",
+    );
+    let out = flumen(&["run", path.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("path"));
+}
+
+#[test]
+fn a_pipeline_file_runs_a_file_to_a_file_with_a_dead_letter_file() {
+    let dir = std::env::temp_dir().join(format!("flumen-pipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.jsonl");
+    let mut text = String::new();
+    for i in 0..500 {
+        text.push_str(&format!("{{\"id\": {i}, \"body\": \"r{i}\"}}\n"));
+    }
+    text.push_str("{\"id\": 500}\n");
+    std::fs::write(&input, text).unwrap();
+    let (out, dead) = (dir.join("out.jsonl"), dir.join("dead.jsonl"));
+    let cfg = write_temp(
+        "file-pipeline.toml",
+        &format!(
+            "[source]\nkind = \"file\"\npath = \"{}\"\n\n[mapping]\ninput = \"body\"\noutput = \"echo\"\n\n\
+             [sink]\nkind = \"file\"\npath = \"{}\"\n\n[dead_letter]\nkind = \"file\"\npath = \"{}\"\n\n\
+             [backend]\nkind = \"sim\"\na_ms = 1.0\nb_ms = 0.01\n\n[operator]\norder = \"ordered\"\n",
+            input.display(),
+            out.display(),
+            dead.display()
+        ),
+    );
+    let run = flumen(&["run", cfg.to_str().unwrap()], b"");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let outs = json_lines(&std::fs::read(&out).unwrap());
+    assert_eq!(outs.len(), 500);
+    assert!(outs
+        .iter()
+        .enumerate()
+        .all(|(i, o)| o["id"] == i as u64 && o["echo"] == format!("r{i}")));
+    let dead = json_lines(&std::fs::read(&dead).unwrap());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["source"], "line 501");
     std::fs::remove_dir_all(&dir).ok();
 }
