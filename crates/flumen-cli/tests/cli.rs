@@ -94,7 +94,7 @@ fn bad_lines_fail_alone_with_their_line_number_and_the_run_goes_on() {
     assert!(
         reasons[3]
             .2
-            .contains("line 7: record is 315 bytes, over the limit of 200"),
+            .contains("line 7: record is 318 bytes, over the limit of 200"),
         "{}",
         reasons[3].2
     );
