@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// parsed.
     #[arg(long, default_value_t = 1 << 20)]
     max_record_bytes: usize,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address while running, e.g.
+    /// `127.0.0.1:9464`.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Exit with status 1 when any record failed.
     #[arg(long)]
     fail_on_dead_letter: bool,
@@ -674,6 +678,14 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 spec.name,
                 spec.cache_path().display()
             );
+        }
+    }
+    if let Some(addr) = args.metrics_addr {
+        let bound = flumen_gateway::serve::serve_metrics(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        if !args.quiet {
+            eprintln!("flumen: metrics on http://{bound}/metrics");
         }
     }
     let backend = AnyBackend::build(&setup.backend)

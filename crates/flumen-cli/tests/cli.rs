@@ -403,3 +403,53 @@ fn a_pipeline_file_runs_a_file_to_a_file_with_a_dead_letter_file() {
     assert_eq!(dead[0]["source"], "line 501");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+#[allow(clippy::disallowed_methods)] // waits on a child process in real time
+fn metrics_are_served_while_a_run_is_going() {
+    use std::io::{BufRead, Read};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec!["run", "--metrics-addr", &addr];
+    args.extend(FAST);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for i in 0..50 {
+        writeln!(stdin, "{{\"id\": {i}}}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // Wait for all 50 outcomes, then scrape while the run is still open.
+    let mut line = String::new();
+    for _ in 0..50 {
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+    }
+    let mut conn = std::net::TcpStream::connect(&addr).expect("metrics listener");
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let outcomes: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("flumen_outcomes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(outcomes, 50.0, "{body}");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}

@@ -626,6 +626,28 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// Installs the process's Prometheus recorder (engine metrics, names in
+/// `flumen_engine::telemetry`) and serves `GET /metrics` on `addr` in the background,
+/// for `flumen run --metrics-addr`. Returns the bound address (port 0 picks one).
+pub async fn serve_metrics(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_ok() {
+        flumen_engine::telemetry::describe();
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(bound)
+}
+
 /// Starts a gateway for a validated configuration: connects every model's backend,
 /// then listens. A `listen` port of 0 picks a free one (see [`Running::addr`]).
 pub async fn start(config: &ServeConfig) -> Result<Running> {
