@@ -7,9 +7,9 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::{HashMap, HashSet};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -23,22 +23,8 @@ use flumen_connect::rdkafka::producer::{FutureProducer, FutureRecord};
 use flumen_connect::rdkafka::util::Timeout;
 use serde_json::Value;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{bad_records, free_port, ids, records, stop, worker, Killed, BAD_REASONS, N};
 
 fn tansu() -> PathBuf {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -172,17 +158,6 @@ fn pipeline(name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn worker(config: &std::path::Path) -> Killed {
-    Killed(
-        Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["run", config.to_str().unwrap(), "--quiet"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("flumen starts"),
-    )
-}
-
 type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// A worker whose stderr lines are collected.
@@ -228,20 +203,6 @@ fn assigned(log: &Log) -> HashSet<i32> {
     }
 }
 
-fn stop(mut w: Killed) -> std::process::ExitStatus {
-    // SIGTERM: drain, write, commit, exit 0.
-    let pid = w.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = w.0.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "flumen did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A pipeline: Kafka `in` → sim backend → Kafka `out`, failures to `dead`.
 fn config(brokers: &str, group: &str, out: &str, sim: &str, operator: &str) -> String {
     format!(
@@ -254,28 +215,13 @@ fn config(brokers: &str, group: &str, out: &str, sim: &str, operator: &str) -> S
     )
 }
 
-fn ids(values: &[Value]) -> Vec<u64> {
-    values.iter().filter_map(|v| v["id"].as_u64()).collect()
-}
-
-const N: usize = 10_000;
-
-fn records() -> Vec<Vec<u8>> {
-    (0..N)
-        .map(|i| format!("{{\"id\": {i}, \"text\": \"record {i}\"}}").into_bytes())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_records_in_partition_order_and_bad_ones_to_the_dead_letter_topic() {
     let (_broker, brokers) = broker();
     create_topics(&brokers, &[("in", 4), ("out", 1), ("dead", 1)]).await;
     let mut payloads = records();
     // Bad input among the good: malformed JSON, no `text`, invalid UTF-8, oversize.
-    payloads.push(b"{not json".to_vec());
-    payloads.push(b"{\"id\": \"no-text\"}".to_vec());
-    payloads.push(vec![b'{', 0xff, 0xfe, b'}']);
-    payloads.push(format!("{{\"text\": \"{}\"}}", "x".repeat(5_000)).into_bytes());
+    payloads.extend(bad_records());
     let placed = produce(&brokers, "in", &payloads).await;
 
     let cfg = pipeline(
@@ -315,12 +261,7 @@ async fn ten_thousand_records_in_partition_order_and_bad_ones_to_the_dead_letter
         .iter()
         .map(|d| format!("{} {}", d["error"]["kind"], d["error"]["message"]))
         .collect();
-    for want in [
-        "invalid JSON",
-        "field `text` is missing",
-        "invalid UTF-8",
-        "over the limit of 4096",
-    ] {
+    for want in BAD_REASONS {
         assert!(
             reasons.iter().any(|r| r.contains(want)),
             "{want} in {reasons:#?}"

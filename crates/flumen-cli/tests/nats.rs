@@ -6,9 +6,9 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::HashSet;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -17,22 +17,8 @@ use flumen_connect::async_nats::{self, jetstream};
 use futures::StreamExt;
 use serde_json::Value;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{bad_records, free_port, ids, records, stop, worker, Killed, BAD_REASONS, N};
 
 struct Server {
     _child: Killed,
@@ -170,42 +156,6 @@ fn pipeline(name: &str, url: &str, out: &str, sim: &str, extra: &str) -> PathBuf
     path
 }
 
-fn worker(config: &std::path::Path) -> Killed {
-    Killed(
-        Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["run", config.to_str().unwrap(), "--quiet"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("flumen starts"),
-    )
-}
-
-fn stop(mut w: Killed) -> std::process::ExitStatus {
-    let pid = w.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = w.0.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "flumen did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-const N: usize = 10_000;
-
-fn records() -> Vec<Vec<u8>> {
-    (0..N)
-        .map(|i| format!("{{\"id\": {i}, \"text\": \"record {i}\"}}").into_bytes())
-        .collect()
-}
-
-fn ids(values: &[Value]) -> Vec<u64> {
-    values.iter().filter_map(|v| v["id"].as_u64()).collect()
-}
-
 const FAST: &str = "a_ms = 2.0\nb_ms = 0.02\nslots = 2\nmax_batch = 64";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,10 +164,7 @@ async fn ten_thousand_records_through_jetstream_and_bad_ones_to_the_dead_letter_
     let js = js(&s.url).await;
     streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
     let mut payloads = records();
-    payloads.push(b"{not json".to_vec());
-    payloads.push(b"{\"id\": \"no-text\"}".to_vec());
-    payloads.push(vec![b'{', 0xff, 0xfe, b'}']);
-    payloads.push(format!("{{\"text\": \"{}\"}}", "x".repeat(5_000)).into_bytes());
+    payloads.extend(bad_records());
     publish(&js, "in", payloads).await;
 
     let w = worker(&pipeline("e2e.toml", &s.url, "out", FAST, "capacity = 500"));
@@ -235,12 +182,7 @@ async fn ten_thousand_records_through_jetstream_and_bad_ones_to_the_dead_letter_
         .iter()
         .map(|d| d["error"]["message"].to_string())
         .collect();
-    for want in [
-        "invalid JSON",
-        "field `text` is missing",
-        "invalid UTF-8",
-        "over the limit of 4096",
-    ] {
+    for want in BAD_REASONS {
         assert!(
             reasons.iter().any(|r| r.contains(want)),
             "{want} in {reasons:#?}"

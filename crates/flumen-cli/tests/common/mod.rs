@@ -1,0 +1,87 @@
+//! Helpers shared by the connector tests (Kafka, NATS): workers as child processes,
+//! stopped by SIGTERM or SIGKILL, and the records they carry.
+#![allow(dead_code, clippy::disallowed_methods)] // each test file uses a part; real time
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// A child process killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `flumen run CONFIG --quiet`, its stderr shown.
+pub fn worker(config: &Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["run", config.to_str().unwrap(), "--quiet"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flumen starts"),
+    )
+}
+
+/// SIGTERM, then waits: a graceful stop drains, writes, commits and exits.
+pub fn stop(mut w: Killed) -> ExitStatus {
+    let pid = w.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = w.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "flumen did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Records per test.
+pub const N: usize = 10_000;
+
+/// `{"id": i, "text": "record i"}` for i in 0..N.
+pub fn records() -> Vec<Vec<u8>> {
+    (0..N)
+        .map(|i| format!("{{\"id\": {i}, \"text\": \"record {i}\"}}").into_bytes())
+        .collect()
+}
+
+/// Four records that must be dead-lettered, each for its own reason.
+pub fn bad_records() -> Vec<Vec<u8>> {
+    vec![
+        b"{not json".to_vec(),
+        b"{\"id\": \"no-text\"}".to_vec(),
+        vec![b'{', 0xff, 0xfe, b'}'],
+        format!("{{\"text\": \"{}\"}}", "x".repeat(5_000)).into_bytes(),
+    ]
+}
+
+/// The reasons `bad_records` must be dead-lettered with (max_record_bytes = 4096).
+pub const BAD_REASONS: [&str; 4] = [
+    "invalid JSON",
+    "field `text` is missing",
+    "invalid UTF-8",
+    "over the limit of 4096",
+];
+
+pub fn ids(values: &[Value]) -> Vec<u64> {
+    values.iter().filter_map(|v| v["id"].as_u64()).collect()
+}
