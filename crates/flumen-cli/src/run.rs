@@ -780,11 +780,20 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 tokens.push(t);
             }
         }
-        sink.write(good).await.context("cannot write the output")?;
-        if let Some(d) = &mut dead {
-            d.write(bad)
-                .await
-                .context("cannot write the dead-letter output")?;
+        let written = match sink.write(good).await {
+            Ok(()) => match &mut dead {
+                Some(d) => d
+                    .write(bad)
+                    .await
+                    .context("cannot write the dead-letter output"),
+                None => Ok(()),
+            },
+            Err(e) => Err(anyhow::Error::from(e).context("cannot write the output")),
+        };
+        if let Err(e) = written {
+            // Not acknowledged: redelivered (NATS: after a short delay).
+            committer.failed(tokens, Duration::from_secs(1)).await;
+            return Err(e);
         }
         committer
             .done(tokens)

@@ -453,3 +453,43 @@ fn metrics_are_served_while_a_run_is_going() {
     drop(stdin);
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+#[allow(clippy::disallowed_methods)] // signals a child process in real time
+fn a_second_signal_exits_at_once() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        // A backend call takes 60 s: draining after the first signal would too.
+        .args(["run", "--backend", "sim", "--sim-a-ms", "60000", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{{\"id\": 1}}").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = child.id().to_string();
+    let kill = || Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    kill();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first signal drains"
+    );
+    kill();
+    let deadline = std::time::Duration::from_secs(10);
+    let mut waited = std::time::Duration::ZERO;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(waited < deadline, "the second signal did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        waited += std::time::Duration::from_millis(50);
+    };
+    assert_eq!(status.code(), Some(130));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("exiting at once"), "{err}");
+}

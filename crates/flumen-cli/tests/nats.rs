@@ -288,3 +288,45 @@ async fn two_workers_on_one_durable_consumer_share_the_stream() {
     assert_eq!(sa.len() + sb.len(), N);
     assert_eq!(oa.len() + ob.len(), N, "nothing twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sink_acknowledges_nothing_and_a_later_run_delivers_everything() {
+    let s = server("sinkfail");
+    let js = js(&s.url).await;
+    streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
+    publish(&js, "in", records()).await;
+    // No stream captures `nowhere`: every publish is refused.
+    let bad = pipeline("bad-sink.toml", &s.url, "nowhere", FAST, "capacity = 500");
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", bad.to_str().unwrap(), "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write the output"), "{err}");
+    let info = js
+        .get_stream("IN")
+        .await
+        .unwrap()
+        .consumer_info("flumen")
+        .await
+        .unwrap();
+    assert_eq!(info.ack_floor.stream_sequence, 0, "nothing acknowledged");
+
+    let good = worker(&pipeline(
+        "good-sink.toml",
+        &s.url,
+        "out",
+        FAST,
+        "capacity = 500",
+    ));
+    let all = read(&js, "OUT", N as u64, Duration::from_secs(120)).await;
+    assert!(stop(good).success());
+    let got = ids(&all);
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>().len(),
+        N,
+        "every record delivered"
+    );
+    assert_eq!(got.len(), N, "and once");
+}

@@ -167,6 +167,17 @@ impl Committer {
         }
     }
 
+    /// Writing these messages' outcomes failed: NATS messages are nak'ed with `delay`
+    /// so the server redelivers them then (to this or another worker); Kafka offsets
+    /// simply stay uncommitted.
+    pub async fn failed(&mut self, tokens: Vec<AckToken>, delay: std::time::Duration) {
+        match &mut self.inner {
+            #[cfg(feature = "nats")]
+            CommitterKind::Nats => nats::nak(tokens, delay).await,
+            _ => drop((tokens, delay)),
+        }
+    }
+
     /// Records delivered and not yet acknowledged (known for Kafka only).
     pub fn in_flight(&self) -> Option<usize> {
         match &self.inner {

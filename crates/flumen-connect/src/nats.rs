@@ -70,6 +70,15 @@ pub(crate) async fn ack(tokens: Vec<AckToken>) -> Result<(), ConnectError> {
     Ok(())
 }
 
+pub(crate) async fn nak(tokens: Vec<AckToken>, delay: Duration) {
+    for token in tokens {
+        if let AckToken::Nats(m) = token {
+            // Best effort: without it, the message comes back after ack_wait anyway.
+            let _ = m.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
+        }
+    }
+}
+
 pub(crate) struct NatsSink {
     js: jetstream::Context,
     subject: String,
