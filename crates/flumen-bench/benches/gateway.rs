@@ -1,8 +1,10 @@
 //! `cargo bench --bench gateway`: many concurrent single-row callers — like Flink
-//! subtasks calling a model one row at a time — against a real Triton server
-//! (cost model a = 20 ms, b = 0.5 ms, k = 2, max batch 64; no server-side batching)
-//! (a) directly, and (b) through `flumen serve`, which batches all callers' rows
-//! together. Same server, same callers, one run.
+//! subtasks calling a model one row at a time — (a) directly against the model and
+//! (b) through the gateway, which batches all callers' rows together; for a real
+//! Triton server (cost model a = 20 ms, b = 0.5 ms, k = 2, max batch 64; no
+//! server-side batching) and for the embedded all-MiniLM-L6-v2. Then overload at 2×
+//! capacity against `flumen serve` in its own process, whose memory is sampled.
+//! Same callers, one run.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,9 +87,9 @@ async fn stats(triton: &TritonServer) -> (u64, u64) {
     )
 }
 
-/// Resident memory of this process, KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -99,35 +101,82 @@ fn rss_kib() -> u64 {
 
 struct Overload {
     table: String,
+    rss_growth_mib: f64,
     admitted_p99_ms: f64,
     rejected_pct: f64,
 }
 
+/// The `flumen` binary of this checkout, built if missing.
+fn flumen_binary() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bin = root.join("target/release/flumen");
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--release", "--quiet", "-p", "flumen-cli", "--bin", "flumen"])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success() && bin.exists(), "building flumen failed");
+    bin
+}
+
+/// `flumen serve` in its own process, killed when dropped.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Open-loop single-row requests at twice the capacity of a simulated model
-/// (a = 20 ms, b = 2 ms, k = 2, N = 64: 865 rows/s) behind a gateway admitting 300
-/// pending records with a 1 s deadline: the admitted must meet the deadline, the
-/// rest get 429 with Retry-After, and memory must not grow with the excess.
+/// (a = 20 ms, b = 2 ms, k = 2, N = 64: 865 rows/s) behind `flumen serve` — in its own
+/// process, so its memory is measured alone — admitting 300 pending records with a
+/// 1 s deadline: the admitted must meet the deadline, the rest get 429 with
+/// Retry-After, and the gateway's memory must not grow with the excess.
 async fn overload() -> Overload {
     let limit = 2.0 * 64.0 / (0.020 + 0.002 * 64.0);
-    let config = ServeConfig::from_toml(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmax_pending = 300\ntimeout_ms = 1000\n\n[[models]]\nname = \"sim\"\n[models.backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 2.0\n",
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("flumen-bench-overload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("serve.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax_pending = 300\ntimeout_ms = 1000\n\n[[models]]\nname = \"sim\"\n[models.backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 2.0\n"),
     )
-    .expect("a valid gateway configuration");
-    let gateway = start(&config).await.expect("the gateway starts");
-    let url = format!("http://{}/v2/models/sim/infer", gateway.addr);
+    .unwrap();
+    let child = Served(
+        std::process::Command::new(flumen_binary())
+            .arg("serve")
+            .arg(&cfg)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("flumen serve starts"),
+    );
+    let pid = child.0.id();
+    let up = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < up, "flumen serve did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://127.0.0.1:{port}/v2/models/sim/infer");
     let http = reqwest::Client::new();
     let rate = 2.0 * limit;
     let duration = Duration::from_secs(6);
     let n = (rate * duration.as_secs_f64()) as u64;
     let t0 = Instant::now();
-    let rss_start = rss_kib();
+    let rss_start = rss_kib(pid);
     let mut rss = Vec::new();
     let mut tasks = Vec::with_capacity(n as usize);
     for i in 0..n {
         let at = t0 + Duration::from_secs_f64(i as f64 / rate);
         tokio::time::sleep_until(at).await;
         if i % (n / 6).max(1) == 0 {
-            rss.push(rss_kib());
+            rss.push(rss_kib(pid));
         }
         let (http, url) = (http.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
@@ -152,7 +201,9 @@ async fn overload() -> Overload {
             _ => other += 1,
         }
     }
-    rss.push(rss_kib());
+    rss.push(rss_kib(pid));
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
     let admitted = Summary::of(ok.clone());
     let mut table = Table::new(&["overload: 2× capacity, open loop, 6 s", "value"]);
     let rejected_pct = 100.0 * rejected as f64 / n as f64;
@@ -174,7 +225,7 @@ async fn overload() -> Overload {
             format!("{rejected} ({rejected_pct:.1} %), {rejected_with_wait} with Retry-After"),
         ),
         ("other statuses or errors", other.to_string()),
-        ("resident memory: start → during → end (MiB)", {
+        ("flumen serve resident memory: start → during → end (MiB)", {
             let mib: Vec<String> = std::iter::once(rss_start)
                 .chain(rss.iter().copied())
                 .map(|k| format!("{:.0}", k as f64 / 1024.0))
@@ -184,11 +235,91 @@ async fn overload() -> Overload {
     ] {
         table.row(vec![k.into(), v]);
     }
-    gateway.server.abort();
+    let rss_growth_mib = (rss.iter().copied().max().unwrap_or(0) as f64
+        - rss.get(1).copied().unwrap_or(rss_start) as f64)
+        / 1024.0;
     Overload {
+        rss_growth_mib,
         table: table.render(),
         admitted_p99_ms: admitted.p99.as_secs_f64() * 1e3,
         rejected_pct,
+    }
+}
+
+/// Backend calls and rows an engine has sent, from a gateway's `/metrics`.
+async fn engine_calls(metrics_url: &str, engine: &str) -> (f64, f64) {
+    let text = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("engine=\"{engine}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("flumen_batch_size_count"), value("flumen_batch_size_sum"))
+}
+
+struct EmbeddedRun {
+    direct: Measured,
+    gateway: Measured,
+    gateway_calls_per_row: f64,
+}
+
+/// The same callers with short review texts: (a) straight into the in-process model,
+/// one call per row; (b) through the gateway's `/v1/embeddings`, one input per request.
+async fn embedded() -> EmbeddedRun {
+    let texts: Arc<Vec<String>> = Arc::new(
+        include_str!("../../../examples/data/reviews.jsonl")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["text"].as_str().map(str::to_owned))
+            .collect(),
+    );
+    let model = Arc::new(
+        flumen_embed::Embedder::load(flumen_embed::EmbedConfig::default())
+            .await
+            .expect("all-MiniLM-L6-v2 loads"),
+    );
+    let direct = {
+        let (model, texts) = (Arc::clone(&model), Arc::clone(&texts));
+        callers(move |i| {
+            let (model, texts) = (Arc::clone(&model), Arc::clone(&texts));
+            async move {
+                let text = texts[i as usize % texts.len()].clone();
+                matches!(model.call(&[text]).await, Ok(r) if r[0].as_ref().is_ok_and(|v| v.len() == 384))
+            }
+        })
+        .await
+    };
+    drop(model);
+    let config = ServeConfig::from_toml(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_pending = 100000\n\n[[models]]\nname = \"minilm\"\n[models.backend]\nkind = \"embedded\"\n",
+    )
+    .expect("a valid gateway configuration");
+    let gateway = start(&config).await.expect("the gateway starts");
+    let url = format!("http://{}/v1/embeddings", gateway.addr);
+    let metrics = format!("http://{}/metrics", gateway.addr);
+    let before = engine_calls(&metrics, "minilm").await;
+    let http = reqwest::Client::new();
+    let through = callers(move |i| {
+        let (http, url, texts) = (http.clone(), url.clone(), Arc::clone(&texts));
+        async move {
+            let body = json!({"model": "minilm", "input": texts[i as usize % texts.len()]});
+            match http.post(&url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {
+                    let v: Value = r.json().await.unwrap_or_default();
+                    v["data"][0]["embedding"].as_array().is_some_and(|e| e.len() == 384)
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let after = engine_calls(&metrics, "minilm").await;
+    gateway.server.abort();
+    EmbeddedRun {
+        direct,
+        gateway: through,
+        gateway_calls_per_row: (after.0 - before.0) / (after.1 - before.1).max(1.0),
     }
 }
 
@@ -248,6 +379,8 @@ async fn main() {
     let after = stats(&triton).await;
     let gateway_per_row = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
 
+    gateway.server.abort();
+    let emb = embedded().await;
     let overload = overload().await;
 
     let rate = |m: &Measured| m.rows as f64 / WINDOW.as_secs_f64();
@@ -288,8 +421,35 @@ async fn main() {
             format!("{:.2}", rg / r.max(1e-9)),
         ]);
     }
+    let (ed, eg) = (rate(&emb.direct), rate(&emb.gateway));
+    for (name, m, r, per_row) in [
+        (
+            "(c) callers → embedded all-MiniLM-L6-v2 in process, one call per row",
+            &emb.direct,
+            ed,
+            1.0,
+        ),
+        (
+            "(d) callers → flumen serve /v1/embeddings → embedded model",
+            &emb.gateway,
+            eg,
+            emb.gateway_calls_per_row,
+        ),
+    ] {
+        let s = Summary::of(m.latencies.clone());
+        table.row(vec![
+            name.into(),
+            format!("{r:.0}/s"),
+            "—".into(),
+            ms(s.p50),
+            ms(s.p99),
+            format!("{per_row:.3}"),
+            m.failed.to_string(),
+            format!("{:.2}", eg / r.max(1e-9)),
+        ]);
+    }
     print!("{}", table.render());
-    println!("\nLatency is per call, as a caller sees it. The embedded model's row of this comparison waits for the embedded backend (issue 5).\n");
+    println!("\nLatency is per call, as a caller sees it. \"gateway ×\" compares with the gateway row of the same model. (c) calls the model in this process with no HTTP at all; (d) adds HTTP and JSON (384 floats per answer) and batches the rows.\n");
     print!("{}", overload.table);
     println!(
         "{}",
@@ -299,6 +459,11 @@ async fn main() {
                 format!("{:.2}", rg / rd.max(1e-9))
             ),
             ("backend_requests_per_row", format!("{gateway_per_row:.3}")),
+            ("gateway_vs_direct_embedded", format!("{:.2}", eg / ed.max(1e-9))),
+            (
+                "embedded_calls_per_row",
+                format!("{:.3}", emb.gateway_calls_per_row)
+            ),
             (
                 "overload_admitted_p99_ms",
                 format!("{:.0}", overload.admitted_p99_ms)
@@ -306,6 +471,10 @@ async fn main() {
             (
                 "overload_rejected_pct",
                 format!("{:.1}", overload.rejected_pct)
+            ),
+            (
+                "overload_rss_growth_mib",
+                format!("{:.1}", overload.rss_growth_mib)
             ),
         ])
     );

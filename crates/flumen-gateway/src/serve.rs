@@ -626,15 +626,29 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// The process's Prometheus recorder, installed on first use: every engine of the
+/// process (labelled `engine`) reports to it, and every `/metrics` endpoint renders it.
+/// If another recorder was installed first, the handle renders nothing.
+fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                flumen_engine::telemetry::describe();
+            }
+            handle
+        })
+        .clone()
+}
+
 /// Installs the process's Prometheus recorder (engine metrics, names in
 /// `flumen_engine::telemetry`) and serves `GET /metrics` on `addr` in the background,
 /// for `flumen run --metrics-addr`. Returns the bound address (port 0 picks one).
 pub async fn serve_metrics(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_ok() {
-        flumen_engine::telemetry::describe();
-    }
+    let handle = prometheus();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new().route(
@@ -651,13 +665,8 @@ pub async fn serve_metrics(addr: std::net::SocketAddr) -> std::io::Result<std::n
 /// Starts a gateway for a validated configuration: connects every model's backend,
 /// then listens. A `listen` port of 0 picks a free one (see [`Running::addr`]).
 pub async fn start(config: &ServeConfig) -> Result<Running> {
-    // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`. A
-    // process runs one recorder: a second gateway in it exports nothing.
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_ok() {
-        flumen_engine::telemetry::describe();
-    }
+    // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`.
+    let handle = prometheus();
     let mut models = BTreeMap::new();
     for m in &config.models {
         let backend = AnyBackend::build(&m.backend).await.map_err(|p| {
