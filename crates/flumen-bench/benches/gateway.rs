@@ -111,7 +111,15 @@ fn flumen_binary() -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let bin = root.join("target/release/flumen");
     let status = std::process::Command::new("cargo")
-        .args(["build", "--release", "--quiet", "-p", "flumen-cli", "--bin", "flumen"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "flumen-cli",
+            "--bin",
+            "flumen",
+        ])
         .current_dir(&root)
         .status()
         .expect("cargo runs");
@@ -159,7 +167,10 @@ async fn overload() -> Overload {
     );
     let pid = child.0.id();
     let up = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < up, "flumen serve did not listen");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -225,13 +236,16 @@ async fn overload() -> Overload {
             format!("{rejected} ({rejected_pct:.1} %), {rejected_with_wait} with Retry-After"),
         ),
         ("other statuses or errors", other.to_string()),
-        ("flumen serve resident memory: start → during → end (MiB)", {
-            let mib: Vec<String> = std::iter::once(rss_start)
-                .chain(rss.iter().copied())
-                .map(|k| format!("{:.0}", k as f64 / 1024.0))
-                .collect();
-            mib.join(" → ")
-        }),
+        (
+            "flumen serve resident memory: start → during → end (MiB)",
+            {
+                let mib: Vec<String> = std::iter::once(rss_start)
+                    .chain(rss.iter().copied())
+                    .map(|k| format!("{:.0}", k as f64 / 1024.0))
+                    .collect();
+                mib.join(" → ")
+            },
+        ),
     ] {
         table.row(vec![k.into(), v]);
     }
@@ -248,14 +262,22 @@ async fn overload() -> Overload {
 
 /// Backend calls and rows an engine has sent, from a gateway's `/metrics`.
 async fn engine_calls(metrics_url: &str, engine: &str) -> (f64, f64) {
-    let text = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name) && l.contains(&format!("engine=\"{engine}\"")))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (value("flumen_batch_size_count"), value("flumen_batch_size_sum"))
+    (
+        value("flumen_batch_size_count"),
+        value("flumen_batch_size_sum"),
+    )
 }
 
 struct EmbeddedRun {
@@ -307,7 +329,9 @@ async fn embedded() -> EmbeddedRun {
             match http.post(&url).json(&body).send().await {
                 Ok(r) if r.status().is_success() => {
                     let v: Value = r.json().await.unwrap_or_default();
-                    v["data"][0]["embedding"].as_array().is_some_and(|e| e.len() == 384)
+                    v["data"][0]["embedding"]
+                        .as_array()
+                        .is_some_and(|e| e.len() == 384)
                 }
                 _ => false,
             }
@@ -459,7 +483,10 @@ async fn main() {
                 format!("{:.2}", rg / rd.max(1e-9))
             ),
             ("backend_requests_per_row", format!("{gateway_per_row:.3}")),
-            ("gateway_vs_direct_embedded", format!("{:.2}", eg / ed.max(1e-9))),
+            (
+                "gateway_vs_direct_embedded",
+                format!("{:.2}", eg / ed.max(1e-9))
+            ),
             (
                 "embedded_calls_per_row",
                 format!("{:.3}", emb.gateway_calls_per_row)

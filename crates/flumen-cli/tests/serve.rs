@@ -346,3 +346,100 @@ fn the_gateway_speaks_https_with_its_certificate() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// Waiting (bounded) for a child process to listen is not timing logic under test.
+#[allow(clippy::disallowed_methods)]
+#[test]
+fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
+    use std::io::{BufRead, Read};
+    let dir = std::env::temp_dir().join(format!("flumen-serve-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("log.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\napi_key_env = \"FLUMEN_TEST_LOG_TOKEN\"\nlog_requests = true\n\n[[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\n"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["serve", config.to_str().unwrap()])
+        .env("FLUMEN_TEST_LOG_TOKEN", "sekrit-token-42")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flumen serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let _gateway = Gateway(child);
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    let mut up = false;
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "flumen serve did not start listening");
+    let request = |auth: &str| {
+        let body = r#"{"model": "echo", "messages": [{"role": "user", "content": "payload-secret-text"}]}"#;
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "POST /v1/chat/completions?q=hidden HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(request("sekrit-token-42").starts_with("HTTP/1.1 200"));
+    assert!(request("wrong").starts_with("HTTP/1.1 401"));
+    let mut logged = Vec::new();
+    for _ in 0..100 {
+        logged = lines.lock().unwrap().clone();
+        if logged
+            .iter()
+            .filter(|l| l.contains("\"event\":\"request\""))
+            .count()
+            >= 2
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let requests: Vec<serde_json::Value> = logged
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("each log line is JSON"))
+        .collect();
+    assert_eq!(requests.len(), 2, "{logged:#?}");
+    assert_eq!(requests[0]["path"], "/v1/chat/completions");
+    assert_eq!(requests[0]["method"], "POST");
+    assert_eq!(requests[0]["status"], 200);
+    assert_eq!(requests[1]["status"], 401);
+    assert!(requests
+        .iter()
+        .all(|r| r["ms"].as_f64().is_some() && r["ts"].as_f64().is_some()));
+    let all = logged.join("\n");
+    for secret in ["sekrit-token-42", "payload-secret-text", "hidden"] {
+        assert!(
+            !all.contains(secret),
+            "`{secret}` leaked into the log: {all}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

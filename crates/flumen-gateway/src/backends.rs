@@ -306,8 +306,13 @@ pub struct EngineSection {
     pub attempt_timeout_ms: Option<u64>,
     /// Hedge idempotent calls after this long, ms.
     pub hedge_after_ms: Option<u64>,
-    /// Turn the circuit breaker on (Resilience4j-like defaults).
+    /// Turn the circuit breaker on (Resilience4j-like defaults: a window of 100
+    /// calls, opens at 50 % failures once 20 calls are in it, 30 s open).
     pub breaker: bool,
+    /// Calls the breaker's window must hold before it may open (default 20).
+    pub breaker_min_calls: Option<usize>,
+    /// How long the breaker stays open before half-open probes, ms (default 30,000).
+    pub breaker_open_ms: Option<u64>,
 }
 
 /// `[operator]`.
@@ -458,6 +463,14 @@ impl EngineSection {
         if self.max_batch == Some(0) {
             p.push(format!("{path}.max_batch: must be > 0"));
         }
+        if self.breaker_min_calls == Some(0) {
+            p.push(format!("{path}.breaker_min_calls: must be > 0"));
+        }
+        if !self.breaker && (self.breaker_min_calls.is_some() || self.breaker_open_ms.is_some()) {
+            p.push(format!(
+                "{path}.breaker: set it to true to use breaker_min_calls or breaker_open_ms"
+            ));
+        }
         p
     }
 
@@ -483,7 +496,17 @@ impl EngineSection {
                     .unwrap_or(RetryConfig::default().max_attempts),
                 ..RetryConfig::default()
             },
-            breaker: e.breaker.then(BreakerConfig::default),
+            breaker: e.breaker.then(|| {
+                let d = BreakerConfig::default();
+                BreakerConfig {
+                    min_calls: e.breaker_min_calls.unwrap_or(d.min_calls),
+                    open_wait: e
+                        .breaker_open_ms
+                        .map(Duration::from_millis)
+                        .unwrap_or(d.open_wait),
+                    ..d
+                }
+            }),
             attempt_timeout: e.attempt_timeout_ms.map(Duration::from_millis),
             hedge_after: e.hedge_after_ms.map(Duration::from_millis),
             seed: 0,

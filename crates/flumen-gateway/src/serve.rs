@@ -68,6 +68,9 @@ pub struct ServerSection {
     pub max_pending: usize,
     /// Default deadline of a request, ms.
     pub timeout_ms: u64,
+    /// One JSON line per request on stderr (time, method, path, status, duration);
+    /// never a body, a query string or a header. Off by default.
+    pub log_requests: bool,
 }
 
 impl Default for ServerSection {
@@ -82,6 +85,7 @@ impl Default for ServerSection {
             max_items: 2_048,
             max_pending: 10_000,
             timeout_ms: 30_000,
+            log_requests: false,
         }
     }
 }
@@ -626,6 +630,49 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// Ready when every model can take requests: its backend was reached at start (the
+/// gateway listens only then) and its circuit breaker is not open. Otherwise 503,
+/// naming the models that are not.
+async fn ready(State(g): State<Shared>) -> Response {
+    let open: Vec<&str> = g
+        .models
+        .iter()
+        .filter(|(_, m)| m.engine.stats().breaker == 2)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if open.is_empty() {
+        StatusCode::OK.into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("circuit open for: {}", open.join(", ")),
+        )
+    }
+}
+
+/// The access log: one JSON object per request on stderr. Only the method, the path,
+/// the status and the time are written — no body, query or header, so neither
+/// payloads nor tokens reach the log.
+async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let line = json!({
+        "ts": (ts * 1e3).round() / 1e3,
+        "event": "request",
+        "method": method,
+        "path": path,
+        "status": response.status().as_u16(),
+        "ms": (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+    });
+    eprintln!("{line}");
+    response
+}
+
 /// The process's Prometheus recorder, installed on first use: every engine of the
 /// process (labelled `engine`) reports to it, and every `/metrics` endpoint renders it.
 /// If another recorder was installed first, the handle renders nothing.
@@ -703,18 +750,23 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(list_models))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
-        .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(ready))
         .route(
             "/metrics",
             get(|State(g): State<Shared>| async move { g.metrics.render() }),
         )
         .route("/health/live", get(|| async { StatusCode::OK }))
-        .route("/health/ready", get(|| async { StatusCode::OK }))
+        .route("/health/ready", get(ready))
         .route("/v2/models/{model}", get(kserve_metadata))
         .route("/v2/models/{model}/ready", get(kserve_ready))
         .route("/v2/models/{model}/infer", post(kserve_infer))
         .layer(DefaultBodyLimit::max(s.max_body_bytes))
         .with_state(Arc::clone(&gateway));
+    let app = if s.log_requests {
+        app.layer(axum::middleware::from_fn(access_log))
+    } else {
+        app
+    };
     #[cfg(feature = "grpc")]
     if let Some(addr) = &s.grpc_listen {
         let addr: std::net::SocketAddr = addr.parse().context("server.grpc_listen")?;
@@ -810,6 +862,57 @@ mod tls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ready_turns_503_while_a_models_breaker_is_open() {
+        let config = ServeConfig::from_toml(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[models]]\nname = \"good\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\n\n\
+             [[models]]\nname = \"bad\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\nerror_rate = 1.0\n\
+             [models.engine]\nbreaker = true\nbreaker_min_calls = 3\nmax_attempts = 1\n",
+        )
+        .unwrap();
+        let running = start(&config).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        let http = reqwest::Client::new();
+        let ready = || async {
+            let r = http
+                .get(format!("{base}/health/ready"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        assert_eq!(ready().await.0, 200);
+        let row =
+            json!({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]});
+        // Failing calls until the breaker opens (3 are needed; with it open, a
+        // request would wait for it within its deadline, so stop there).
+        let mut sent = 0;
+        while ready().await.0 == 200 {
+            assert!(sent < 10, "the breaker never opened");
+            let r = http
+                .post(format!("{base}/v2/models/bad/infer"))
+                .header("x-request-timeout-ms", "2000")
+                .json(&row)
+                .send()
+                .await
+                .unwrap();
+            assert!(!r.status().is_success());
+            sent += 1;
+        }
+        let (status, body) = ready().await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("circuit open for: bad"), "{body}");
+        let good = http
+            .post(format!("{base}/v2/models/good/infer"))
+            .json(&row)
+            .send()
+            .await
+            .unwrap();
+        assert!(good.status().is_success(), "the other model still serves");
+        running.server.abort();
+    }
 
     #[test]
     fn tokens_compare_without_shortcuts() {
