@@ -280,7 +280,7 @@ pub async fn run(options: &SuiteOptions) -> Report {
     let _ = writeln!(md, "# Flumen benchmark report\n");
     let _ = writeln!(
         md,
-        "- Machine: {}\n- Mode: {} (warm-up {} s, window {} s, 1 s slices; stable = last three slices within 10 %)\n- Backend: simulated cost model, a = 20 ms, b = 0.5 ms per record, k = 2 slots, max batch 64; physical limit {limit:.0} records/s\n- SLO for goodput: {} ms; latency from each record's scheduled send time\n- Every number below comes from this run.\n",
+        "- Machine: {}\n- Mode: {} (warm-up {} s, window {} s, 1 s slices; stable = last three slices within 10 %; an unstable point is run again, up to three runs)\n- Backend: simulated cost model, a = 20 ms, b = 0.5 ms per record, k = 2 slots, max batch 64; physical limit {limit:.0} records/s\n- SLO for goodput: {} ms; latency from each record's scheduled send time\n- Every number below comes from this run.\n",
         machine(),
         if options.quick { "quick" } else { "full" },
         warmup.as_secs(),
@@ -349,22 +349,31 @@ pub async fn run(options: &SuiteOptions) -> Report {
                 faults: faults.clone(),
                 ..base.clone()
             };
-            let backend = sim(&config);
-            let run = match load {
-                Load::Backlog => {
-                    run_system(*system, Box::pin(backlog(10_000_000)), &backend, run_for).await
-                }
-                Load::Rate(r) => {
-                    run_system(
-                        *system,
-                        Box::pin(open_loop(*r, run_for, Some(options.seed))),
-                        &backend,
-                        run_for + grace,
-                    )
-                    .await
+            // The stability rule: a point whose last three 1 s slices disagree by more
+            // than 10 % is run again, up to three runs; the last run is reported.
+            let mut runs = 0;
+            let m = loop {
+                runs += 1;
+                let backend = sim(&config);
+                let run = match load {
+                    Load::Backlog => {
+                        run_system(*system, Box::pin(backlog(10_000_000)), &backend, run_for).await
+                    }
+                    Load::Rate(r) => {
+                        run_system(
+                            *system,
+                            Box::pin(open_loop(*r, run_for, Some(options.seed + runs))),
+                            &backend,
+                            run_for + grace,
+                        )
+                        .await
+                    }
+                };
+                let m = measure(&run, &backend, *load, warmup, window, slo);
+                if m.stable || runs == 3 {
+                    break m;
                 }
             };
-            let m = measure(&run, &backend, *load, warmup, window, slo);
             if *system == System::Flumen {
                 flumen_rate = m.throughput;
             }
@@ -390,7 +399,11 @@ pub async fn run(options: &SuiteOptions) -> Report {
                 },
                 m.keeps_up
                     .map_or("—".into(), |k| if k { "yes".into() } else { "no".into() }),
-                if m.stable { "yes".into() } else { "no".into() },
+                match (m.stable, runs) {
+                    (true, 1) => "yes".into(),
+                    (true, n) => format!("yes (run {n})"),
+                    (false, n) => format!("no ({n} runs)"),
+                },
                 format!("{:.3}", m.calls_per_record),
                 format!("{:.1} / {}", m.batch_mean, m.batch_max),
                 m.failed.to_string(),
@@ -498,6 +511,11 @@ pub async fn run(options: &SuiteOptions) -> Report {
             ),
         ),
     ];
+    let (sweep_md, sweep_plot) = closed_loop_sweep(&base, run_for, warmup, window).await;
+    md.push_str(&sweep_md);
+    plots.push(sweep_plot);
+    md.push_str(&embedded_backlog(warmup, window).await);
+    md.push_str(&triton_backlog(warmup, window).await);
     let _ = writeln!(md, "## Throughput against p99 latency at steady loads (10, 50, 90 %)\n\n![throughput vs p99](throughput_p99.svg)\n");
     plots.push((
         "throughput_p99.svg".into(),
@@ -512,6 +530,320 @@ pub async fn run(options: &SuiteOptions) -> Report {
         markdown: md,
         plots,
     }
+}
+
+/// Closed loop: the operator's capacity (records outstanding, like perf_analyzer's
+/// concurrency) swept over a backlog, Flumen against Flink Async I/O at the same
+/// capacity. Latency is from the moment each system took the record.
+async fn closed_loop_sweep(
+    base: &SimConfig,
+    run_for: Duration,
+    warmup: Duration,
+    window: Duration,
+) -> (String, (String, String)) {
+    let limit = base.limit_rps();
+    let mut md = String::from("## Closed loop: records outstanding swept (backlog)\n\n");
+    let mut table = Table::new(&[
+        "outstanding",
+        "Flumen",
+        "Flumen p99",
+        "Flumen batch mean",
+        "Async I/O",
+        "Async I/O p99",
+        "Flumen ×",
+    ]);
+    let mut curves = vec![
+        Series {
+            name: "Flumen (capacity c)".into(),
+            points: vec![],
+        },
+        Series {
+            name: "Flink Async I/O (capacity c)".into(),
+            points: vec![],
+        },
+    ];
+    for c in [1usize, 4, 16, 64, 256, 1024] {
+        let backend = sim(base);
+        let engine = Engine::from_arc(Arc::clone(&backend), EngineConfig::default());
+        let config = OperatorConfig {
+            capacity: c,
+            ..OperatorConfig::default()
+        };
+        let flumen = backlog(10_000_000)
+            .infer(&engine, config, |s| Ok(s.id))
+            .map(|o| (o.record, o.result));
+        let fr = drive(flumen, run_for).await;
+        let fm = measure(&fr, &backend, Load::Backlog, warmup, window, Duration::MAX);
+        let fp99 = fr.emission_summary().p99;
+        let backend = sim(base);
+        let ar = drive(
+            per_record(backlog(10_000_000), Arc::clone(&backend), c, |s| s.id),
+            run_for,
+        )
+        .await;
+        let am = measure(&ar, &backend, Load::Backlog, warmup, window, Duration::MAX);
+        let ap99 = ar.emission_summary().p99;
+        curves[0]
+            .points
+            .push((fm.throughput, fp99.as_secs_f64() * 1e3));
+        curves[1]
+            .points
+            .push((am.throughput, ap99.as_secs_f64() * 1e3));
+        table.row(vec![
+            c.to_string(),
+            format!(
+                "{:.0}/s ({:.0} %)",
+                fm.throughput,
+                100.0 * fm.throughput / limit
+            ),
+            ms(fp99),
+            format!("{:.1}", fm.batch_mean),
+            format!(
+                "{:.0}/s ({:.0} %)",
+                am.throughput,
+                100.0 * am.throughput / limit
+            ),
+            ms(ap99),
+            format!("{:.1}", fm.throughput / am.throughput.max(1e-9)),
+        ]);
+    }
+    md.push_str(&table.render());
+    md.push_str("\nWith c records outstanding Flumen can batch at most c at a time: at c = 1 it is a per-record client too; from c ≈ 2 × 64 it reaches the limit, where Async I/O stays bounded by one record per call.\n\n![closed loop](closed_loop.svg)\n\n");
+    let plot = (
+        "closed_loop.svg".to_string(),
+        line_chart(
+            "Closed loop: throughput vs p99 as records outstanding grow (1 … 1024)",
+            "records/s",
+            "p99 ms",
+            &curves,
+        ),
+    );
+    (md, plot)
+}
+
+/// Counts calls and records per call of any backend.
+struct Counted<B> {
+    inner: B,
+    calls: std::sync::atomic::AtomicU64,
+    items: std::sync::atomic::AtomicU64,
+}
+
+impl<B: flumen_core::Backend> flumen_core::Backend for Counted<B> {
+    type Input = B::Input;
+    type Output = B::Output;
+
+    fn capabilities(&self) -> flumen_core::Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn cost(&self, input: &B::Input) -> flumen_core::ItemCost {
+        self.inner.cost(input)
+    }
+
+    async fn call(&self, batch: &[B::Input]) -> flumen_core::BatchResult<B::Output> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        self.items.fetch_add(batch.len() as u64, Relaxed);
+        self.inner.call(batch).await
+    }
+}
+
+/// The embedded all-MiniLM-L6-v2 on a backlog of short review texts: Flumen against
+/// a per-record client (Async I/O) and fixed batching (Ray Serve's defaults).
+async fn embedded_backlog(warmup: Duration, window: Duration) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut md = String::from("## Embedded all-MiniLM-L6-v2: backlog drain\n\n");
+    let model = match flumen_embed::Embedder::load(flumen_embed::EmbedConfig::default()).await {
+        Ok(m) => Arc::new(Counted {
+            inner: m,
+            calls: Default::default(),
+            items: Default::default(),
+        }),
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: the model could not be loaded: {e}\n");
+            return md;
+        }
+    };
+    let texts: Arc<Vec<String>> = Arc::new(
+        include_str!("../../../examples/data/reviews.jsonl")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["text"].as_str().map(str::to_owned))
+            .collect(),
+    );
+    let text = {
+        let texts = Arc::clone(&texts);
+        move |s: &Scheduled| texts[s.id as usize % texts.len()].clone()
+    };
+    let mut table = Table::new(&[
+        "system",
+        "sentences/s",
+        "p99 from hand-over",
+        "calls/record",
+        "batch mean",
+        "failed",
+        "Flumen ×",
+    ]);
+    let mut rows = Vec::new();
+    for system in [System::Flumen, System::AsyncIo, System::RayServe] {
+        let (c0, i0) = (model.calls.load(Relaxed), model.items.load(Relaxed));
+        let input = backlog(10_000_000);
+        let run = match system {
+            System::Flumen => {
+                let engine = Engine::from_arc(Arc::clone(&model), EngineConfig::default());
+                let t = text.clone();
+                let out = input
+                    .infer(&engine, OperatorConfig::default(), move |s| Ok(t(s)))
+                    .map(|o| (o.record, o.result.map(|_| ())));
+                drive(out, warmup + window).await
+            }
+            System::AsyncIo => {
+                let out = per_record(input, Arc::clone(&model), 100, text.clone())
+                    .map(|(r, res)| (r, res.map(|_| ())));
+                drive(out, warmup + window).await
+            }
+            _ => {
+                let out = fixed_batch(
+                    input,
+                    Arc::clone(&model),
+                    10,
+                    Duration::from_millis(10),
+                    text.clone(),
+                )
+                .map(|(r, res)| (r, res.map(|_| ())));
+                drive(out, warmup + window).await
+            }
+        };
+        let (calls, items) = (
+            model.calls.load(Relaxed) - c0,
+            model.items.load(Relaxed) - i0,
+        );
+        let from = run.start + warmup;
+        let rate = run.completions.rate(from, from + window);
+        rows.push((
+            system,
+            rate,
+            run.emission_summary().p99,
+            calls,
+            items,
+            run.failed,
+        ));
+    }
+    let flumen = rows[0].1;
+    for (system, rate, p99, calls, items, failed) in rows {
+        table.row(vec![
+            system.name().into(),
+            format!("{rate:.0}/s"),
+            ms(p99),
+            format!("{:.3}", calls as f64 / items.max(1) as f64),
+            format!("{:.1}", items as f64 / calls.max(1) as f64),
+            failed.to_string(),
+            format!("{:.2}", flumen / rate.max(1e-9)),
+        ]);
+    }
+    md.push_str(&table.render());
+    md.push_str("\nThe model runs in this process on all cores (a ragged batch split across its threads), so batching buys less than against a remote server: no per-call network or framework overhead to amortise, only GEMM efficiency and thread hand-offs.\n\n");
+    md
+}
+
+/// A real Triton server's cost model (a = 20 ms, b = 0.5 ms, k = 2, max batch 64) on
+/// a backlog: Flumen's client-side batching (dynamic batcher off) against per-record
+/// requests with Triton's server-side dynamic batcher, 10 and 100 in flight (Flink's
+/// Triton provider; Flink Async I/O's default capacity). Skipped, saying so, when
+/// Triton is not installed (`scripts/triton.sh`).
+async fn triton_backlog(warmup: Duration, window: Duration) -> String {
+    use flumen_kserve::server::{cost_model, TritonServer};
+    use flumen_kserve::{KserveConfig, KserveHttp};
+    let mut md = String::from("## Real Triton server, cost model: backlog drain\n\n");
+    let (a, b, k, n) = (20.0, 0.5, 2, 64);
+    let limit = k as f64 * n as f64 / ((a + b * n as f64) / 1e3);
+    let triton = match TritonServer::start(&[
+        cost_model("cost", a, b, k, n, false),
+        cost_model("cost_db", a, b, k, n, true),
+    ]) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(
+                md,
+                "Not measured: {e} (`bash scripts/triton.sh` installs it).\n"
+            );
+            return md;
+        }
+    };
+    let connect = |model: &'static str| {
+        let url = triton.http_url();
+        async move { KserveHttp::connect(KserveConfig::new(url, model)).await }
+    };
+    let (plain, batched) = match (connect("cost").await, connect("cost_db").await) {
+        (Ok(p), Ok(b)) => (Arc::new(p), Arc::new(b)),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = writeln!(md, "Not measured: Triton did not become ready: {e}\n");
+            return md;
+        }
+    };
+    let row = |s: &Scheduled| serde_json::json!(s.id as f64);
+    let mut table = Table::new(&[
+        "system",
+        "throughput",
+        "% of limit",
+        "p99 from hand-over",
+        "failed",
+        "Flumen ×",
+    ]);
+    let run_for = warmup + window;
+    let mut rows = Vec::new();
+    for (name, system) in [
+        ("Flumen, client-side batching (dynamic batcher off)", 0),
+        (
+            "per record, 10 in flight, Triton dynamic batcher (Flink's Triton provider)",
+            1,
+        ),
+        (
+            "per record, 100 in flight, Triton dynamic batcher (Async I/O capacity)",
+            2,
+        ),
+    ] {
+        let run = match system {
+            0 => {
+                let engine = Engine::from_arc(Arc::clone(&plain), EngineConfig::default());
+                let config = OperatorConfig {
+                    capacity: 512,
+                    ..OperatorConfig::default()
+                };
+                let out = backlog(10_000_000)
+                    .infer(&engine, config, move |s| Ok(row(s)))
+                    .map(|o| (o.record, o.result.map(|_| ())));
+                drive(out, run_for).await
+            }
+            c => {
+                let inflight = if c == 1 { 10 } else { 100 };
+                let out = per_record(backlog(10_000_000), Arc::clone(&batched), inflight, row)
+                    .map(|(r, res)| (r, res.map(|_| ())));
+                drive(out, run_for).await
+            }
+        };
+        let from = run.start + warmup;
+        let rate = run.completions.rate(from, from + window);
+        rows.push((name, rate, run.emission_summary().p99, run.failed));
+    }
+    let flumen = rows[0].1;
+    for (name, rate, p99, failed) in rows {
+        table.row(vec![
+            name.into(),
+            format!("{rate:.0}/s"),
+            format!("{:.1} %", 100.0 * rate / limit),
+            ms(p99),
+            failed.to_string(),
+            format!("{:.2}", flumen / rate.max(1e-9)),
+        ]);
+    }
+    let _ = writeln!(
+        md,
+        "tritonserver 2.51 on this CPU, a Python-backend model; physical limit {limit:.0} rows/s.\n"
+    );
+    md.push_str(&table.render());
+    md.push('\n');
+    md
 }
 
 /// Open-loop arrivals that start after `delay`.

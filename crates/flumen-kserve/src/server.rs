@@ -3,6 +3,8 @@
 //! temporary model repository, on free loopback ports; killed on drop.
 
 use std::net::TcpListener;
+#[cfg(unix)]
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -28,6 +30,15 @@ pub struct TritonServer {
 
 impl Drop for TritonServer {
     fn drop(&mut self) {
+        // The whole process group: tritonserver and its Python backend stubs, which a
+        // kill of the server alone would leave orphaned.
+        #[cfg(unix)]
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.repo);
@@ -98,6 +109,7 @@ impl TritonServer {
                 &grpc.to_string(),
             ])
             .args(["--metrics-port", &metrics.to_string()])
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
