@@ -31,6 +31,20 @@ fn pyclients() -> PathBuf {
     dir
 }
 
+/// Waits (bounded) until something listens on `port`.
+// Waiting for a child process is not timing logic under test.
+#[allow(clippy::disallowed_methods)]
+fn wait_listening(port: u16, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flumen serve did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn embed_model() -> PythonModel {
     PythonModel {
         name: "embed".into(),
@@ -215,15 +229,7 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
             .expect("flumen serve starts"),
     );
     // The gateway connects to Triton (waiting for readiness) before it listens.
-    let mut up = false;
-    for _ in 0..600 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "flumen serve did not start listening");
+    wait_listening(port, Duration::from_secs(60));
     let script = dir.join("client.py");
     std::fs::File::create(&script)
         .unwrap()
@@ -315,15 +321,7 @@ fn the_gateway_speaks_https_with_its_certificate() {
             .spawn()
             .expect("flumen serve starts"),
     );
-    let mut up = false;
-    for _ in 0..300 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "flumen serve did not start listening");
+    wait_listening(port, Duration::from_secs(30));
     let script = format!(
         "import sys, httpx\nfrom openai import OpenAI\n\
          c = OpenAI(base_url='https://127.0.0.1:{port}/v1', api_key='x', max_retries=0, http_client=httpx.Client(verify={cert:?}))\n\
@@ -384,15 +382,7 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
             sink.lock().unwrap().push(l);
         }
     });
-    let mut up = false;
-    for _ in 0..300 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "flumen serve did not start listening");
+    wait_listening(port, Duration::from_secs(30));
     let request = |auth: &str| {
         let body = r#"{"model": "echo", "messages": [{"role": "user", "content": "payload-secret-text"}]}"#;
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
