@@ -8,25 +8,12 @@ use std::sync::OnceLock;
 
 use flumen_core::Backend;
 use flumen_embed::{EmbedConfig, Embedder};
-use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Reference {
-    model_safetensors_sha256: String,
-    max_seq_length: usize,
-    cases: Vec<Case>,
-}
+mod common;
+use common::cosine;
 
-#[derive(Deserialize)]
-struct Case {
-    text: String,
-    token_ids: Vec<u32>,
-    embedding: Vec<f32>,
-}
-
-fn reference() -> Reference {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("reference.json")).expect("json")
+fn reference() -> common::Reference {
+    common::reference("reference.json")
 }
 
 fn model() -> &'static Embedder {
@@ -39,14 +26,6 @@ fn model() -> &'static Embedder {
         rt.block_on(Embedder::load(EmbedConfig::default()))
             .unwrap_or_else(|e| panic!("loading all-MiniLM-L6-v2: {e}"))
     })
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 #[test]

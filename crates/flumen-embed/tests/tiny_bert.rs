@@ -3,33 +3,14 @@
 //! own vectors. Written by `scripts/tiny_bert.py` with random weights.
 
 use flumen_embed::{EmbedConfig, Embedder, ModelSpec};
-use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Reference {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    text: String,
-    token_ids: Vec<u32>,
-    embedding: Vec<f32>,
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
+mod common;
+use common::cosine;
 
 #[tokio::test]
 async fn another_bert_shape_matches_sentence_transformers() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tiny-bert");
-    let reference: Reference =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/reference.json")).unwrap())
-            .unwrap();
+    let reference = common::reference("tiny-bert/reference.json");
     let config = EmbedConfig {
         model: ModelSpec::dir(dir),
         threads: 2,
