@@ -97,6 +97,16 @@ async fn publish(js: &jetstream::Context, subject: &str, payloads: Vec<Vec<u8>>)
     }
 }
 
+/// The pipeline's durable consumer on `IN`, as the server sees it.
+async fn durable(js: &jetstream::Context) -> jetstream::consumer::Info {
+    js.get_stream("IN")
+        .await
+        .unwrap()
+        .consumer_info("flumen")
+        .await
+        .unwrap()
+}
+
 /// Messages in `stream` now.
 async fn count(js: &jetstream::Context, stream: &str) -> u64 {
     js.get_stream(stream)
@@ -189,13 +199,7 @@ async fn ten_thousand_records_through_jetstream_and_bad_ones_to_the_dead_letter_
         );
     }
     // Everything was acknowledged: nothing left pending on the durable consumer.
-    let info = js
-        .get_stream("IN")
-        .await
-        .unwrap()
-        .consumer_info("flumen")
-        .await
-        .unwrap();
+    let info = durable(&js).await;
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
 }
@@ -304,13 +308,7 @@ async fn a_failing_sink_acknowledges_nothing_and_a_later_run_delivers_everything
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot write the output"), "{err}");
-    let info = js
-        .get_stream("IN")
-        .await
-        .unwrap()
-        .consumer_info("flumen")
-        .await
-        .unwrap();
+    let info = durable(&js).await;
     assert_eq!(info.ack_floor.stream_sequence, 0, "nothing acknowledged");
 
     let good = worker(&pipeline(
