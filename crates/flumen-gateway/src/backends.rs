@@ -666,6 +666,24 @@ impl AnyBackend {
     }
 }
 
+/// An embedding as JSON, each float written with the fewest digits that read back as
+/// the same f32 (`-0.018750638`, not the f64 widening `-0.018750637769699097`): the
+/// same values in about half the bytes.
+fn vector(v: Vec<f32>) -> Value {
+    let mut buf = ryu::Buffer::new();
+    Value::Array(
+        v.into_iter()
+            .map(|x| {
+                if !x.is_finite() {
+                    return Value::Null;
+                }
+                let shortest: f64 = buf.format_finite(x).parse().unwrap_or(f64::from(x));
+                serde_json::Number::from_f64(shortest).map_or(Value::Null, Value::Number)
+            })
+            .collect(),
+    )
+}
+
 /// A record that must be a string, for the text backends.
 fn text(v: &Value) -> Result<String, BackendError> {
     v.as_str()
@@ -736,12 +754,12 @@ impl Backend for AnyBackend {
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
         match self {
             #[cfg(feature = "embedded")]
-            AnyBackend::Embedded(b) => on_text(b, batch, |v: Vec<f32>| Value::from(v)).await,
+            AnyBackend::Embedded(b) => on_text(b, batch, vector).await,
             AnyBackend::Sim(b) => b.call(batch).await,
             AnyBackend::Kserve(b) => b.call(batch).await,
             #[cfg(feature = "grpc")]
             AnyBackend::KserveGrpc(b) => b.call(batch).await,
-            AnyBackend::Embeddings(b) => on_text(b, batch, |v: Vec<f32>| Value::from(v)).await,
+            AnyBackend::Embeddings(b) => on_text(b, batch, vector).await,
             AnyBackend::Chat(b) => on_text(b, batch, Value::String).await,
             AnyBackend::Http(b) => b.call(batch).await,
         }
@@ -751,6 +769,15 @@ impl Backend for AnyBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vectors_are_written_short_and_read_back_exactly() {
+        let xs = [-0.018_750_638_f32, 1.0, 0.1, 3.402_823_5e38, -1.0e-40, 0.0];
+        let text = serde_json::to_string(&vector(xs.to_vec())).unwrap();
+        assert!(text.starts_with("[-0.018750638,1.0,0.1,"), "{text}");
+        let back: Vec<f32> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, xs, "every f32 survives the round trip");
+    }
 
     #[test]
     fn an_embedded_section_reports_every_problem() {
