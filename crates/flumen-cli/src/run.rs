@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use flumen_connect::{AckToken, Committer, Sink, SinkConfig, SinkRecord, Source, SourceConfig};
+use flumen_connect::{AckToken, Sink, SinkConfig, SinkRecord, Source, SourceConfig};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     AimdConfig, BatchConfig, ConcurrencyConfig, Engine, EngineConfig, GradientConfig, InferExt,
@@ -306,16 +306,14 @@ fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup> {
         operator,
     };
     let mut problems = file.validate();
-    for (section, problems_of) in [
-        ("source", source.as_ref().map(|s| s.validate("source"))),
-        ("sink", sink.as_ref().map(|s| s.validate("sink"))),
-        (
-            "dead_letter",
-            dead_letter.as_ref().map(|s| s.validate("dead_letter")),
-        ),
-    ] {
-        let _ = section;
-        problems.extend(problems_of.unwrap_or_default());
+    if let Some(s) = &source {
+        problems.extend(s.validate("source"));
+    }
+    if let Some(s) = &sink {
+        problems.extend(s.validate("sink"));
+    }
+    if let Some(s) = &dead_letter {
+        problems.extend(s.validate("dead_letter"));
     }
     if mapping.max_record_bytes == Some(0) {
         problems.push("mapping.max_record_bytes: must be > 0".into());
@@ -476,7 +474,7 @@ struct Line {
     record: Result<Value, String>,
     raw: Vec<u8>,
     read_at: Instant,
-    token: std::sync::Mutex<Option<AckToken>>,
+    token: AckToken,
 }
 
 fn parse_line(message: flumen_connect::Message, max_bytes: usize) -> Line {
@@ -504,7 +502,7 @@ fn parse_line(message: flumen_connect::Message, max_bytes: usize) -> Line {
         record,
         raw,
         read_at: Instant::now(),
-        token: std::sync::Mutex::new(Some(token)),
+        token,
     }
 }
 
@@ -606,13 +604,6 @@ impl Tally {
     fn failed_total(&self) -> u64 {
         self.failed.iter().sum()
     }
-}
-
-async fn close(committer: Committer) -> Result<()> {
-    committer
-        .close()
-        .await
-        .context("cannot acknowledge the source")
 }
 
 /// Where the records come from.
@@ -776,9 +767,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             } else {
                 good.push(out);
             }
-            if let Some(t) = record.token.lock().expect("token lock").take() {
-                tokens.push(t);
-            }
+            tokens.push(record.token);
         }
         let written = match sink.write(good).await {
             Ok(()) => match &mut dead {
@@ -810,7 +799,10 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             }
         });
     }
-    close(committer).await?;
+    committer
+        .close()
+        .await
+        .context("cannot acknowledge the source")?;
     if let Some(e) = source_error.lock().expect("error slot").take() {
         return Err(e)
             .context("the source failed; the records before were processed and acknowledged");
