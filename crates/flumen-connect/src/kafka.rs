@@ -20,8 +20,19 @@ use tokio::time::Instant;
 use crate::config::{KafkaSink as SinkConfig, KafkaSource as SourceConfig};
 use crate::{AckToken, Committer, CommitterKind, ConnectError, Message, SinkRecord, Source};
 
-/// Sees rebalances: before partitions are taken away, commits what is committable for
-/// them and forgets them (their new owner resumes from that commit); reports each
+/// The commit points of `topic` as a partition list.
+fn offsets(topic: &str, points: Vec<(i32, i64)>) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in points {
+        // Only fails for an invalid offset, which the tracker never produces.
+        let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    list
+}
+
+/// Sees rebalances: before partitions are taken away, commits what is committable (on
+/// every partition) and forgets the revoked ones (their new owner resumes from that
+/// commit); reports each
 /// assignment on stderr, where operators (and the scale-out test) look for it.
 struct Rebalancing {
     tracker: Arc<Mutex<crate::OffsetTracker>>,
@@ -34,14 +45,10 @@ impl ConsumerContext for Rebalancing {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            // Everything committable now, revoked partitions or not: `to_commit` marks
+            // every point it returns as handed out, so none may be dropped here.
             let mut tracker = self.tracker.lock().expect("tracker lock");
-            let mut commit = TopicPartitionList::new();
-            for (partition, offset) in tracker.to_commit() {
-                if revoked.contains(&partition) {
-                    let _ =
-                        commit.add_partition_offset(&self.topic, partition, Offset::Offset(offset));
-                }
-            }
+            let commit = offsets(&self.topic, tracker.to_commit());
             for p in &revoked {
                 tracker.forget(*p);
             }
@@ -175,14 +182,12 @@ impl KafkaCommitter {
     }
 
     fn commit(&self, mode: CommitMode) -> Result<(), ConnectError> {
-        let points = self.tracker.lock().expect("tracker lock").to_commit();
-        if points.is_empty() {
+        let list = offsets(
+            &self.topic,
+            self.tracker.lock().expect("tracker lock").to_commit(),
+        );
+        if list.count() == 0 {
             return Ok(());
-        }
-        let mut list = TopicPartitionList::new();
-        for (partition, offset) in points {
-            list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))
-                .map_err(|e| ConnectError::Commit(e.to_string()))?;
         }
         // A partition revoked in a rebalance fails to commit; its new owner resumes
         // from the last commit that succeeded (duplicates, never a loss).
