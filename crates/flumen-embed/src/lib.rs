@@ -315,36 +315,11 @@ impl Embedder {
         });
         let mut out = Vec::new();
         // Polled together: each chunk is queued on its first poll.
-        for r in join_all(runs.collect()).await {
+        for r in futures::future::join_all(runs).await {
             out.extend(r.map_err(EmbedError::Threads)?);
         }
         Ok(out)
     }
-}
-
-/// A minimal `join_all` (ordered), so this crate does not need `futures`.
-async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    use std::pin::Pin;
-    use std::task::Poll;
-    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(move |cx| {
-        let mut pending = false;
-        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => *slot = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(out.iter_mut().map(|s| s.take().expect("ready")).collect())
-        }
-    })
-    .await
 }
 
 /// Splits texts into at most `parts` contiguous chunks of about equal length (bytes, a
