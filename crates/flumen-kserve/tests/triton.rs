@@ -132,6 +132,9 @@ async fn the_binary_tensor_extension_carries_numbers_and_text_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_triton_really_returns_are_classified() {
     let triton = start();
+    // Connecting to a known model first waits (up to a minute) for the server to be
+    // up, so the short wait below is spent on the unknown model, not on startup.
+    let backend = connect(&triton, "cost").await;
     // An unknown model: connect says so, with Triton's words.
     let mut config = KserveConfig::new(triton.http_url(), "no_such_model");
     config.ready_timeout = Duration::from_secs(2);
@@ -142,7 +145,6 @@ async fn errors_triton_really_returns_are_classified() {
     assert!(err.to_string().contains("no_such_model"), "{err}");
 
     // A record of the wrong datatype or shape fails alone, as invalid input.
-    let backend = connect(&triton, "cost").await;
     let results = backend
         .call(&[json!(1.5), json!("text"), json!([1.0, 2.0])])
         .await
@@ -248,6 +250,8 @@ mod grpc {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn grpc_errors_triton_really_returns_are_classified() {
         let triton = start();
+        // As above: a known model first, so the short wait is not spent on startup.
+        let queued = Arc::new(connect(&triton, "queued", 1).await);
         let mut config =
             KserveConfig::new(format!("http://127.0.0.1:{}", triton.grpc_port()), "nope");
         config.ready_timeout = Duration::from_secs(2);
@@ -257,7 +261,6 @@ mod grpc {
             .expect("unknown model");
         assert!(err.to_string().contains("nope"), "{err}");
 
-        let queued = Arc::new(connect(&triton, "queued", 1).await);
         let calls: Vec<_> = (0..6)
             .map(|i| {
                 let b = Arc::clone(&queued);
