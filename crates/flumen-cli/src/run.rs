@@ -614,39 +614,55 @@ pub enum Input {
     Builtin(&'static [u8]),
 }
 
-/// Stops the source on the first SIGINT/SIGTERM (in-flight records finish, are
-/// written and acknowledged); exits at once on the second.
-async fn first_signal(quiet: bool) {
-    async fn one() {
+/// SIGINT and SIGTERM, listened to from one place for the whole run: a signal that
+/// arrives while nobody awaits it (between the first and the wait for the second)
+/// is still seen.
+struct Shutdown {
+    #[cfg(unix)]
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Shutdown {
+    fn listen() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
+            let signals = signal(SignalKind::interrupt())
+                .and_then(|int| Ok((int, signal(SignalKind::terminate())?)))
+                .ok();
+            Shutdown { signals }
         }
         #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
+        Shutdown {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((int, term)) = &mut self.signals {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    one().await;
-    if !quiet {
-        eprintln!("\nflumen: stopping: finishing the records in flight (again to exit at once)");
+
+    /// Resolves at the first signal, which stops the source (in-flight records
+    /// finish, are written and acknowledged); the second exits at once.
+    async fn first(mut self, quiet: bool) {
+        self.recv().await;
+        if !quiet {
+            eprintln!(
+                "\nflumen: stopping: finishing the records in flight (again to exit at once)"
+            );
+        }
+        tokio::spawn(async move {
+            self.recv().await;
+            eprintln!("flumen: exiting at once; unacknowledged records will be delivered again");
+            std::process::exit(130);
+        });
     }
-    tokio::spawn(async {
-        one().await;
-        eprintln!("flumen: exiting at once; unacknowledged records will be delivered again");
-        std::process::exit(130);
-    });
 }
 
 /// Runs `flumen run`.
@@ -707,7 +723,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     let slot = Arc::clone(&source_error);
     let max_bytes = setup.max_record_bytes;
     let lines = messages
-        .take_until(Box::pin(first_signal(args.quiet)))
+        .take_until(Box::pin(Shutdown::listen().first(args.quiet)))
         .scan((), move |_, m| {
             futures::future::ready(match m {
                 Ok(m) => Some(parse_line(m, max_bytes)),

@@ -457,9 +457,18 @@ fn metrics_are_served_while_a_run_is_going() {
 #[test]
 #[allow(clippy::disallowed_methods)] // signals a child process in real time
 fn a_second_signal_exits_at_once() {
+    use std::io::{BufRead, Read};
+    use std::time::Duration;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
         // A backend call takes 60 s: draining after the first signal would too.
-        .args(["run", "--backend", "sim", "--sim-a-ms", "60000", "--quiet"])
+        .args(["run", "--backend", "sim", "--sim-a-ms", "60000"])
+        .args(["--metrics-addr", &addr])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -468,28 +477,70 @@ fn a_second_signal_exits_at_once() {
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{{\"id\": 1}}").unwrap();
     stdin.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // stderr, line by line, on a thread (the progress line ends in \r, not \n).
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+            let _ = tx.send(std::mem::take(&mut line));
+        }
+    });
+    // Signal only once the record is at the backend: the source has been read, so
+    // the signal listener is installed (a signal before that kills by default).
+    let in_flight = || {
+        let mut conn = std::net::TcpStream::connect(&addr).ok()?;
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).ok()?;
+        let busy = body
+            .lines()
+            .filter(|l| l.starts_with("flumen_batches_in_flight"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        (busy >= 1.0).then_some(())
+    };
+    let mut tries = 0;
+    while in_flight().is_none() {
+        tries += 1;
+        assert!(tries < 1200, "the record never reached the backend");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pid = child.id().to_string();
     let kill = || Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     kill();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stopping = |line: &String| line.contains("stopping: finishing the records in flight");
+    let mut err = String::new();
+    while !stopping(&err) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the first signal is reported");
+        err.push_str(&line);
+    }
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first signal drains"
     );
     kill();
-    let deadline = std::time::Duration::from_secs(10);
-    let mut waited = std::time::Duration::ZERO;
+    let mut waited = Duration::ZERO;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(waited < deadline, "the second signal did not exit");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        waited += std::time::Duration::from_millis(50);
+        assert!(
+            waited < Duration::from_secs(30),
+            "the second signal did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
     };
     assert_eq!(status.code(), Some(130));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        err.push_str(&line);
+    }
     assert!(err.contains("exiting at once"), "{err}");
 }
