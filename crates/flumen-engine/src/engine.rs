@@ -753,6 +753,7 @@ enum Ended<O> {
 impl<B: Backend> Call<B> {
     async fn run(self, jobs: Vec<Job<B>>) -> Report<B> {
         let items = jobs.len();
+        let tokens = jobs.iter().map(|j| j.meta.cost.tokens).sum();
         let mut inputs = Vec::with_capacity(items);
         let mut waiting = Vec::with_capacity(items);
         for job in jobs {
@@ -777,6 +778,7 @@ impl<B: Backend> Call<B> {
                 sent_at: self.sent_at,
                 rtt,
                 items,
+                tokens,
                 in_flight: self.in_flight,
                 limit: self.limit,
                 outcome: SampleOutcome::Ok,

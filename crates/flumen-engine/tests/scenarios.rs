@@ -148,6 +148,57 @@ async fn the_gradient_limit_settles_at_the_slot_count() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn one_record_per_call_of_varying_cost_still_fills_every_slot() {
+    // Sentences of 4–128 tokens, one per call (like an embedding model at batch 1):
+    // a call's latency spreads tenfold with its tokens, and none of that is queueing.
+    let k = 4;
+    let tokens = |&i: &u64| 4 + (i * 7_919) % 125;
+    let sim = Arc::new(
+        Sim::new(SimConfig {
+            base: ms(2),
+            per_item: Duration::ZERO,
+            per_token: Duration::from_micros(200),
+            slots: k,
+            max_batch: 1,
+            seed: 7,
+            ..SimConfig::default()
+        })
+        .with_tokens(tokens),
+    );
+    let engine = Engine::from_arc(
+        Arc::clone(&sim),
+        EngineConfig {
+            name: "test".into(),
+            concurrency: gradient(),
+            batch: BatchConfig {
+                max_items: Some(1),
+                ..BatchConfig::default()
+            },
+            ..EngineConfig::default()
+        },
+    );
+    let n = 6_000;
+    let t0 = Instant::now();
+    let limits = limits_while_draining(&engine, n).await;
+    let elapsed = t0.elapsed();
+    let tail = &limits[limits.len() / 3..];
+    let (lo, hi) = (*tail.iter().min().unwrap(), *tail.iter().max().unwrap());
+    assert!(
+        lo + 1 >= k && hi <= k + 1,
+        "limit ranged {lo}..={hi} after warm-up"
+    );
+    // Every slot busy all the time would take Σ service / k.
+    let work: Duration = (0..n)
+        .map(|i| sim.config().service_time(1, tokens(&i)))
+        .sum();
+    let ideal = work / k as u32;
+    assert!(
+        elapsed.as_secs_f64() <= ideal.as_secs_f64() * 1.15,
+        "{elapsed:?} for an ideal {ideal:?}"
+    );
+}
+
 async fn limits_while_draining(engine: &Engine<Sim<u64>>, n: u64) -> Vec<usize> {
     let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sampler = {

@@ -86,6 +86,7 @@ mod tests {
             sent_at: t,
             rtt: Duration::from_millis(20),
             items: 8,
+            tokens: 0,
             in_flight,
             limit,
             outcome,

@@ -48,12 +48,13 @@ impl Default for GradientConfig {
 /// waiting means the limit is above the backend's capacity.
 const MIN_QUEUE: f64 = 0.75;
 
-/// Buckets per doubling of the batch size: sizes within a bucket differ by < 19 %.
+/// Buckets per doubling of the call size: sizes within a bucket differ by < 19 %.
 const BUCKETS_PER_OCTAVE: f64 = 4.0;
 const BUCKETS: usize = 72;
 
-fn bucket(items: usize) -> usize {
-    let n = items.max(1) as f64;
+/// The baseline bucket of a call of `size` (see [`Sample::size`]).
+fn bucket(size: u64) -> usize {
+    let n = size.max(1) as f64;
     ((n.log2() * BUCKETS_PER_OCTAVE) as usize).min(BUCKETS - 1)
 }
 
@@ -80,9 +81,12 @@ struct Round {
 ///
 /// Changes from Netflix Gradient2 and Vegas, for batching and their known failure modes:
 ///
-/// - **Batch-aware baseline.** A call's latency grows with its batch size, which is
-///   not queueing. The no-load latency is kept per batch-size bucket (four per
-///   doubling) as a windowed minimum, and each call is compared with its own bucket.
+/// - **Size-aware baseline.** A call's latency grows with its size, which is not
+///   queueing. The no-load latency is kept per size bucket (four per doubling) as a
+///   windowed minimum, and each call is compared with its own bucket. The size is
+///   the call's tokens when the backend charges by tokens ([`Sample::size`]): a
+///   128-word sentence alone takes ten times as long as a 4-word one, and reading
+///   that spread as queueing would pin the limit near 1.
 /// - **No drifting baseline.** Windowed minima expire (see
 ///   [`GradientConfig::baseline_window`]) instead of a long-term average that creeps
 ///   up under sustained queueing.
@@ -133,9 +137,9 @@ impl Gradient {
         self.queue
     }
 
-    /// The no-load latency remembered for calls of `items` records, if any.
-    pub fn baseline(&self, items: usize) -> Option<Duration> {
-        let b = bucket(items);
+    /// The no-load latency remembered for calls of `size` ([`Sample::size`]), if any.
+    pub fn baseline(&self, size: u64) -> Option<Duration> {
+        let b = bucket(size);
         match (self.current[b], self.previous[b]) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -174,8 +178,8 @@ impl Gradient {
             SampleOutcome::Failed => return,
         }
 
-        let ratio = sample.ratio_to(self.baseline(sample.items));
-        let slot = &mut self.current[bucket(sample.items)];
+        let ratio = sample.ratio_to(self.baseline(sample.size()));
+        let slot = &mut self.current[bucket(sample.size())];
         *slot = Some(slot.map_or(sample.rtt, |m| m.min(sample.rtt)));
 
         // Calls sent before the last decision saw the old limit: they say nothing new.
@@ -242,6 +246,7 @@ mod tests {
                     sent_at,
                     rtt,
                     items: n,
+                    tokens: 0,
                     in_flight: c,
                     limit: c,
                     outcome: SampleOutcome::Ok,
@@ -282,6 +287,57 @@ mod tests {
         assert!(c.limit() >= 4, "limit fell to {}", c.limit());
     }
 
+    /// One record per call whose cost varies 4–128 tokens (seeded), on `k` slots:
+    /// each call takes `2 ms + 0.2 ms·tokens` and waits a full service per `k` calls
+    /// ahead of it. Returns the limits over the last half.
+    fn one_record_calls(k: usize, report_tokens: bool) -> Vec<usize> {
+        let mut t = Instant::now();
+        let mut c = Gradient::new(GradientConfig::default());
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut limits = Vec::new();
+        for i in 0..6_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let tokens = 4 + seed % 125;
+            let limit = c.limit();
+            let service = Duration::from_micros(2_000 + 200 * tokens);
+            let rtt = service * (1 + ((i % limit) / k) as u32);
+            let sent_at = t;
+            t += rtt / limit as u32;
+            let sample = Sample {
+                sent_at,
+                rtt,
+                items: 1,
+                tokens: if report_tokens { tokens } else { 0 },
+                in_flight: limit,
+                limit,
+                outcome: SampleOutcome::Ok,
+            };
+            c.on_sample(t, &sample);
+            if i >= 3_000 {
+                limits.push(c.limit());
+            }
+        }
+        limits
+    }
+
+    #[test]
+    fn the_cost_of_a_record_is_not_queueing() {
+        for k in [4usize, 8] {
+            let limits = one_record_calls(k, true);
+            let (lo, hi) = (limits.iter().min().unwrap(), limits.iter().max().unwrap());
+            assert!(
+                *lo + 1 >= k && *hi <= k + 1,
+                "k = {k}: limit ranged {lo}..={hi}"
+            );
+            // Without the tokens, the tenfold spread of latencies reads as queueing.
+            let blind = one_record_calls(k, false);
+            let mean = blind.iter().sum::<usize>() as f64 / blind.len() as f64;
+            assert!(mean < k as f64 / 2.0, "k = {k}: blind mean limit {mean}");
+        }
+    }
+
     #[test]
     fn fast_rejections_do_not_poison_the_baseline() {
         let t = Instant::now();
@@ -293,6 +349,7 @@ mod tests {
             sent_at: t,
             rtt: Duration::from_micros(50),
             items: 8,
+            tokens: 0,
             in_flight: 10,
             limit: 10,
             outcome: SampleOutcome::Overloaded,
@@ -322,6 +379,7 @@ mod tests {
                     sent_at,
                     rtt,
                     items: 64,
+                    tokens: 0,
                     in_flight: 1,
                     limit: c.limit(),
                     outcome: SampleOutcome::Ok,
@@ -342,6 +400,6 @@ mod tests {
         assert_eq!(bucket(2), 4);
         assert_eq!(bucket(64), 24);
         assert_ne!(bucket(48), bucket(64));
-        assert_eq!(bucket(usize::MAX), BUCKETS - 1);
+        assert_eq!(bucket(u64::MAX), BUCKETS - 1);
     }
 }

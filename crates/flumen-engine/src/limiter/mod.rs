@@ -56,6 +56,9 @@ pub struct Sample {
     pub rtt: Duration,
     /// Records in the call.
     pub items: usize,
+    /// The records' cost in the backend's unit ([`flumen_core::ItemCost::tokens`]),
+    /// or 0 when the backend reports none.
+    pub tokens: u64,
     /// Calls in flight when it was sent, itself included.
     pub in_flight: usize,
     /// The limit when it was sent.
@@ -65,6 +68,17 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// The call's size as far as its latency goes: its tokens when the backend
+    /// charges by tokens (one long record can cost as much as many short ones),
+    /// its records otherwise.
+    pub fn size(&self) -> u64 {
+        if self.tokens > 0 {
+            self.tokens
+        } else {
+            self.items as u64
+        }
+    }
+
     /// Whether this call used the last slot the limit allowed (so the limit was binding).
     pub fn limit_reached(&self) -> bool {
         self.in_flight >= self.limit
