@@ -155,6 +155,20 @@ x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32), binary_
 res = t.infer("echo", [x], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)],
               headers={"Authorization": "Bearer tok-123"})
 assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
+# tritonclient's defaults: binary tensors both ways (inputs, and outputs whether named or not).
+auth = {"Authorization": "Bearer tok-123"}
+x = httpclient.InferInput("INPUT", [3, 1], "FP32")
+x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32))
+for outputs in [None, [httpclient.InferRequestedOutput("OUTPUT")]]:
+    res = t.infer("echo", [x], outputs=outputs, headers=auth)
+    assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
+s = httpclient.InferInput("INPUT", [2, 1], "BYTES")
+s.set_data_from_numpy(np.array([[b"hello"], [b"caf\xc3\xa9"]], dtype=np.object_))
+res = t.infer("embed", [s], headers=auth)
+assert res.as_numpy("OUTPUT").tolist() == [[5.0, 2.0, 0.0, 1.0], [4.0, 1.0, 0.0, 1.0]], res.as_numpy("OUTPUT")
+res = t.infer("echo", [s], headers=auth)
+assert [v.decode() for v in res.as_numpy("OUTPUT").reshape(-1)] == ["hello", "café"], res.as_numpy("OUTPUT")
+print("TRITONCLIENT HTTP BINARY OK")
 if len(sys.argv) > 2:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException

@@ -53,7 +53,7 @@ pub fn decode_raw(datatype: &str, raw: &[u8]) -> Result<Vec<Value>, BackendError
             Ok(out)
         }
         other => Err(BackendError::permanent(format!(
-            "datatype {other} is not supported over gRPC yet"
+            "datatype {other} has no raw form here (supported: BOOL, INT8–64, UINT8–64, FP32, FP64, BYTES)"
         ))),
     }
 }
