@@ -704,9 +704,11 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         Input::Builtin(bytes) => Source::from_bytes(bytes),
         Input::FromArgs => Source::open(&setup.source, capacity).await?,
     };
-    let mut sink = Sink::open(&setup.sink).await?;
+    // What a source acknowledges after the write must be on disk, not in the page cache.
+    let durable = source.committer.acknowledges();
+    let mut sink = Sink::open(&setup.sink).await?.syncing(durable);
     let mut dead = match &setup.dead_letter {
-        Some(c) => Some(Sink::open(c).await?),
+        Some(c) => Some(Sink::open(c).await?.syncing(durable)),
         None => None,
     };
     let Source {

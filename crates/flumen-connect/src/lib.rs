@@ -7,7 +7,8 @@
 //!   offsets committed by hand, contiguously per partition, see [`OffsetTracker`]);
 //!   NATS JetStream (feature `nats`: a durable pull consumer, explicit acks,
 //!   `max_ack_pending` = the pipeline's capacity so backpressure reaches the server).
-//! - [`Sink`]: JSONL to a file or stdout (flushed); Kafka (acks = all, every delivery
+//! - [`Sink`]: JSONL to a file or stdout (flushed; files synced to disk when the
+//!   source acknowledges, see [`Sink::syncing`]); Kafka (acks = all, every delivery
 //!   awaited); NATS JetStream (every publish acknowledgement awaited).
 //! - [`Committer`]: hand it the tokens of records whose outcomes a sink has written.
 //!
@@ -178,6 +179,13 @@ impl Committer {
         }
     }
 
+    /// Whether acknowledging means something to the source (Kafka, NATS): then what
+    /// a sink wrote must survive a crash of the machine before it is acknowledged
+    /// (see [`Sink::syncing`]).
+    pub fn acknowledges(&self) -> bool {
+        !matches!(self.inner, CommitterKind::None)
+    }
+
     /// Records delivered and not yet acknowledged (known for Kafka only).
     pub fn in_flight(&self) -> Option<usize> {
         match &self.inner {
@@ -243,8 +251,19 @@ impl Sink {
         Ok(Sink { inner })
     }
 
-    /// Writes records; when this returns `Ok` they are durable (flushed, or
-    /// acknowledged by the broker).
+    /// With `on`, a file sink also asks the disk to keep every write (`fdatasync`)
+    /// before [`Sink::write`] returns, so an acknowledged record's outcome survives a
+    /// power loss, not only a crash of the process. Other sinks are durable on
+    /// their own (stdout is the reader's business; brokers acknowledge).
+    pub fn syncing(mut self, on: bool) -> Sink {
+        if let SinkKind::Lines(s) = &mut self.inner {
+            s.sync = on && s.file.is_some();
+        }
+        self
+    }
+
+    /// Writes records; when this returns `Ok` they are durable (flushed — and
+    /// synced to disk, see [`Sink::syncing`] — or acknowledged by the broker).
     pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<(), ConnectError> {
         if records.is_empty() {
             return Ok(());
