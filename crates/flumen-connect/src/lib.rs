@@ -256,6 +256,7 @@ impl Sink {
     /// power loss, not only a crash of the process. Other sinks are durable on
     /// their own (stdout is the reader's business; brokers acknowledge).
     pub fn syncing(mut self, on: bool) -> Sink {
+        #[allow(irrefutable_let_patterns)] // the only kind without the broker features
         if let SinkKind::Lines(s) = &mut self.inner {
             s.sync = on && s.file.is_some();
         }
