@@ -339,7 +339,7 @@ async fn embedded() -> EmbeddedRun {
     })
     .await;
     let after = engine_calls(&metrics, "minilm").await;
-    gateway.server.abort();
+    gateway.stopper().stop();
     EmbeddedRun {
         direct,
         gateway: through,
@@ -403,7 +403,7 @@ async fn main() {
     let after = stats(&triton).await;
     let gateway_per_row = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
 
-    gateway.server.abort();
+    gateway.stopper().stop();
     let emb = embedded().await;
     let overload = overload().await;
 

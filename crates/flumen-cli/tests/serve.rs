@@ -447,3 +447,125 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Six requests to a slow model (one record per call, 300 ms each), SIGTERM once all
+/// six are in the engine: every one is answered, then the gateway exits 0 and a new
+/// request finds nobody listening. Driven from Python (`httpx`), which signals the
+/// gateway itself so that it knows what is in flight at that moment.
+const DRAIN: &str = r#"
+import os, signal, sys, threading, time, httpx
+base, pid = sys.argv[1], int(sys.argv[2])
+verify = sys.argv[3] if len(sys.argv) > 3 else True
+results = []
+def call(i):
+    with httpx.Client(verify=verify, timeout=60) as c:
+        r = c.post(base + "/v2/models/slow/infer",
+                   json={"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [float(i)]}]})
+        results.append((r.status_code, r.json()["outputs"][0]["data"][0] if r.status_code == 200 else r.text))
+threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+for t in threads:
+    t.start()
+def in_engine(text):
+    lines = [l for l in text.splitlines() if 'engine="slow"' in l]
+    value = lambda name: sum(float(l.rsplit(" ", 1)[1]) for l in lines if l.startswith(name + "{"))
+    return value("flumen_queue_depth") + value("flumen_batches_in_flight")
+with httpx.Client(verify=verify, timeout=10) as c:
+    for _ in range(600):
+        if in_engine(c.get(base + "/metrics").text) >= 6:
+            break
+        time.sleep(0.05)
+    else:
+        raise SystemExit("the six requests never reached the engine")
+os.kill(pid, signal.SIGTERM)
+for t in threads:
+    t.join()
+assert sorted(results) == [(200, float(i)) for i in range(6)], results
+try:
+    httpx.get(base + "/health/live", verify=verify, timeout=5)
+    raise SystemExit("a request after the stop was answered")
+except httpx.HTTPError:
+    pass
+print("DRAIN OK")
+"#;
+
+/// Runs [`DRAIN`] against a `flumen serve` with `server_extra` in `[server]`.
+// Waiting (bounded) for a child process is not timing logic under test.
+#[allow(clippy::disallowed_methods)]
+fn sigterm_drains(name: &str, server_extra: &str, scheme: &str, verify: Option<&Path>) {
+    let py = pyclients();
+    let dir = std::env::temp_dir().join(format!("flumen-serve-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("drain.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_extra}\n\
+             [[models]]\nname = \"slow\"\n[models.backend]\nkind = \"sim\"\na_ms = 300.0\nslots = 1\nmax_batch = 1\n"
+        ),
+    )
+    .unwrap();
+    let mut gateway = Gateway(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flumen serve starts"),
+    );
+    wait_listening(port, Duration::from_secs(30));
+    let mut python = Command::new("python3");
+    python
+        .args(["-c", DRAIN, &format!("{scheme}://127.0.0.1:{port}")])
+        .arg(gateway.0.id().to_string())
+        .env("PYTHONPATH", &py);
+    if let Some(cert) = verify {
+        python.arg(cert);
+    }
+    let out = python.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("DRAIN OK"),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut waited = Duration::ZERO;
+    let status = loop {
+        if let Some(status) = gateway.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(waited < Duration::from_secs(30), "the gateway did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
+    };
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn sigterm_answers_the_requests_in_flight_then_exits() {
+    sigterm_drains("drain", "", "http", None);
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn sigterm_drains_https_too() {
+    let dir = std::env::temp_dir().join(format!("flumen-drain-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    sigterm_drains("drain-tls", &tls, "https", Some(&cert_path));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -12,8 +12,9 @@
 //! size and items per request bounded; a request deadline from `x-request-timeout-ms`
 //! (or the server's default); Prometheus `/metrics` with every engine's metrics.
 //! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature; HTTPS with
-//! `tls_cert`/`tls_key` and the `tls` feature. Not here yet:
-//! graceful drain beyond axum's (in-flight requests finish on Ctrl-C).
+//! `tls_cert`/`tls_key` and the `tls` feature. On SIGINT/SIGTERM (or
+//! [`Stopper::stop`]) every listener stops accepting, requests in flight are
+//! answered, idle connections close, and `flumen serve` exits 0.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -728,19 +729,73 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
         "http"
     };
     eprintln!("flumen serve: listening on {scheme}://{}", running.addr);
-    running
-        .server
-        .await
-        .context("the server task failed")?
-        .context("the server failed")
+    let stop = running.stopper();
+    tokio::spawn(async move {
+        stop_signal().await;
+        eprintln!("flumen serve: stopping: answering the requests in flight");
+        stop.stop();
+    });
+    running.finished().await
+}
+
+/// The first SIGINT or SIGTERM (what Ctrl-C, `kill`, systemd and Kubernetes send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// A gateway running in the background.
 pub struct Running {
     /// The HTTP address it listens on.
     pub addr: std::net::SocketAddr,
-    /// The HTTP server; it ends on Ctrl-C, once in-flight requests are answered.
-    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    servers: Vec<tokio::task::JoinHandle<Result<()>>>,
+    stop: Stopper,
+}
+
+/// Stops a [`Running`] gateway from anywhere: it stops accepting connections, answers
+/// the requests in flight, closes idle connections, then its servers end.
+#[derive(Clone)]
+pub struct Stopper(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Stopper {
+    /// Asks the gateway to stop (idempotent).
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once a stop was asked for.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+impl Running {
+    /// A handle that stops this gateway.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
+    }
+
+    /// Waits until every server (HTTP, and gRPC when configured) has ended: after a
+    /// stop, once in-flight requests are answered; or at the first that fails.
+    pub async fn finished(self) -> Result<()> {
+        for server in self.servers {
+            server.await.context("a server task panicked")??;
+        }
+        Ok(())
+    }
 }
 
 /// Ready when every model can take requests: its backend was reached at start (the
@@ -850,6 +905,8 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         Some(var) => Some(std::env::var(var).context("server.api_key_env")?),
         None => None,
     };
+    let stop = Stopper(Arc::new(tokio::sync::watch::channel(false).0));
+    let mut servers = Vec::new();
     let gateway = Arc::new(Gateway {
         models,
         metrics: handle,
@@ -885,34 +942,45 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         let addr: std::net::SocketAddr = addr.parse().context("server.grpc_listen")?;
         let service = crate::serve_grpc::GrpcGateway(Arc::clone(&gateway)).service();
         eprintln!("flumen serve: KServe v2 gRPC on {addr}");
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
+        let stopped = stop.stopped();
+        servers.push(tokio::spawn(async move {
+            tonic::transport::Server::builder()
                 .add_service(service)
-                .serve(addr)
+                .serve_with_shutdown(addr, stopped)
                 .await
-            {
-                eprintln!("flumen serve: the gRPC server failed: {e}");
-            }
-        });
+                .context("the gRPC server failed")
+        }));
     }
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
+    let stopped = stop.stopped();
     #[cfg(feature = "tls")]
     if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
         let acceptor = tls::acceptor(cert, key)?;
-        let server = tokio::spawn(tls::serve(listener, acceptor, app));
-        return Ok(Running { addr, server });
+        servers.push(tokio::spawn(async move {
+            tls::serve(listener, acceptor, app, stopped)
+                .await
+                .context("the HTTPS server failed")
+        }));
+        return Ok(Running {
+            addr,
+            servers,
+            stop,
+        });
     }
-    let server = tokio::spawn(async move {
+    servers.push(tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .with_graceful_shutdown(stopped)
             .await
-    });
-    Ok(Running { addr, server })
+            .context("the HTTP server failed")
+    }));
+    Ok(Running {
+        addr,
+        servers,
+        stop,
+    })
 }
 
 /// HTTPS for the gateway's HTTP listener (rustls).
@@ -924,6 +992,7 @@ mod tls {
     use axum::Router;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -949,26 +1018,37 @@ mod tls {
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 
-    /// Accepts TLS connections and serves `app` on each, until the task is dropped.
+    /// Accepts TLS connections and serves `app` on each until `stopped`; then stops
+    /// accepting, lets every connection answer its requests in flight (idle ones
+    /// close), and returns once they have.
     pub(super) async fn serve(
         listener: tokio::net::TcpListener,
         acceptor: TlsAcceptor,
         app: Router,
+        stopped: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(stopped);
         loop {
-            let (tcp, _) = listener.accept().await?;
-            let (acceptor, app) = (acceptor.clone(), app.clone());
+            let (tcp, _) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                () = &mut stopped => break,
+            };
+            let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
             tokio::spawn(async move {
                 // A failed handshake concerns that connection only.
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = TowerToHyperService::new(app);
-                let _ = Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = Builder::new(TokioExecutor::new());
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let _ = watcher.watch(connection).await;
             });
         }
+        drop(listener);
+        graceful.shutdown().await;
+        Ok(())
     }
 }
 
@@ -1130,7 +1210,7 @@ mod tests {
             .await
             .unwrap();
         assert!(good.status().is_success(), "the other model still serves");
-        running.server.abort();
+        running.stopper().stop();
     }
 
     #[test]
