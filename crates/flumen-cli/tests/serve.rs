@@ -454,10 +454,18 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
 /// gateway itself so that it knows what is in flight at that moment.
 const DRAIN: &str = r#"
 import os, signal, sys, threading, time, httpx
-base, pid = sys.argv[1], int(sys.argv[2])
-verify = sys.argv[3] if len(sys.argv) > 3 else True
+base, pid, verify, grpc_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+verify = True if verify == "-" else verify
 results = []
 def call(i):
+    if grpc_port != "-":
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        g = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        x = grpcclient.InferInput("x", [1, 1], "FP32")
+        x.set_data_from_numpy(np.array([[float(i)]], dtype=np.float32))
+        results.append((200, float(g.infer("slow", [x], client_timeout=60).as_numpy("OUTPUT").reshape(-1)[0])))
+        return
     with httpx.Client(verify=verify, timeout=60) as c:
         r = c.post(base + "/v2/models/slow/infer",
                    json={"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [float(i)]}]})
@@ -485,13 +493,27 @@ try:
     raise SystemExit("a request after the stop was answered")
 except httpx.HTTPError:
     pass
+if grpc_port != "-":
+    import tritonclient.grpc as grpcclient
+    try:
+        grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}").is_server_live(client_timeout=5)
+        raise SystemExit("a gRPC request after the stop was answered")
+    except grpcclient.InferenceServerException:
+        pass
 print("DRAIN OK")
 "#;
 
-/// Runs [`DRAIN`] against a `flumen serve` with `server_extra` in `[server]`.
+/// Runs [`DRAIN`] against a `flumen serve` with `server_extra` in `[server]`; the
+/// requests go over gRPC to `grpc_port` when there is one.
 // Waiting (bounded) for a child process is not timing logic under test.
 #[allow(clippy::disallowed_methods)]
-fn sigterm_drains(name: &str, server_extra: &str, scheme: &str, verify: Option<&Path>) {
+fn sigterm_drains(
+    name: &str,
+    server_extra: &str,
+    scheme: &str,
+    verify: Option<&Path>,
+    grpc_port: Option<u16>,
+) {
     let py = pyclients();
     let dir = std::env::temp_dir().join(format!("flumen-serve-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -522,10 +544,9 @@ fn sigterm_drains(name: &str, server_extra: &str, scheme: &str, verify: Option<&
     python
         .args(["-c", DRAIN, &format!("{scheme}://127.0.0.1:{port}")])
         .arg(gateway.0.id().to_string())
+        .arg(verify.map_or("-".into(), |p| p.display().to_string()))
+        .arg(grpc_port.map_or("-".into(), |p| p.to_string()))
         .env("PYTHONPATH", &py);
-    if let Some(cert) = verify {
-        python.arg(cert);
-    }
     let out = python.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -548,7 +569,19 @@ fn sigterm_drains(name: &str, server_extra: &str, scheme: &str, verify: Option<&
 
 #[test]
 fn sigterm_answers_the_requests_in_flight_then_exits() {
-    sigterm_drains("drain", "", "http", None);
+    sigterm_drains("drain", "", "http", None, None);
+}
+
+#[cfg(feature = "grpc")]
+#[test]
+fn sigterm_drains_grpc_too() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let grpc = format!("grpc_listen = \"127.0.0.1:{port}\"\n");
+    sigterm_drains("drain-grpc", &grpc, "http", None, Some(port));
 }
 
 #[cfg(feature = "tls")]
@@ -566,6 +599,6 @@ fn sigterm_drains_https_too() {
         cert_path.display(),
         key_path.display()
     );
-    sigterm_drains("drain-tls", &tls, "https", Some(&cert_path));
+    sigterm_drains("drain-tls", &tls, "https", Some(&cert_path), None);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -941,12 +941,17 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     if let Some(addr) = &s.grpc_listen {
         let addr: std::net::SocketAddr = addr.parse().context("server.grpc_listen")?;
         let service = crate::serve_grpc::GrpcGateway(Arc::clone(&gateway)).service();
-        eprintln!("flumen serve: KServe v2 gRPC on {addr}");
+        // Bound here, so that the gateway takes gRPC calls once `start` returns.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (server.grpc_listen)"))?;
+        eprintln!("flumen serve: KServe v2 gRPC on {}", listener.local_addr()?);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let stopped = stop.stopped();
         servers.push(tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_shutdown(addr, stopped)
+                .serve_with_incoming_shutdown(incoming, stopped)
                 .await
                 .context("the gRPC server failed")
         }));
