@@ -471,6 +471,7 @@ fn from_flags(args: &RunArgs) -> Result<Setup> {
 struct Line {
     position: String,
     partition: i32,
+    key: Option<Vec<u8>>,
     record: Result<Value, String>,
     raw: Vec<u8>,
     read_at: Instant,
@@ -482,6 +483,7 @@ fn parse_line(message: flumen_connect::Message, max_bytes: usize) -> Line {
         payload: raw,
         position,
         partition,
+        key,
         token,
     } = message;
     let record = if raw.len() > max_bytes {
@@ -499,6 +501,7 @@ fn parse_line(message: flumen_connect::Message, max_bytes: usize) -> Line {
     Line {
         position,
         partition,
+        key,
         record,
         raw,
         read_at: Instant::now(),
@@ -756,7 +759,10 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         let mut good = Vec::with_capacity(chunk.len());
         let mut bad = Vec::new();
         let mut tokens = Vec::with_capacity(chunk.len());
-        for Outcome { record, result, .. } in chunk {
+        for Outcome {
+            mut record, result, ..
+        } in chunk
+        {
             latencies.push(record.read_at.elapsed());
             done_bytes += record.raw.len() as u64 + 1;
             let (json, failed) = match result {
@@ -777,7 +783,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 }
             };
             let out = SinkRecord {
-                key: None,
+                key: record.key.take(),
                 payload: serde_json::to_vec(&json).expect("JSON values serialize"),
             };
             if failed && dead.is_some() {

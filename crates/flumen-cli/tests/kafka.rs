@@ -142,7 +142,14 @@ fn read_all(
     let mut out = Vec::new();
     while Instant::now() < deadline && !stop(&out) {
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(serde_json::from_slice(m.payload().unwrap()).unwrap()),
+            Some(Ok(m)) => {
+                let mut v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                // The record's Kafka key, for the tests that check keys are kept.
+                if let Some(key) = m.key() {
+                    v["_key"] = String::from_utf8_lossy(key).into();
+                }
+                out.push(v);
+            }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {}
         }
@@ -256,7 +263,18 @@ async fn ten_thousand_records_in_partition_order_and_bad_ones_to_the_dead_letter
             assert!(o > prev, "partition {p}: offset {o} after {prev}");
         }
     }
+    // Each output keeps its input's key (the producer keyed records by index).
+    for v in &out {
+        assert_eq!(v["_key"], Value::from(v["id"].to_string()), "{v}");
+    }
     assert_eq!(dead.len(), 4, "{dead:#?}");
+    let dead_keys: HashSet<&str> = dead.iter().filter_map(|d| d["_key"].as_str()).collect();
+    let bad_keys: HashSet<String> = (N..N + 4).map(|i| i.to_string()).collect();
+    assert_eq!(
+        dead_keys,
+        bad_keys.iter().map(String::as_str).collect(),
+        "dead letters keep their keys"
+    );
     let reasons: Vec<String> = dead
         .iter()
         .map(|d| format!("{} {}", d["error"]["kind"], d["error"]["message"]))

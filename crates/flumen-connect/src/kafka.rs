@@ -125,6 +125,7 @@ pub(crate) fn source(config: &SourceConfig) -> Result<Source, ConnectError> {
                         payload: m.payload().unwrap_or_default().to_vec(),
                         position: format!("{}/{partition}@{offset}", m.topic()),
                         partition,
+                        key: m.key().map(<[u8]>::to_vec),
                         token: AckToken::Kafka { partition, offset },
                     })
                 }

@@ -62,6 +62,9 @@ pub struct Message {
     pub position: String,
     /// The partition (Kafka) or 0: the unit of per-partition order.
     pub partition: i32,
+    /// The message key (Kafka), carried to the outcome's output record so that a
+    /// keyed stream stays keyed.
+    pub key: Option<Vec<u8>>,
     /// What to hand the [`Committer`] once the outcome is written.
     pub token: AckToken,
 }

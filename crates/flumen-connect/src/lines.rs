@@ -26,6 +26,7 @@ fn lines_of(reader: impl AsyncRead + Unpin + Send + 'static, size: Option<u64>) 
                         payload: raw,
                         position: format!("line {n}"),
                         partition: 0,
+                        key: None,
                         token: AckToken::None,
                     };
                     return Some((Ok(message), Some((reader, n))));

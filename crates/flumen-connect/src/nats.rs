@@ -45,6 +45,7 @@ pub(crate) async fn source(config: &SourceConfig, capacity: usize) -> Result<Sou
                 payload: m.payload.to_vec(),
                 position,
                 partition: 0,
+                key: None,
                 token: AckToken::Nats(Box::new(m)),
             })
         }
