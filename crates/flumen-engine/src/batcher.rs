@@ -6,7 +6,11 @@
 //! 3. A slot is free: take the longest FIFO prefix within the item, byte and token
 //!    bounds, but stop before a record whose addition would make the batch's
 //!    expected latency miss a deadline that a smaller batch would meet.
-//! 4. Without `max_wait`, send it now: an idle backend never waits for company.
+//! 4. Without `max_wait`, send it now: an idle backend never waits for company. If
+//!    that prefix is the whole queue and more slots are free, spread it over them
+//!    (as many parts as the slots allow while each split cuts the expected latency
+//!    by at least [`SPLIT_GAIN`]): records that come back together — a closed loop, a
+//!    burst — would otherwise ride in one batch while the other slots stay idle.
 //!    With `max_wait`, send when the batch is full, when the oldest record has
 //!    waited `max_wait`, or when waiting longer would miss the earliest deadline.
 //!
@@ -18,6 +22,11 @@ use flumen_core::{Capabilities, ItemCost};
 use tokio::time::Instant;
 
 use crate::LatencyModel;
+
+/// A batch is split over free slots only if its parts are expected to take at most
+/// this share of the latency of the undivided batch: splitting costs one more call's
+/// fixed overhead, which a backend with a large fixed cost per call cannot repay.
+pub const SPLIT_GAIN: f64 = 0.9;
 
 /// How batches are bounded and whether the batcher may wait for them to fill.
 /// The default: the backend's own bounds, and no waiting.
@@ -98,11 +107,12 @@ impl BatchPolicy {
             && self.max_tokens.is_none_or(|m| cost.tokens <= m)
     }
 
-    /// Decides what to do with `queue` (oldest first) at `now`.
+    /// Decides what to do with `queue` (oldest first) at `now`, with `free_slots`
+    /// more calls allowed in flight.
     pub fn decide<'a>(
         &self,
         now: Instant,
-        slot_free: bool,
+        free_slots: usize,
         queue: impl IntoIterator<Item = &'a QueuedMeta>,
         latency: &LatencyModel,
     ) -> Decision {
@@ -113,7 +123,7 @@ impl BatchPolicy {
         if !self.fits_alone(head.cost) {
             return Decision::RejectOversized;
         }
-        if !slot_free {
+        if free_slots == 0 {
             return Decision::Wait(None);
         }
 
@@ -146,7 +156,10 @@ impl BatchPolicy {
         }
 
         let Some(max_wait) = self.max_wait else {
-            return Decision::Send(n);
+            if full {
+                return Decision::Send(n);
+            }
+            return Decision::Send(split(n, free_slots, latency));
         };
         if full {
             return Decision::Send(n);
@@ -161,6 +174,30 @@ impl BatchPolicy {
             Decision::Wait(Some(send_at))
         }
     }
+}
+
+/// The first part of `n` records spread over up to `free` calls: the most parts
+/// whose expected latency is at most [`SPLIT_GAIN`] of one part fewer. Before any
+/// latency sample, `n` whole; while every sample had the same size (so how latency
+/// grows with size is unknown: records that move in lockstep never show it), two
+/// parts, to find out.
+fn split(n: usize, free: usize, latency: &LatencyModel) -> usize {
+    let part = |s: usize| n.div_ceil(s);
+    if free < 2 || n < 2 || latency.coefficients().is_none() {
+        return n;
+    }
+    if !latency.has_spread() {
+        return part(2);
+    }
+    let mut s = 1;
+    while s < free.min(n) {
+        let (now, next) = (latency.estimate(part(s)), latency.estimate(part(s + 1)));
+        if now.is_zero() || next.as_secs_f64() > SPLIT_GAIN * now.as_secs_f64() {
+            break;
+        }
+        s += 1;
+    }
+    part(s)
 }
 
 #[cfg(test)]
@@ -202,7 +239,7 @@ mod tests {
         let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
         let q = queue(t0, 1);
         assert_eq!(
-            p.decide(t0, true, &q, &LatencyModel::default()),
+            p.decide(t0, 1, &q, &LatencyModel::default()),
             Decision::Send(1)
         );
     }
@@ -213,12 +250,12 @@ mod tests {
         let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
         let q = queue(t0, 10);
         assert_eq!(
-            p.decide(t0, false, &q, &LatencyModel::default()),
+            p.decide(t0, 0, &q, &LatencyModel::default()),
             Decision::Wait(None)
         );
         let q = queue(t0, 100);
         assert_eq!(
-            p.decide(t0 + ms(50), true, &q, &LatencyModel::default()),
+            p.decide(t0 + ms(50), 1, &q, &LatencyModel::default()),
             Decision::Send(64)
         );
     }
@@ -255,7 +292,7 @@ mod tests {
         }
         // 3 × 30 = 90 tokens fit, a 4th would make 120.
         assert_eq!(
-            p.decide(t0, true, &q, &LatencyModel::default()),
+            p.decide(t0, 1, &q, &LatencyModel::default()),
             Decision::Send(3)
         );
         for m in &mut q {
@@ -265,12 +302,12 @@ mod tests {
             };
         }
         assert_eq!(
-            p.decide(t0, true, &q, &LatencyModel::default()),
+            p.decide(t0, 1, &q, &LatencyModel::default()),
             Decision::Send(2)
         );
         q[0].cost.tokens = 101;
         assert_eq!(
-            p.decide(t0, false, &q, &LatencyModel::default()),
+            p.decide(t0, 0, &q, &LatencyModel::default()),
             Decision::RejectOversized
         );
     }
@@ -286,13 +323,13 @@ mod tests {
         let q = queue(t0, 3);
         let m = LatencyModel::default();
         assert_eq!(
-            p.decide(t0 + ms(2), true, &q, &m),
+            p.decide(t0 + ms(2), 1, &q, &m),
             Decision::Wait(Some(t0 + ms(10)))
         );
-        assert_eq!(p.decide(t0 + ms(10), true, &q, &m), Decision::Send(3));
+        assert_eq!(p.decide(t0 + ms(10), 1, &q, &m), Decision::Send(3));
         // A full batch goes at once.
         let q = queue(t0, 9);
-        assert_eq!(p.decide(t0 + ms(1), true, &q, &m), Decision::Send(8));
+        assert_eq!(p.decide(t0 + ms(1), 1, &q, &m), Decision::Send(8));
     }
 
     #[test]
@@ -307,11 +344,58 @@ mod tests {
         q[1].deadline = Some(t0 + ms(50));
         let m = model(20.0, 0.5);
         // Latest start for 2 records: 50 - 21 = 29 ms.
-        assert_eq!(
-            p.decide(t0, true, &q, &m),
-            Decision::Wait(Some(t0 + ms(29)))
+        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Wait(Some(t0 + ms(29))));
+        assert_eq!(p.decide(t0 + ms(29), 1, &q, &m), Decision::Send(2));
+    }
+
+    #[test]
+    fn a_whole_queue_is_spread_over_free_slots_when_that_pays() {
+        let t0 = Instant::now();
+        let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
+        let q = queue(t0, 64);
+        let m = model(20.0, 0.5);
+        // 64 records, 52 ms in one call; two calls of 32 take 36 ms each.
+        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Send(64));
+        assert_eq!(p.decide(t0, 2, &q, &m), Decision::Send(32));
+        // Three of 22 (31 ms) still beat two of 32 by more than SPLIT_GAIN.
+        assert_eq!(p.decide(t0, 3, &q, &m), Decision::Send(22));
+        // More than a full batch waiting: full batches, no split.
+        let full = queue(t0, 100);
+        assert_eq!(p.decide(t0, 3, &full, &m), Decision::Send(64));
+        // A large fixed cost per call: halves would take 97 % as long, so one call.
+        let heavy = model(100.0, 0.1);
+        assert_eq!(p.decide(t0, 2, &q, &heavy), Decision::Send(64));
+        // With max_wait the caller asked for full batches: no split.
+        let waiting = BatchPolicy::new(
+            &BatchConfig {
+                max_wait: Some(ms(5)),
+                ..BatchConfig::default()
+            },
+            &caps(64),
         );
-        assert_eq!(p.decide(t0 + ms(29), true, &q, &m), Decision::Send(2));
+        assert_eq!(waiting.decide(t0 + ms(70), 2, &q, &m), Decision::Send(64));
+    }
+
+    #[test]
+    fn an_unknown_slope_is_explored_with_two_parts() {
+        let t0 = Instant::now();
+        let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
+        let q = queue(t0, 64);
+        // No sample yet: nothing to go by, one call.
+        assert_eq!(
+            p.decide(t0, 2, &q, &LatencyModel::default()),
+            Decision::Send(64)
+        );
+        // Every call so far carried 64: how latency grows with size is unknown.
+        let mut lockstep = LatencyModel::default();
+        for _ in 0..20 {
+            lockstep.observe(64, ms(52));
+        }
+        assert_eq!(p.decide(t0, 3, &q, &lockstep), Decision::Send(32));
+        // Once sizes vary and latency turns out flat, no more splitting.
+        let mut flat = lockstep.clone();
+        flat.observe(32, ms(52));
+        assert_eq!(p.decide(t0, 2, &q, &flat), Decision::Send(64));
     }
 
     #[test]
@@ -322,9 +406,9 @@ mod tests {
         // The oldest has 30 ms left: 20 + 0.5·n ≤ 30 allows n = 20.
         q[0].deadline = Some(t0 + ms(30));
         let m = model(20.0, 0.5);
-        assert_eq!(p.decide(t0, true, &q, &m), Decision::Send(20));
+        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Send(20));
         // A hopeless deadline (less than one record's latency) does not shrink the batch.
         q[0].deadline = Some(t0 + ms(5));
-        assert_eq!(p.decide(t0, true, &q, &m), Decision::Send(64));
+        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Send(64));
     }
 }

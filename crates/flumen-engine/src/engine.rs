@@ -460,13 +460,16 @@ impl<B: Backend> Dispatcher<B> {
         let paused = self.paused_until.filter(|p| *p > now);
         loop {
             let breaker_allows = self.breaker.as_mut().is_none_or(|b| b.allows(now));
-            let slot_free =
-                self.in_flight < self.limiter.limit() && paused.is_none() && breaker_allows;
-            if slot_free && self.launch_isolated(now) {
+            let free_slots = if paused.is_none() && breaker_allows {
+                self.limiter.limit().saturating_sub(self.in_flight)
+            } else {
+                0
+            };
+            if free_slots > 0 && self.launch_isolated(now) {
                 continue;
             }
             let metas = self.queue.iter().map(|j| &j.meta);
-            match self.policy.decide(now, slot_free, metas, &self.latency) {
+            match self.policy.decide(now, free_slots, metas, &self.latency) {
                 Decision::Send(n) => {
                     let jobs: Vec<Job<B>> = self.queue.drain(..n).collect();
                     self.launch(jobs, now);

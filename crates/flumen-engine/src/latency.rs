@@ -48,16 +48,26 @@ impl LatencyModel {
         self.xy = self.xy * d + n * t;
     }
 
+    /// The weighted variance of the samples' sizes; `None` before any sample.
+    fn variance(&self) -> Option<f64> {
+        (self.w > 0.0).then(|| {
+            let mx = self.x / self.w;
+            self.xx / self.w - mx * mx
+        })
+    }
+
+    /// Whether the samples' sizes vary enough to show how latency grows with size
+    /// (a spread of less than ~0.1 item is no spread at all).
+    pub fn has_spread(&self) -> bool {
+        self.variance().is_some_and(|v| v > 1e-2)
+    }
+
     /// The fitted `(a, b)` in seconds and seconds per item; `None` before any sample.
     pub fn coefficients(&self) -> Option<(f64, f64)> {
-        if self.w <= 0.0 {
-            return None;
-        }
+        let var = self.variance()?;
         let (mx, my) = (self.x / self.w, self.y / self.w);
-        let var = self.xx / self.w - mx * mx;
         let cov = self.xy / self.w - mx * my;
-        // Relative threshold: a spread of less than ~0.1 item is no spread at all.
-        if var <= 1e-2 {
+        if !self.has_spread() {
             return Some((my.max(0.0), 0.0));
         }
         let b = (cov / var).max(0.0);
@@ -103,6 +113,9 @@ mod tests {
         }
         assert!((m.estimate(1).as_secs_f64() - 0.052).abs() < 1e-9);
         assert!((m.estimate(64).as_secs_f64() - 0.052).abs() < 1e-9);
+        assert!(!m.has_spread());
+        m.observe(32, ms(36.0));
+        assert!(m.has_spread());
     }
 
     #[test]
