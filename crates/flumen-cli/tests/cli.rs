@@ -6,6 +6,8 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+mod common;
+
 fn flumen(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
         .args(args)
@@ -408,11 +410,7 @@ fn a_pipeline_file_runs_a_file_to_a_file_with_a_dead_letter_file() {
 #[allow(clippy::disallowed_methods)] // waits on a child process in real time
 fn metrics_are_served_while_a_run_is_going() {
     use std::io::{BufRead, Read};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut args = vec!["run", "--metrics-addr", &addr];
     args.extend(FAST);
@@ -459,11 +457,7 @@ fn metrics_are_served_while_a_run_is_going() {
 fn a_second_signal_exits_at_once() {
     use std::io::{BufRead, Read};
     use std::time::Duration;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
         // A backend call takes 60 s: draining after the first signal would too.

@@ -3,21 +3,15 @@
 //! model is served by a real Triton server behind the gateway; `echo` by the simulator.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flumen_kserve::server::{PythonModel, TritonServer};
 
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{free_port, Killed as Gateway};
 
 fn pyclients() -> PathBuf {
     let dir = std::env::var_os("FLUMEN_DEPS")
@@ -43,6 +37,20 @@ fn wait_listening(port: u16, limit: Duration) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `flumen serve CONFIG`, once it listens on `port`.
+fn serve(config: &Path, port: u16) -> Gateway {
+    let gateway = Gateway(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("flumen serve starts"),
+    );
+    wait_listening(port, Duration::from_secs(30));
+    gateway
 }
 
 fn embed_model() -> PythonModel {
@@ -202,13 +210,7 @@ fn official_openai_and_tritonclient_talk_to_flumen_serve() {
     let py = pyclients();
     let triton = TritonServer::start(&[embed_model()])
         .expect("tritonserver starts (bash scripts/triton.sh)");
-    let free = || {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free = || free_port();
     let (port, grpc_port) = (free(), free());
     let grpc = if cfg!(feature = "grpc") {
         format!("grpc_listen = \"127.0.0.1:{grpc_port}\"\n")
@@ -299,6 +301,17 @@ fn a_bad_gateway_config_reports_every_problem() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A self-signed certificate for 127.0.0.1 and its key, written into `dir`.
+#[cfg(feature = "tls")]
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
 #[cfg(feature = "tls")]
 // Waiting (bounded) for a child process to listen is not timing logic under test.
 #[allow(clippy::disallowed_methods)]
@@ -307,16 +320,8 @@ fn the_gateway_speaks_https_with_its_certificate() {
     let py = pyclients();
     let dir = std::env::temp_dir().join(format!("flumen-serve-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (cert_path, key_path) = self_signed(&dir);
+    let port = free_port();
     let config = dir.join("tls.toml");
     std::fs::write(
         &config,
@@ -327,15 +332,7 @@ fn the_gateway_speaks_https_with_its_certificate() {
         ),
     )
     .unwrap();
-    let _gateway = Gateway(
-        Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["serve", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("flumen serve starts"),
-    );
-    wait_listening(port, Duration::from_secs(30));
+    let _gateway = serve(&config, port);
     let script = format!(
         "import sys, httpx\nfrom openai import OpenAI\n\
          c = OpenAI(base_url='https://127.0.0.1:{port}/v1', api_key='x', max_retries=0, http_client=httpx.Client(verify={cert:?}))\n\
@@ -366,11 +363,7 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
     use std::io::{BufRead, Read};
     let dir = std::env::temp_dir().join(format!("flumen-serve-log-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = dir.join("log.toml");
     std::fs::write(
         &config,
@@ -517,11 +510,7 @@ fn sigterm_drains(
     let py = pyclients();
     let dir = std::env::temp_dir().join(format!("flumen-serve-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = dir.join("drain.toml");
     std::fs::write(
         &config,
@@ -531,15 +520,7 @@ fn sigterm_drains(
         ),
     )
     .unwrap();
-    let mut gateway = Gateway(
-        Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["serve", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("flumen serve starts"),
-    );
-    wait_listening(port, Duration::from_secs(30));
+    let mut gateway = serve(&config, port);
     let mut python = Command::new("python3");
     python
         .args(["-c", DRAIN, &format!("{scheme}://127.0.0.1:{port}")])
@@ -575,11 +556,7 @@ fn sigterm_answers_the_requests_in_flight_then_exits() {
 #[cfg(feature = "grpc")]
 #[test]
 fn sigterm_drains_grpc_too() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let grpc = format!("grpc_listen = \"127.0.0.1:{port}\"\n");
     sigterm_drains("drain-grpc", &grpc, "http", None, Some(port));
 }
@@ -589,11 +566,7 @@ fn sigterm_drains_grpc_too() {
 fn sigterm_drains_https_too() {
     let dir = std::env::temp_dir().join(format!("flumen-drain-cert-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = self_signed(&dir);
     let tls = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
         cert_path.display(),

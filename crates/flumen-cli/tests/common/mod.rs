@@ -1,5 +1,6 @@
-//! Helpers shared by the connector tests (Kafka, NATS): workers as child processes,
-//! stopped by SIGTERM or SIGKILL, and the records they carry.
+//! Helpers shared by the CLI's tests: free ports, child processes killed on drop,
+//! and for the connector tests (Kafka, NATS) workers stopped by SIGTERM or SIGKILL
+//! and the records they carry.
 #![allow(dead_code, clippy::disallowed_methods)] // each test file uses a part; real time
 
 use std::net::TcpListener;
