@@ -11,6 +11,8 @@ pub mod backends;
 pub mod serve;
 #[cfg(feature = "grpc")]
 mod serve_grpc;
+mod serve_kserve;
+mod serve_openai;
 
 /// Invalid configuration: every problem found, each naming its path or flag.
 #[derive(Debug)]

@@ -15,6 +15,11 @@
 //! `tls_cert`/`tls_key` and the `tls` feature. On SIGINT/SIGTERM (or
 //! [`Stopper::stop`]) every listener stops accepting, requests in flight are
 //! answered, idle connections close, and `flumen serve` exits 0.
+//!
+//! This module holds the configuration, the shared core (auth, limits, admission,
+//! deadlines, one engine per model), health, metrics and the listeners; the fronts
+//! that translate a protocol into records live beside it: `serve_openai.rs`,
+//! `serve_kserve.rs` (HTTP) and `serve_grpc.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -22,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -197,7 +202,7 @@ pub(crate) struct Gateway {
 }
 
 /// An error answer: status, and an OpenAI-style body.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let message = message.into();
     (status, Json(json!({"error": {"message": message, "type": status.canonical_reason().unwrap_or("error")}}))).into_response()
 }
@@ -260,12 +265,17 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Gateway {
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Reject> {
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), Reject> {
         let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
         self.check_token(sent)
     }
 
     /// Whether `name` is served.
+    /// The configured models' names, in order.
+    pub(crate) fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(String::as_str)
+    }
+
     pub(crate) fn has_model(&self, name: &str) -> bool {
         self.models.contains_key(name)
     }
@@ -295,7 +305,7 @@ impl Gateway {
     }
 
     /// Runs `records` through `model`'s engine, for an HTTP caller.
-    async fn infer(
+    pub(crate) async fn infer(
         &self,
         name: &str,
         records: Vec<Value>,
@@ -364,348 +374,7 @@ impl Gateway {
     }
 }
 
-type Shared = Arc<Gateway>;
-
-async fn embeddings(
-    State(g): State<Shared>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    let model = body["model"].as_str().unwrap_or_default().to_owned();
-    let inputs: Vec<Value> = match &body["input"] {
-        Value::String(s) => vec![Value::String(s.clone())],
-        Value::Array(a) if a.iter().all(Value::is_string) => a.clone(),
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "`input` must be a string or an array of strings",
-            )
-        }
-    };
-    match g.infer(&model, inputs, &headers).await {
-        Err(r) => r.into_response(),
-        Ok(vectors) => {
-            if let Some(bad) = vectors
-                .iter()
-                .find(|v| !v.as_array().is_some_and(|a| a.iter().all(Value::is_number)))
-            {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("model `{model}` does not return vectors (got {bad})"),
-                );
-            }
-            let data: Vec<Value> = vectors
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
-                .collect();
-            Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0}})).into_response()
-        }
-    }
-}
-
-async fn chat(State(g): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    let model = body["model"].as_str().unwrap_or_default().to_owned();
-    let stream = body["stream"].as_bool() == Some(true);
-    let Some(content) = body["messages"]
-        .as_array()
-        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
-        .and_then(|m| m["content"].as_str())
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "`messages` needs a user message with string content",
-        );
-    };
-    match g
-        .infer(&model, vec![Value::String(content.to_owned())], &headers)
-        .await
-    {
-        Err(r) => r.into_response(),
-        Ok(mut out) => {
-            let reply = match out.pop() {
-                Some(Value::String(s)) => s,
-                Some(other) => other.to_string(),
-                None => String::new(),
-            };
-            if stream {
-                return sse_reply(&model, &reply);
-            }
-            Json(json!({
-                "id": "chatcmpl-flumen", "object": "chat.completion", "created": 0, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            }))
-            .into_response()
-        }
-    }
-}
-
-/// A whole reply as an OpenAI chat stream: one content chunk, a final chunk, and
-/// `[DONE]`. The backends answer in one piece, so the stream has one piece too.
-fn sse_reply(model: &str, reply: &str) -> Response {
-    let chunk = |delta: Value, finish: Value| {
-        json!({
-            "id": "chatcmpl-flumen", "object": "chat.completion.chunk", "created": 0, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
-        })
-    };
-    let body = format!(
-        "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
-        chunk(json!({"role": "assistant", "content": reply}), Value::Null),
-        chunk(json!({}), json!("stop"))
-    );
-    (
-        [
-            ("content-type", "text/event-stream"),
-            ("cache-control", "no-cache"),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-async fn list_models(State(g): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = g.authorize(&headers) {
-        return r.into_response();
-    }
-    let data: Vec<Value> = g
-        .models
-        .keys()
-        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "flumen"}))
-        .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
-}
-
-async fn kserve_metadata(State(g): State<Shared>, Path(model): Path<String>) -> Response {
-    if !g.has_model(&model) {
-        return error(StatusCode::NOT_FOUND, format!("unknown model `{model}`"));
-    }
-    Json(json!({
-        "name": model, "versions": ["1"], "platform": "flumen",
-        "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, -1]}],
-        "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, -1]}]
-    }))
-    .into_response()
-}
-
-async fn kserve_ready(State(g): State<Shared>, Path(model): Path<String>) -> StatusCode {
-    if g.has_model(&model) {
-        StatusCode::OK
-    } else {
-        StatusCode::NOT_FOUND
-    }
-}
-
-/// The rows of a tensor's flat `data` with `rows` rows, one record each (a scalar
-/// for one element per row, else an array).
-pub(crate) fn tensor_records(data: &[Value], rows: usize) -> Result<Vec<Value>, String> {
-    let rows = rows.max(1);
-    if data.is_empty() || data.len() % rows != 0 {
-        return Err(format!("{} elements do not fill {rows} rows", data.len()));
-    }
-    let per_row = data.len() / rows;
-    Ok(data
-        .chunks(per_row)
-        .map(|c| {
-            if per_row == 1 {
-                c[0].clone()
-            } else {
-                Value::Array(c.to_vec())
-            }
-        })
-        .collect())
-}
-
-/// Predictions as one output tensor: its datatype (FP32 when every element is a
-/// number, else BYTES), its flat elements and its columns per row.
-pub(crate) fn output_tensor(out: &[Value]) -> (&'static str, Vec<Value>, usize) {
-    let flat: Vec<Value> = out
-        .iter()
-        .flat_map(|v| match v {
-            Value::Array(a) => a.clone(),
-            other => vec![other.clone()],
-        })
-        .collect();
-    let numeric = flat.iter().all(Value::is_number);
-    let flat: Vec<Value> = if numeric {
-        flat
-    } else {
-        flat.iter()
-            .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-            .collect()
-    };
-    let cols = flat.len() / out.len().max(1);
-    (if numeric { "FP32" } else { "BYTES" }, flat, cols)
-}
-
-/// The binary tensor extension's header: how many leading body bytes are JSON.
-const HEADER_LENGTH: &str = "inference-header-content-length";
-
-/// A KServe v2 infer request, read: the first input's rows as records, and whether
-/// the caller wants the outputs as binary tensors.
-#[derive(Debug, PartialEq)]
-pub(crate) struct InferRequest {
-    pub(crate) records: Vec<Value>,
-    pub(crate) binary_output: bool,
-}
-
-/// Reads an infer request with JSON `data` tensors or with Triton's binary tensor
-/// extension (tritonclient's default): a JSON header of `Inference-Header-Content-Length`
-/// bytes, then the raw bytes of each input that has `parameters.binary_data_size`,
-/// in the order of `inputs`. Errors name the field at fault.
-pub(crate) fn read_infer_request(headers: &HeaderMap, body: &[u8]) -> Result<InferRequest, String> {
-    let (json, mut binary) = match headers.get(HEADER_LENGTH) {
-        None => (body, &[][..]),
-        Some(v) => {
-            let n = v
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or("Inference-Header-Content-Length must be a byte count")?;
-            if n > body.len() {
-                return Err(format!(
-                    "Inference-Header-Content-Length is {n} but the body has {} bytes",
-                    body.len()
-                ));
-            }
-            body.split_at(n)
-        }
-    };
-    let request: Value =
-        serde_json::from_slice(json).map_err(|e| format!("malformed JSON: {e}"))?;
-    let inputs = request["inputs"]
-        .as_array()
-        .filter(|i| !i.is_empty())
-        .ok_or("`inputs` must hold one tensor")?;
-    // Every binary input's bytes, in order; the records come from the first input.
-    let mut first_raw = None;
-    for (i, input) in inputs.iter().enumerate() {
-        let Some(size) = input.pointer("/parameters/binary_data_size") else {
-            continue;
-        };
-        let size = size.as_u64().ok_or_else(|| {
-            format!("inputs[{i}].parameters.binary_data_size must be a byte count")
-        })? as usize;
-        if size > binary.len() {
-            return Err(format!(
-                "inputs[{i}].parameters.binary_data_size is {size} but {} binary bytes are left",
-                binary.len()
-            ));
-        }
-        let (mine, rest) = binary.split_at(size);
-        binary = rest;
-        if i == 0 {
-            first_raw = Some(mine);
-        }
-    }
-    if !binary.is_empty() {
-        return Err(format!(
-            "{} bytes after the last binary input (check binary_data_size)",
-            binary.len()
-        ));
-    }
-    let input = &inputs[0];
-    let shape: Vec<usize> = input["shape"]
-        .as_array()
-        .map(|s| {
-            s.iter()
-                .filter_map(Value::as_u64)
-                .map(|d| d as usize)
-                .collect()
-        })
-        .unwrap_or_default();
-    let decoded;
-    let data: &[Value] = match first_raw {
-        Some(raw) => {
-            let datatype = input["datatype"]
-                .as_str()
-                .ok_or("inputs[0].datatype is missing")?;
-            decoded = flumen_kserve::raw::decode_raw(datatype, raw)
-                .map_err(|e| format!("inputs[0]: {}", e.message))?;
-            &decoded
-        }
-        None => input["data"]
-            .as_array()
-            .ok_or("inputs[0] has neither `data` nor `parameters.binary_data_size`")?,
-    };
-    let records = tensor_records(data, shape.first().copied().unwrap_or(1))
-        .map_err(|why| format!("inputs[0]: {why} (shape {shape:?})"))?;
-    let wants_binary = |v: &Value, key: &str| {
-        v.pointer(&format!("/parameters/{key}"))
-            .and_then(Value::as_bool)
-            == Some(true)
-    };
-    let binary_output = wants_binary(&request, "binary_data_output")
-        || request["outputs"]
-            .as_array()
-            .is_some_and(|o| o.iter().any(|o| wants_binary(o, "binary_data")));
-    Ok(InferRequest {
-        records,
-        binary_output,
-    })
-}
-
-/// The infer response: predictions as the rows of `OUTPUT`, as JSON `data` or, when
-/// asked, as a binary tensor after a JSON header.
-pub(crate) fn infer_response(model: &str, out: &[Value], binary: bool) -> Response {
-    let (datatype, data, cols) = output_tensor(out);
-    let mut tensor = json!({"name": "OUTPUT", "datatype": datatype, "shape": [out.len(), cols]});
-    let raw = if binary {
-        match flumen_kserve::raw::encode_raw(datatype, &data) {
-            Ok(raw) => Some(raw),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
-        }
-    } else {
-        None
-    };
-    match &raw {
-        Some(raw) => tensor["parameters"] = json!({"binary_data_size": raw.len()}),
-        None => tensor["data"] = Value::Array(data),
-    }
-    let reply = json!({"model_name": model, "model_version": "1", "outputs": [tensor]});
-    let Some(raw) = raw else {
-        return Json(reply).into_response();
-    };
-    let mut body = serde_json::to_vec(&reply).expect("a JSON value serialises");
-    let header_length = body.len();
-    body.extend(raw);
-    (
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                "application/octet-stream".to_owned(),
-            ),
-            (
-                axum::http::HeaderName::from_static(HEADER_LENGTH),
-                header_length.to_string(),
-            ),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-/// KServe v2 infer: each row of the first input is a record; the predictions come
-/// back as the rows of `OUTPUT` (FP32 for numbers, BYTES else). JSON and binary
-/// tensors both ways (see [`read_infer_request`]).
-async fn kserve_infer(
-    State(g): State<Shared>,
-    Path(model): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    // KServe clients do not always say `application/json`: the body is read by the
-    // presence of the binary extension's header, whatever its content type.
-    let request = match read_infer_request(&headers, &body) {
-        Ok(r) => r,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
-    };
-    match g.infer(&model, request.records, &headers).await {
-        Err(r) => r.into_response(),
-        Ok(out) => infer_response(&model, &out, request.binary_output),
-    }
-}
+pub(crate) type Shared = Arc<Gateway>;
 
 /// Runs `flumen serve CONFIG` until interrupted.
 pub async fn serve(path: &std::path::Path) -> Result<()> {
@@ -916,9 +585,9 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         timeout: Duration::from_millis(s.timeout_ms),
     });
     let app = Router::new()
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/models", get(list_models))
+        .route("/v1/embeddings", post(crate::serve_openai::embeddings))
+        .route("/v1/chat/completions", post(crate::serve_openai::chat))
+        .route("/v1/models", get(crate::serve_openai::list_models))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
         .route(
@@ -927,9 +596,18 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         )
         .route("/health/live", get(|| async { StatusCode::OK }))
         .route("/health/ready", get(ready))
-        .route("/v2/models/{model}", get(kserve_metadata))
-        .route("/v2/models/{model}/ready", get(kserve_ready))
-        .route("/v2/models/{model}/infer", post(kserve_infer))
+        .route(
+            "/v2/models/{model}",
+            get(crate::serve_kserve::kserve_metadata),
+        )
+        .route(
+            "/v2/models/{model}/ready",
+            get(crate::serve_kserve::kserve_ready),
+        )
+        .route(
+            "/v2/models/{model}/infer",
+            post(crate::serve_kserve::kserve_infer),
+        )
         .layer(DefaultBodyLimit::max(s.max_body_bytes))
         .with_state(Arc::clone(&gateway));
     let app = if s.log_requests {
@@ -1060,112 +738,6 @@ mod tls {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A binary-extension request: the JSON header, then each input's raw bytes.
-    fn binary_request(header: &Value, raw: &[&[u8]]) -> (HeaderMap, Vec<u8>) {
-        let mut body = serde_json::to_vec(header).unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_LENGTH, body.len().to_string().parse().unwrap());
-        for r in raw {
-            body.extend(*r);
-        }
-        (headers, body)
-    }
-
-    #[test]
-    fn infer_requests_read_json_and_binary_tensors() {
-        let fp32: Vec<u8> = [1.5f32, -2.0, 4.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let header = json!({
-            "inputs": [{"name": "X", "shape": [3, 1], "datatype": "FP32",
-                        "parameters": {"binary_data_size": fp32.len()}}],
-            "outputs": [{"name": "OUTPUT", "parameters": {"binary_data": true}}]
-        });
-        let (headers, body) = binary_request(&header, &[&fp32]);
-        assert_eq!(
-            read_infer_request(&headers, &body),
-            Ok(InferRequest {
-                records: vec![json!(1.5), json!(-2.0), json!(4.0)],
-                binary_output: true
-            })
-        );
-
-        // BYTES rows as the first input, a second binary input after it, and
-        // outputs in binary by the request-level parameter.
-        let text = flumen_kserve::raw::encode_raw("BYTES", &[json!("café"), json!("")]).unwrap();
-        let header = json!({
-            "inputs": [
-                {"name": "T", "shape": [2, 1], "datatype": "BYTES",
-                 "parameters": {"binary_data_size": text.len()}},
-                {"name": "Y", "shape": [1], "datatype": "FP32",
-                 "parameters": {"binary_data_size": 4}}
-            ],
-            "parameters": {"binary_data_output": true}
-        });
-        let (headers, body) = binary_request(&header, &[&text, &[0, 0, 128, 63]]);
-        let read = read_infer_request(&headers, &body).unwrap();
-        assert_eq!(read.records, vec![json!("café"), json!("")]);
-        assert!(read.binary_output);
-
-        // Plain JSON: rows of two elements, JSON outputs.
-        let body = json!({"inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32",
-                                      "data": [1, 2, 3, 4]}]});
-        let read = read_infer_request(&HeaderMap::new(), body.to_string().as_bytes()).unwrap();
-        assert_eq!(read.records, vec![json!([1, 2]), json!([3, 4])]);
-        assert!(!read.binary_output);
-    }
-
-    #[test]
-    fn bad_binary_requests_name_what_is_wrong() {
-        let header = json!({"inputs": [{"name": "X", "shape": [2, 1], "datatype": "FP32",
-                                        "parameters": {"binary_data_size": 8}}]});
-        let err = |headers: &HeaderMap, body: &[u8]| read_infer_request(headers, body).unwrap_err();
-        // Fewer bytes than announced.
-        let (headers, body) = binary_request(&header, &[&[0; 4]]);
-        assert!(err(&headers, &body).contains("inputs[0].parameters.binary_data_size is 8"));
-        // More bytes than announced.
-        let (headers, body) = binary_request(&header, &[&[0; 12]]);
-        assert!(err(&headers, &body).contains("4 bytes after the last binary input"));
-        // A header length past the body, or not a number.
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_LENGTH, "999".parse().unwrap());
-        assert!(err(&headers, b"{}").contains("Inference-Header-Content-Length is 999"));
-        headers.insert(HEADER_LENGTH, "ten".parse().unwrap());
-        assert!(err(&headers, b"{}").contains("must be a byte count"));
-        // Raw bytes that do not fit the datatype.
-        let header = json!({"inputs": [{"name": "X", "shape": [1, 1], "datatype": "FP32",
-                                        "parameters": {"binary_data_size": 3}}]});
-        let (headers, body) = binary_request(&header, &[&[0; 3]]);
-        assert!(err(&headers, &body).starts_with("inputs[0]: 3 raw bytes"));
-        // Neither data nor binary.
-        let body = json!({"inputs": [{"name": "X", "shape": [1], "datatype": "FP32"}]});
-        assert!(err(&HeaderMap::new(), body.to_string().as_bytes()).contains("neither `data`"));
-    }
-
-    #[tokio::test]
-    async fn binary_responses_carry_the_header_length_and_raw_rows() {
-        let out = [json!([0.5, 1.0]), json!([2.0, -1.0])];
-        let response = infer_response("m", &out, true);
-        let length: usize = response.headers()[HEADER_LENGTH]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        let header: Value = serde_json::from_slice(&body[..length]).unwrap();
-        assert_eq!(header["outputs"][0]["shape"], json!([2, 2]));
-        assert_eq!(
-            header["outputs"][0]["parameters"]["binary_data_size"],
-            json!(16)
-        );
-        assert_eq!(header["outputs"][0].get("data"), None);
-        let rows = flumen_kserve::raw::decode_raw("FP32", &body[length..]).unwrap();
-        assert_eq!(rows, vec![json!(0.5), json!(1.0), json!(2.0), json!(-1.0)]);
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ready_turns_503_while_a_models_breaker_is_open() {

@@ -16,7 +16,8 @@ use flumen_kserve::grpc::typed;
 use flumen_kserve::raw::{decode_raw, encode_raw};
 use tonic::{Request, Response, Status};
 
-use crate::serve::{output_tensor, tensor_records, Gateway, Reject};
+use crate::serve::{Gateway, Reject};
+use crate::serve_kserve::{output_tensor, tensor_records};
 
 /// The gRPC face of the gateway.
 pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
