@@ -329,6 +329,50 @@ mod tests {
         assert!(err(&HeaderMap::new(), body.to_string().as_bytes()).contains("neither `data`"));
     }
 
+    proptest::proptest! {
+        // A fixed seed: the same cases on every run and every machine.
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 512,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0xB1_7E5),
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// Whatever the body and the header length, a request is read or refused
+        /// with a reason; nothing panics.
+        #[test]
+        fn any_body_is_read_or_refused(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            header_length in proptest::option::of(0usize..400),
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Some(n) = header_length {
+                headers.insert(HEADER_LENGTH, n.to_string().parse().unwrap());
+            }
+            if let Err(why) = read_infer_request(&headers, &body) {
+                proptest::prop_assert!(!why.is_empty());
+            }
+        }
+
+        /// A JSON header with one binary input of random bytes and a random datatype
+        /// and size: read or refused, never a panic, and rows only when the bytes fit.
+        #[test]
+        fn any_binary_input_is_read_or_refused(
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            size in 0usize..80,
+            rows in 0u64..6,
+            datatype in proptest::sample::select(vec!["FP32", "INT64", "BYTES", "BOOL", "FP16", ""]),
+        ) {
+            let header = json!({"inputs": [{"name": "X", "shape": [rows, 1], "datatype": datatype,
+                                            "parameters": {"binary_data_size": size}}]});
+            let (headers, body) = binary_request(&header, &[&raw]);
+            if let Ok(read) = read_infer_request(&headers, &body) {
+                proptest::prop_assert_eq!(size, raw.len());
+                proptest::prop_assert_eq!(read.records.len() as u64, rows.max(1));
+            }
+        }
+    }
+
     #[tokio::test]
     async fn binary_responses_carry_the_header_length_and_raw_rows() {
         let out = [json!([0.5, 1.0]), json!([2.0, -1.0])];
