@@ -28,6 +28,16 @@ fn json_lines(bytes: &[u8]) -> Vec<Value> {
         .collect()
 }
 
+/// The JSON lines a run wrote to stdout, once it has exited 0 (else its stderr).
+fn stdout_lines(out: &Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_lines(&out.stdout)
+}
+
 const FAST: [&str; 6] = ["--backend", "sim", "--sim-a-ms", "1", "--sim-b-ms", "0.01"];
 
 #[test]
@@ -39,12 +49,7 @@ fn every_input_line_yields_exactly_one_output_line() {
     let mut args = vec!["run", "--field", "text", "--order", "ordered"];
     args.extend(FAST);
     let out = flumen(&args, input.as_bytes());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines = json_lines(&out.stdout);
+    let lines = stdout_lines(&out);
     assert_eq!(lines.len(), 2_000);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["id"], i as u64, "ordered output");
@@ -175,16 +180,15 @@ fn bad_flags_exit_with_status_2_and_name_the_flag() {
         ],
         b"",
     );
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    for flag in [
-        "--capacity",
-        "--sim-slots",
-        "--order keyed",
-        "--sim-error-rate",
-    ] {
-        assert!(err.contains(flag), "{flag} not named in: {err}");
-    }
+    common::names_every_problem(
+        &out,
+        &[
+            "--capacity",
+            "--sim-slots",
+            "--order keyed",
+            "--sim-error-rate",
+        ],
+    );
 }
 
 fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
@@ -202,16 +206,15 @@ fn a_bad_config_file_reports_every_problem_with_its_path_and_exits_2() {
         "[backend]\nkind = \"sim\"\nslots = 0\nerror_rate = 3.0\n\n[engine]\nconcurrency = \"lots\"\n\n[operator]\norder = \"keyed\"\n",
     );
     let out = flumen(&["run", "--config", path.to_str().unwrap()], b"");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    for p in [
-        "backend.slots",
-        "backend.error_rate",
-        "engine.concurrency",
-        "operator.key_field",
-    ] {
-        assert!(err.contains(p), "{p} not in: {err}");
-    }
+    common::names_every_problem(
+        &out,
+        &[
+            "backend.slots",
+            "backend.error_rate",
+            "engine.concurrency",
+            "operator.key_field",
+        ],
+    );
     let path = write_temp("typo.toml", "[backend]\nkind = \"sim\"\nslotz = 2\n");
     let out = flumen(&["run", "--config", path.to_str().unwrap()], b"");
     assert_eq!(out.status.code(), Some(2));
@@ -236,12 +239,7 @@ fn a_config_file_runs_records_through_a_real_triton_server() {
         &["run", "--config", path.to_str().unwrap(), "--field", "x"],
         input.as_bytes(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines = json_lines(&out.stdout);
+    let lines = stdout_lines(&out);
     assert_eq!(lines.len(), 300);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["id"], i as u64);
@@ -263,12 +261,7 @@ fn the_default_backend_embeds_text_in_process_and_fails_non_text_alone() {
         &["run", "--field", "text", "--order", "ordered"],
         input.as_bytes(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines = json_lines(&out.stdout);
+    let lines = stdout_lines(&out);
     assert_eq!(lines.len(), 6, "one line per record");
     let vector = |l: &Value| -> Vec<f64> {
         l["prediction"]

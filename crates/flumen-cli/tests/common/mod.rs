@@ -21,6 +21,16 @@ impl Drop for Killed {
     }
 }
 
+/// A run refused for bad options: exit status 2, and every name in `names` (a flag
+/// or a config path) in its stderr.
+pub fn names_every_problem(out: &std::process::Output, names: &[&str]) {
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for name in names {
+        assert!(err.contains(name), "{name} not named in: {err}");
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
