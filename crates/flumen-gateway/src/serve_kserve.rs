@@ -186,22 +186,18 @@ pub(crate) fn read_infer_request(headers: &HeaderMap, body: &[u8]) -> Result<Inf
 pub(crate) fn infer_response(model: &str, out: &[Value], binary: bool) -> Response {
     let (datatype, data, cols) = output_tensor(out);
     let mut tensor = json!({"name": "OUTPUT", "datatype": datatype, "shape": [out.len(), cols]});
-    let raw = if binary {
-        match flumen_kserve::raw::encode_raw(datatype, &data) {
-            Ok(raw) => Some(raw),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
-        }
-    } else {
-        None
-    };
-    match &raw {
-        Some(raw) => tensor["parameters"] = json!({"binary_data_size": raw.len()}),
-        None => tensor["data"] = Value::Array(data),
+    let reply =
+        |tensor: Value| json!({"model_name": model, "model_version": "1", "outputs": [tensor]});
+    if !binary {
+        tensor["data"] = Value::Array(data);
+        return Json(reply(tensor)).into_response();
     }
-    let reply = json!({"model_name": model, "model_version": "1", "outputs": [tensor]});
-    let Some(raw) = raw else {
-        return Json(reply).into_response();
+    let raw = match flumen_kserve::raw::encode_raw(datatype, &data) {
+        Ok(raw) => raw,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
     };
+    tensor["parameters"] = json!({"binary_data_size": raw.len()});
+    let reply = reply(tensor);
     let mut body = serde_json::to_vec(&reply).expect("a JSON value serialises");
     let header_length = body.len();
     body.extend(raw);
