@@ -19,6 +19,7 @@ use flumen_gateway::backends::{
     AnyBackend, BackendConfig, EmbeddedSection, FileConfig, SimSection,
 };
 use flumen_gateway::backends::{EngineSection, OperatorSection};
+use flumen_gateway::signals::Signals;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -617,55 +618,18 @@ pub enum Input {
     Builtin(&'static [u8]),
 }
 
-/// SIGINT and SIGTERM, listened to from one place for the whole run: a signal that
-/// arrives while nobody awaits it (between the first and the wait for the second)
-/// is still seen.
-struct Shutdown {
-    #[cfg(unix)]
-    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl Shutdown {
-    fn listen() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let signals = signal(SignalKind::interrupt())
-                .and_then(|int| Ok((int, signal(SignalKind::terminate())?)))
-                .ok();
-            Shutdown { signals }
-        }
-        #[cfg(not(unix))]
-        Shutdown {}
+/// Resolves at the first of `signals`, which stops the source (in-flight records
+/// finish, are written and acknowledged); the second exits at once.
+async fn first_signal(mut signals: Signals, quiet: bool) {
+    signals.recv().await;
+    if !quiet {
+        eprintln!("\nflumen: stopping: finishing the records in flight (again to exit at once)");
     }
-
-    async fn recv(&mut self) {
-        #[cfg(unix)]
-        if let Some((int, term)) = &mut self.signals {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    }
-
-    /// Resolves at the first signal, which stops the source (in-flight records
-    /// finish, are written and acknowledged); the second exits at once.
-    async fn first(mut self, quiet: bool) {
-        self.recv().await;
-        if !quiet {
-            eprintln!(
-                "\nflumen: stopping: finishing the records in flight (again to exit at once)"
-            );
-        }
-        tokio::spawn(async move {
-            self.recv().await;
-            eprintln!("flumen: exiting at once; unacknowledged records will be delivered again");
-            std::process::exit(130);
-        });
-    }
+    tokio::spawn(async move {
+        signals.recv().await;
+        eprintln!("flumen: exiting at once; unacknowledged records will be delivered again");
+        std::process::exit(130);
+    });
 }
 
 /// Runs `flumen run`.
@@ -728,7 +692,8 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     let slot = Arc::clone(&source_error);
     let max_bytes = setup.max_record_bytes;
     let lines = messages
-        .take_until(Box::pin(Shutdown::listen().first(args.quiet)))
+        // Listening starts here, before the first record is read.
+        .take_until(Box::pin(first_signal(Signals::listen(), args.quiet)))
         .scan((), move |_, m| {
             futures::future::ready(match m {
                 Ok(m) => Some(parse_line(m, max_bytes)),

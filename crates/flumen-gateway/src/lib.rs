@@ -5,7 +5,8 @@
 //!   [`backends::BackendConfig`]), every problem reported with its path, built into
 //!   one [`backends::AnyBackend`] with JSON records in and out;
 //! - [`serve`]: the gateway — OpenAI-compatible and KServe v2 endpoints in front of
-//!   one shared engine per model.
+//!   one shared engine per model;
+//! - [`signals`]: SIGINT/SIGTERM, for both commands' graceful stops.
 
 pub mod backends;
 pub mod serve;
@@ -13,6 +14,7 @@ pub mod serve;
 mod serve_grpc;
 mod serve_kserve;
 mod serve_openai;
+pub mod signals;
 
 /// Invalid configuration: every problem found, each naming its path or flag.
 #[derive(Debug)]

@@ -399,28 +399,13 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     };
     eprintln!("flumen serve: listening on {scheme}://{}", running.addr);
     let stop = running.stopper();
+    let mut signals = crate::signals::Signals::listen();
     tokio::spawn(async move {
-        stop_signal().await;
+        signals.recv().await;
         eprintln!("flumen serve: stopping: answering the requests in flight");
         stop.stop();
     });
     running.finished().await
-}
-
-/// The first SIGINT or SIGTERM (what Ctrl-C, `kill`, systemd and Kubernetes send).
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// A gateway running in the background.
