@@ -144,11 +144,7 @@ impl Drop for Served {
 /// Retry-After, and the gateway's memory must not grow with the excess.
 async fn overload() -> Overload {
     let limit = 2.0 * 64.0 / (0.020 + 0.002 * 64.0);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = flumen_kserve::server::free_port().unwrap();
     let dir = std::env::temp_dir().join(format!("flumen-bench-overload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("serve.toml");

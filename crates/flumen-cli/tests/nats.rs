@@ -6,7 +6,6 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::HashSet;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 mod common;
-use common::{bad_records, free_port, ids, records, stop, worker, Killed, BAD_REASONS, N};
+use common::{bad_records, ids, records, stop, worker, Killed, BAD_REASONS, N};
 
 struct Server {
     _child: Killed,
@@ -32,7 +31,9 @@ impl Drop for Server {
     }
 }
 
-/// A fresh JetStream server on a free port, storing in a scratch directory.
+/// A fresh JetStream server, storing in a scratch directory. The server picks its own
+/// port and writes it to a ports file once it accepts clients: a port picked here and
+/// handed over could be taken by another socket in between.
 fn server(name: &str) -> Server {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let ok = Command::new("bash")
@@ -41,32 +42,57 @@ fn server(name: &str) -> Server {
         .unwrap()
         .success();
     assert!(ok, "scripts/system.sh installs nats-server");
-    let port = free_port();
     let dir = std::env::temp_dir().join(format!("flumen-nats-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let ports = dir.join("ports");
+    std::fs::create_dir_all(&ports).unwrap();
     let child = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&dir)
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(dir.join("store"))
+        .arg("--ports_file_dir")
+        .arg(&ports)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("nats-server starts");
-    let child = Killed(child);
+    let file = ports.join(format!("nats-server_{}.ports", child.id()));
+    let mut child = Killed(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let url = loop {
+        let url = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .and_then(|v| v["nats"][0].as_str().map(str::to_owned));
+        if let Some(url) = url {
+            break url;
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            panic!("nats-server exited before it listened: {status}");
+        }
         assert!(Instant::now() < deadline, "nats-server did not listen");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     Server {
         _child: child,
-        url: format!("nats://127.0.0.1:{port}"),
+        url,
         dir,
     }
 }
 
+/// A JetStream context on the server, retrying the first connection for a while: on a
+/// loaded machine a server that has just started may still refuse or reset it.
 async fn js(url: &str) -> jetstream::Context {
-    jetstream::new(async_nats::connect(url).await.unwrap())
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match async_nats::connect(url).await {
+            Ok(client) => return jetstream::new(client),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("nats: connecting to {url}: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot connect to {url}: {e}"),
+        }
+    }
 }
 
 async fn streams(js: &jetstream::Context, names: &[(&str, &str)]) {

@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A Python-backend model to serve.
 #[derive(Debug, Clone)]
@@ -45,7 +46,37 @@ impl Drop for TritonServer {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
+/// A loopback port nothing listens on now, for a child process to bind.
+///
+/// Picked *below* the kernel's ephemeral range: a port the kernel handed out for
+/// `127.0.0.1:0` is released before the child binds it, and in between any outgoing
+/// connection on the machine may take it as its local port (or a probe may connect to
+/// itself on it, the TCP "self-connect"). Ports below the range are only ever taken by
+/// an explicit bind. Successive calls in one process walk the range from a start drawn
+/// from the process id and the clock, so parallel tests and processes rarely meet.
+pub fn free_port() -> std::io::Result<u16> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let low = ephemeral.saturating_sub(12_000).max(1024);
+    let span = ephemeral.saturating_sub(low);
+    if span < 1000 {
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id().wrapping_mul(7919) ^ nanos;
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + start.wrapping_add(step.wrapping_mul(97)) % span;
+        let port = u16::try_from(port).expect("below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -159,5 +190,28 @@ pub fn cost_model(
             a = a_ms / 1e3,
             b = b_ms / 1e3
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_bindable_distinct_and_below_the_ephemeral_range() {
+        let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+            return; // not Linux: the fallback is the kernel's own choice
+        };
+        let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let ports: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for p in ports {
+            assert!(
+                p < ephemeral,
+                "{p} is in the ephemeral range from {ephemeral}"
+            );
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
     }
 }

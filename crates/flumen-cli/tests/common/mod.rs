@@ -3,7 +3,6 @@
 //! and the records they carry.
 #![allow(dead_code, clippy::disallowed_methods)] // each test file uses a part; real time
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -31,12 +30,9 @@ pub fn names_every_problem(out: &std::process::Output, names: &[&str]) {
     }
 }
 
+/// A loopback port for a child to listen on (see [`flumen_kserve::server::free_port`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    flumen_kserve::server::free_port().expect("a free loopback port")
 }
 
 /// `flumen run CONFIG --quiet`, its stderr shown.
