@@ -23,6 +23,13 @@ use tokio::time::Instant;
 
 use crate::LatencyModel;
 
+/// A free slot is held back (rule 4) while sending now would move records through it
+/// at less than this share of the rate of the calls in flight.
+pub const BALANCE_EFFICIENCY: f64 = 0.9;
+
+/// For at most this share of a call's fixed cost (rule 4).
+pub const BALANCE_HOLD: f64 = 0.15;
+
 /// A batch is split over free slots only if its parts are expected to take at most
 /// this share of the latency of the undivided batch: splitting costs one more call's
 /// fixed overhead, which a backend with a large fixed cost per call cannot repay.
@@ -41,6 +48,10 @@ pub struct BatchConfig {
     /// Triton-style delay: while a slot is free, wait up to this long (from the oldest
     /// queued record) for a fuller batch. `None` (the default) never waits.
     pub max_wait: Option<Duration>,
+    /// Send whatever is queued the moment a slot frees, never holding the slot for a
+    /// batch as efficient as those in flight (rule 4 of the module docs). Off by
+    /// default: holding lifts closed loops and barely moves open-loop latency.
+    pub eager: bool,
 }
 
 /// What the batcher needs to know of one queued record.
@@ -72,6 +83,7 @@ pub struct BatchPolicy {
     max_bytes: Option<u64>,
     max_tokens: Option<u64>,
     max_wait: Option<Duration>,
+    eager: bool,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -93,6 +105,7 @@ impl BatchPolicy {
             max_bytes: min_opt(config.max_bytes, caps.max_batch_bytes),
             max_tokens: min_opt(config.max_tokens, caps.max_batch_tokens),
             max_wait: config.max_wait,
+            eager: config.eager,
         }
     }
 
@@ -112,10 +125,11 @@ impl BatchPolicy {
     pub fn decide<'a>(
         &self,
         now: Instant,
-        free_slots: usize,
+        slots: Slots,
         queue: impl IntoIterator<Item = &'a QueuedMeta>,
         latency: &LatencyModel,
     ) -> Decision {
+        let free_slots = slots.free;
         let mut queue = queue.into_iter().peekable();
         let Some(head) = queue.peek().copied().copied() else {
             return Decision::Wait(None);
@@ -159,6 +173,11 @@ impl BatchPolicy {
             if full {
                 return Decision::Send(n);
             }
+            if !self.eager {
+                if let Some(until) = balance_hold(now, n, head.enqueued, deadline, slots, latency) {
+                    return Decision::Wait(Some(until));
+                }
+            }
             return Decision::Send(split(n, free_slots, latency));
         };
         if full {
@@ -174,6 +193,61 @@ impl BatchPolicy {
             Decision::Wait(Some(send_at))
         }
     }
+}
+
+/// The calls in flight, as the batcher sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// More calls allowed in flight now.
+    pub free: usize,
+    /// Calls in flight.
+    pub busy: usize,
+    /// Records in those calls.
+    pub busy_items: usize,
+    /// When a call last finished.
+    pub freed_at: Option<Instant>,
+}
+
+impl Slots {
+    /// `free` slots and nothing in flight.
+    pub fn idle(free: usize) -> Self {
+        Slots {
+            free,
+            busy: 0,
+            busy_items: 0,
+            freed_at: None,
+        }
+    }
+}
+
+/// Whether to hold a free slot, and until when: while other calls are in flight and
+/// a call of the `n` records queued would move records through its slot at less than
+/// [`BALANCE_EFFICIENCY`] of the rate of a call of their mean size, for at most
+/// [`BALANCE_HOLD`] of a call's fixed cost from when both the slot and the oldest
+/// record were there, and never past the point where a deadline would be missed.
+fn balance_hold(
+    now: Instant,
+    n: usize,
+    oldest: Instant,
+    deadline: Option<Instant>,
+    slots: Slots,
+    latency: &LatencyModel,
+) -> Option<Instant> {
+    if slots.busy == 0 {
+        return None;
+    }
+    let (a, b) = latency.coefficients()?;
+    let rate = |items: f64| items / (a + b * items);
+    let share = slots.busy_items as f64 / slots.busy as f64;
+    if a <= 0.0 || rate(n as f64) >= BALANCE_EFFICIENCY * rate(share) {
+        return None;
+    }
+    let from = slots.freed_at.map_or(oldest, |t| t.max(oldest));
+    let mut until = from + Duration::from_secs_f64(BALANCE_HOLD * a);
+    if let Some(d) = deadline {
+        until = until.min(d.checked_sub(latency.estimate(n)).unwrap_or(now));
+    }
+    (until > now).then_some(until)
 }
 
 /// The first part of `n` records spread over up to `free` calls: the most parts
@@ -239,7 +313,7 @@ mod tests {
         let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
         let q = queue(t0, 1);
         assert_eq!(
-            p.decide(t0, 1, &q, &LatencyModel::default()),
+            p.decide(t0, Slots::idle(1), &q, &LatencyModel::default()),
             Decision::Send(1)
         );
     }
@@ -250,12 +324,12 @@ mod tests {
         let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
         let q = queue(t0, 10);
         assert_eq!(
-            p.decide(t0, 0, &q, &LatencyModel::default()),
+            p.decide(t0, Slots::idle(0), &q, &LatencyModel::default()),
             Decision::Wait(None)
         );
         let q = queue(t0, 100);
         assert_eq!(
-            p.decide(t0 + ms(50), 1, &q, &LatencyModel::default()),
+            p.decide(t0 + ms(50), Slots::idle(1), &q, &LatencyModel::default()),
             Decision::Send(64)
         );
     }
@@ -292,7 +366,7 @@ mod tests {
         }
         // 3 × 30 = 90 tokens fit, a 4th would make 120.
         assert_eq!(
-            p.decide(t0, 1, &q, &LatencyModel::default()),
+            p.decide(t0, Slots::idle(1), &q, &LatencyModel::default()),
             Decision::Send(3)
         );
         for m in &mut q {
@@ -302,12 +376,12 @@ mod tests {
             };
         }
         assert_eq!(
-            p.decide(t0, 1, &q, &LatencyModel::default()),
+            p.decide(t0, Slots::idle(1), &q, &LatencyModel::default()),
             Decision::Send(2)
         );
         q[0].cost.tokens = 101;
         assert_eq!(
-            p.decide(t0, 0, &q, &LatencyModel::default()),
+            p.decide(t0, Slots::idle(0), &q, &LatencyModel::default()),
             Decision::RejectOversized
         );
     }
@@ -323,13 +397,19 @@ mod tests {
         let q = queue(t0, 3);
         let m = LatencyModel::default();
         assert_eq!(
-            p.decide(t0 + ms(2), 1, &q, &m),
+            p.decide(t0 + ms(2), Slots::idle(1), &q, &m),
             Decision::Wait(Some(t0 + ms(10)))
         );
-        assert_eq!(p.decide(t0 + ms(10), 1, &q, &m), Decision::Send(3));
+        assert_eq!(
+            p.decide(t0 + ms(10), Slots::idle(1), &q, &m),
+            Decision::Send(3)
+        );
         // A full batch goes at once.
         let q = queue(t0, 9);
-        assert_eq!(p.decide(t0 + ms(1), 1, &q, &m), Decision::Send(8));
+        assert_eq!(
+            p.decide(t0 + ms(1), Slots::idle(1), &q, &m),
+            Decision::Send(8)
+        );
     }
 
     #[test]
@@ -344,8 +424,14 @@ mod tests {
         q[1].deadline = Some(t0 + ms(50));
         let m = model(20.0, 0.5);
         // Latest start for 2 records: 50 - 21 = 29 ms.
-        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Wait(Some(t0 + ms(29))));
-        assert_eq!(p.decide(t0 + ms(29), 1, &q, &m), Decision::Send(2));
+        assert_eq!(
+            p.decide(t0, Slots::idle(1), &q, &m),
+            Decision::Wait(Some(t0 + ms(29)))
+        );
+        assert_eq!(
+            p.decide(t0 + ms(29), Slots::idle(1), &q, &m),
+            Decision::Send(2)
+        );
     }
 
     #[test]
@@ -355,16 +441,16 @@ mod tests {
         let q = queue(t0, 64);
         let m = model(20.0, 0.5);
         // 64 records, 52 ms in one call; two calls of 32 take 36 ms each.
-        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Send(64));
-        assert_eq!(p.decide(t0, 2, &q, &m), Decision::Send(32));
+        assert_eq!(p.decide(t0, Slots::idle(1), &q, &m), Decision::Send(64));
+        assert_eq!(p.decide(t0, Slots::idle(2), &q, &m), Decision::Send(32));
         // Three of 22 (31 ms) still beat two of 32 by more than SPLIT_GAIN.
-        assert_eq!(p.decide(t0, 3, &q, &m), Decision::Send(22));
+        assert_eq!(p.decide(t0, Slots::idle(3), &q, &m), Decision::Send(22));
         // More than a full batch waiting: full batches, no split.
         let full = queue(t0, 100);
-        assert_eq!(p.decide(t0, 3, &full, &m), Decision::Send(64));
+        assert_eq!(p.decide(t0, Slots::idle(3), &full, &m), Decision::Send(64));
         // A large fixed cost per call: halves would take 97 % as long, so one call.
         let heavy = model(100.0, 0.1);
-        assert_eq!(p.decide(t0, 2, &q, &heavy), Decision::Send(64));
+        assert_eq!(p.decide(t0, Slots::idle(2), &q, &heavy), Decision::Send(64));
         // With max_wait the caller asked for full batches: no split.
         let waiting = BatchPolicy::new(
             &BatchConfig {
@@ -373,7 +459,10 @@ mod tests {
             },
             &caps(64),
         );
-        assert_eq!(waiting.decide(t0 + ms(70), 2, &q, &m), Decision::Send(64));
+        assert_eq!(
+            waiting.decide(t0 + ms(70), Slots::idle(2), &q, &m),
+            Decision::Send(64)
+        );
     }
 
     #[test]
@@ -383,7 +472,7 @@ mod tests {
         let q = queue(t0, 64);
         // No sample yet: nothing to go by, one call.
         assert_eq!(
-            p.decide(t0, 2, &q, &LatencyModel::default()),
+            p.decide(t0, Slots::idle(2), &q, &LatencyModel::default()),
             Decision::Send(64)
         );
         // Every call so far carried 64: how latency grows with size is unknown.
@@ -391,11 +480,14 @@ mod tests {
         for _ in 0..20 {
             lockstep.observe(64, ms(52));
         }
-        assert_eq!(p.decide(t0, 3, &q, &lockstep), Decision::Send(32));
+        assert_eq!(
+            p.decide(t0, Slots::idle(3), &q, &lockstep),
+            Decision::Send(32)
+        );
         // Once sizes vary and latency turns out flat, no more splitting.
         let mut flat = lockstep.clone();
         flat.observe(32, ms(52));
-        assert_eq!(p.decide(t0, 2, &q, &flat), Decision::Send(64));
+        assert_eq!(p.decide(t0, Slots::idle(2), &q, &flat), Decision::Send(64));
     }
 
     #[test]
@@ -406,9 +498,73 @@ mod tests {
         // The oldest has 30 ms left: 20 + 0.5·n ≤ 30 allows n = 20.
         q[0].deadline = Some(t0 + ms(30));
         let m = model(20.0, 0.5);
-        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Send(20));
+        assert_eq!(p.decide(t0, Slots::idle(1), &q, &m), Decision::Send(20));
         // A hopeless deadline (less than one record's latency) does not shrink the batch.
         q[0].deadline = Some(t0 + ms(5));
-        assert_eq!(p.decide(t0, 1, &q, &m), Decision::Send(64));
+        assert_eq!(p.decide(t0, Slots::idle(1), &q, &m), Decision::Send(64));
+    }
+
+    #[test]
+    fn a_free_slot_is_held_for_a_batch_as_efficient_as_those_in_flight() {
+        let t0 = Instant::now();
+        let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
+        let m = model(20.0, 0.5);
+        // One call of 30 in flight; 3 records queued when the other slot frees:
+        // 3 / 21.5 ms is far below 30 / 35 ms. Held for 0.15 × 20 ms = 3 ms.
+        let busy = Slots {
+            free: 1,
+            busy: 1,
+            busy_items: 30,
+            freed_at: Some(t0 + ms(1)),
+        };
+        let q = queue(t0, 3);
+        assert_eq!(
+            p.decide(t0 + ms(1), busy, &q, &m),
+            Decision::Wait(Some(t0 + ms(4)))
+        );
+        assert_eq!(p.decide(t0 + ms(4), busy, &q, &m), Decision::Send(3));
+        // As many as the call in flight (or nearly): at once.
+        assert_eq!(
+            p.decide(t0 + ms(1), busy, &queue(t0, 26), &m),
+            Decision::Send(26)
+        );
+        // Nothing in flight: an idle backend never waits.
+        assert_eq!(
+            p.decide(t0 + ms(1), Slots::idle(2), &q, &m),
+            Decision::Send(3)
+        );
+        // Nor does an eager policy.
+        let eager = BatchPolicy::new(
+            &BatchConfig {
+                eager: true,
+                ..BatchConfig::default()
+            },
+            &caps(64),
+        );
+        assert_eq!(eager.decide(t0 + ms(1), busy, &q, &m), Decision::Send(3));
+        // The hold never costs a deadline: 3 records take 21.5 ms.
+        let mut q = queue(t0, 3);
+        q[2].deadline = Some(t0 + ms(24));
+        let until = t0 + ms(24) - Duration::from_micros(21_500);
+        assert_eq!(
+            p.decide(t0 + ms(1), busy, &q, &m),
+            Decision::Wait(Some(until))
+        );
+        assert_eq!(p.decide(until, busy, &q, &m), Decision::Send(3));
+    }
+
+    #[test]
+    fn a_backend_without_a_fixed_cost_per_call_is_never_held_for() {
+        let t0 = Instant::now();
+        let p = BatchPolicy::new(&BatchConfig::default(), &caps(64));
+        // 1 record costs as much per record as 60: nothing to gain by waiting.
+        let m = model(0.0, 1.0);
+        let busy = Slots {
+            free: 1,
+            busy: 1,
+            busy_items: 60,
+            freed_at: Some(t0),
+        };
+        assert_eq!(p.decide(t0, busy, &queue(t0, 1), &m), Decision::Send(1));
     }
 }

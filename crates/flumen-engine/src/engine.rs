@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant, Sleep};
 
-use crate::batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta};
+use crate::batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta, Slots};
 use crate::limiter::{ConcurrencyConfig, Limiter, Sample, SampleOutcome};
 use crate::reliability::{
     Breaker, BreakerConfig, BreakerState, CallClass, RetryBudget, RetryConfig,
@@ -141,6 +141,8 @@ impl<B: Backend> Engine<B> {
             latency: LatencyModel::default(),
             calls: JoinSet::new(),
             in_flight: 0,
+            in_flight_items: 0,
+            freed_at: None,
             next_expiry: None,
             paused_until: None,
             failure_streak: 0,
@@ -270,6 +272,10 @@ struct Dispatcher<B: Backend> {
     latency: LatencyModel,
     calls: JoinSet<Report<B>>,
     in_flight: usize,
+    /// Records in the calls in flight.
+    in_flight_items: usize,
+    /// When a call last finished.
+    freed_at: Option<Instant>,
     next_expiry: Option<Instant>,
     /// After an overload answer, or a run of failed calls, no call is sent before
     /// this instant.
@@ -324,8 +330,10 @@ impl<B: Backend> Dispatcher<B> {
                 biased;
                 Some(done) = self.calls.join_next(), if !self.calls.is_empty() => {
                     self.in_flight -= 1;
+                    self.freed_at = Some(Instant::now());
                     // A call task never panics: backend panics are caught inside it.
                     if let Ok(report) = done {
+                        self.in_flight_items -= report.sample.items;
                         self.on_report(report);
                     }
                 }
@@ -469,7 +477,13 @@ impl<B: Backend> Dispatcher<B> {
                 continue;
             }
             let metas = self.queue.iter().map(|j| &j.meta);
-            match self.policy.decide(now, free_slots, metas, &self.latency) {
+            let slots = Slots {
+                free: free_slots,
+                busy: self.in_flight,
+                busy_items: self.in_flight_items,
+                freed_at: self.freed_at,
+            };
+            match self.policy.decide(now, slots, metas, &self.latency) {
                 Decision::Send(n) => {
                     let jobs: Vec<Job<B>> = self.queue.drain(..n).collect();
                     self.launch(jobs, now);
@@ -561,6 +575,7 @@ impl<B: Backend> Dispatcher<B> {
             half_open
         });
         self.in_flight += 1;
+        self.in_flight_items += batch.len();
         self.stats.call_sent(batch.len(), first);
         self.instruments.batch_size.record(batch.len() as f64);
         let call = Call {

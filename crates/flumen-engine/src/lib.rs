@@ -54,7 +54,7 @@ pub mod reliability;
 mod stats;
 pub mod telemetry;
 
-pub use batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta};
+pub use batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta, Slots};
 pub use engine::{Engine, EngineConfig, Pending};
 pub use latency::LatencyModel;
 pub use limiter::{Aimd, AimdConfig, ConcurrencyConfig, Gradient, GradientConfig, Limiter};

@@ -16,7 +16,9 @@ use flumen_engine::{
 };
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, StreamExt};
-use tokio::time::{sleep, Instant};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::time::{sleep, sleep_until, Instant};
 
 fn engine(sim: &Arc<Sim<u64>>, concurrency: ConcurrencyConfig) -> Engine<Sim<u64>> {
     Engine::from_arc(
@@ -244,6 +246,134 @@ async fn records_that_come_back_together_are_spread_over_the_free_slots() {
         rate >= 1.25 * one_call_at_a_time,
         "{rate:.0}/s against {one_call_at_a_time:.0}/s for one call of {c} at a time (mean batch {mean_batch:.1})"
     );
+}
+
+/// The default sim (a = 20 ms, b = 0.5 ms, k = 2, N = 64) with 5 % noise, its limit
+/// in records/s, and an engine on it with `batch`.
+fn loaded(batch: BatchConfig) -> (Arc<Sim<u64>>, Engine<Sim<u64>>, f64) {
+    let config = SimConfig {
+        noise: 0.05,
+        seed: 3,
+        ..SimConfig::default()
+    };
+    let limit = 2.0 * 64.0 / config.service_time(64, 0).as_secs_f64();
+    let sim = Arc::new(Sim::new(config).recording());
+    let engine = Engine::from_arc(
+        Arc::clone(&sim),
+        EngineConfig {
+            name: "test".into(),
+            batch,
+            ..EngineConfig::default()
+        },
+    );
+    (sim, engine, limit)
+}
+
+/// `c` callers in a closed loop, each waiting a seeded 0–`think` between an answer and
+/// its next record: records/s between 5 s and 20 s, as a share of the limit.
+async fn closed_loop(batch: BatchConfig, c: u64, think: Duration) -> f64 {
+    let (_, engine, limit) = loaded(batch);
+    let t0 = Instant::now();
+    let (warm, end) = (t0 + Duration::from_secs(5), t0 + Duration::from_secs(20));
+    let callers: Vec<_> = (0..c)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut rng = ChaCha8Rng::seed_from_u64(i);
+                let mut counted = 0u64;
+                while Instant::now() < end {
+                    assert_eq!(engine.submit(i, None).await, Ok(i));
+                    counted += u64::from(Instant::now() >= warm);
+                    sleep(think.mul_f64(rng.random::<f64>())).await;
+                }
+                counted
+            })
+        })
+        .collect();
+    let mut done = 0;
+    for caller in callers {
+        done += caller.await.unwrap();
+    }
+    done as f64 / (end - warm).as_secs_f64() / limit
+}
+
+/// Poisson arrivals (seeded) at `load` × the limit for 20 s: p50 and p99 latency of
+/// the records that arrived after 5 s, from their scheduled arrival.
+async fn open_loop(batch: BatchConfig, load: f64) -> (Duration, Duration) {
+    let (_, engine, limit) = loaded(batch);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let t0 = Instant::now();
+    let (warm, end) = (t0 + Duration::from_secs(5), t0 + Duration::from_secs(20));
+    let mut at = t0;
+    let mut records = Vec::new();
+    while at < end {
+        let gap = -(1.0 - rng.random::<f64>()).ln() / (load * limit);
+        at += Duration::from_secs_f64(gap);
+        sleep_until(at).await;
+        let engine = engine.clone();
+        records.push(tokio::spawn(async move {
+            assert_eq!(engine.submit(1, None).await, Ok(1));
+            (at, at.elapsed())
+        }));
+    }
+    let mut latencies = Vec::new();
+    for r in records {
+        let (sent, latency) = r.await.unwrap();
+        if sent >= warm {
+            latencies.push(latency);
+        }
+    }
+    latencies.sort();
+    let q = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    (q(0.5), q(0.99))
+}
+
+fn eager() -> BatchConfig {
+    BatchConfig {
+        eager: true,
+        ..BatchConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freed_slot_waits_for_the_records_that_trickle_back_in_a_closed_loop() {
+    // 64 callers that answer within 0–4 ms (HTTP clients, Flink subtasks). Sending
+    // whatever is queued the moment a slot frees sends the first few records back
+    // from one call as a call of their own, paying the whole fixed cost, alternating
+    // with overfull calls: about half the limit. Two calls of 32 would do ~70 %.
+    let think = ms(4);
+    let eager = closed_loop(eager(), 64, think).await;
+    let balanced = closed_loop(BatchConfig::default(), 64, think).await;
+    eprintln!("closed loop of 64: eager {eager:.2} of the limit, balanced {balanced:.2}");
+    assert!(
+        balanced >= 1.15 * eager && balanced >= 0.55,
+        "balanced {balanced:.2} of the limit, eager {eager:.2}"
+    );
+    // Records that come back at once need no hold, and are not slowed by it.
+    let eager = closed_loop(self::eager(), 64, Duration::ZERO).await;
+    let balanced = closed_loop(BatchConfig::default(), 64, Duration::ZERO).await;
+    assert!(
+        balanced >= eager,
+        "lockstep: {balanced:.2} against {eager:.2}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn holding_slots_for_balance_barely_moves_open_loop_latency() {
+    // With independent arrivals there are no stragglers to wait for; the hold
+    // (at most 15 % of the fixed cost) must not show in the latency.
+    for load in [0.1, 0.5, 0.9] {
+        let (p50_eager, p99_eager) = open_loop(eager(), load).await;
+        let (p50, p99) = open_loop(BatchConfig::default(), load).await;
+        eprintln!(
+            "open loop at {load}: p50 {p50:?} / {p50_eager:?} eager, p99 {p99:?} / {p99_eager:?}"
+        );
+        assert!(
+            p50.as_secs_f64() <= 1.05 * p50_eager.as_secs_f64()
+                && p99.as_secs_f64() <= 1.05 * p99_eager.as_secs_f64(),
+            "at {load}: p50 {p50:?} / {p50_eager:?}, p99 {p99:?} / {p99_eager:?}"
+        );
+    }
 }
 
 async fn limits_while_draining(engine: &Engine<Sim<u64>>, n: u64) -> Vec<usize> {

@@ -296,6 +296,10 @@ pub struct EngineSection {
     pub max_batch: Option<usize>,
     /// Triton-style wait for a fuller batch, ms.
     pub max_wait_ms: Option<u64>,
+    /// Send whatever is queued the moment a backend slot frees, never holding the slot
+    /// for a batch as efficient as the calls in flight (default false: hold it for up
+    /// to 15 % of a call's fixed cost, which lifts closed loops of callers).
+    pub eager: bool,
     /// Token budget per call.
     pub max_batch_tokens: Option<u64>,
     /// `adaptive` (default), `aimd`, or a fixed number.
@@ -483,6 +487,7 @@ impl EngineSection {
                 max_items: e.max_batch,
                 max_tokens: e.max_batch_tokens,
                 max_wait: e.max_wait_ms.map(Duration::from_millis),
+                eager: e.eager,
                 ..BatchConfig::default()
             },
             concurrency: e
