@@ -871,12 +871,18 @@ mod tests {
 
     #[test]
     fn a_good_file_makes_its_engine() {
-        let text = "[backend]\nkind = \"sim\"\n[engine]\nconcurrency = 3\nmax_attempts = 2\nbreaker = true\n";
+        let text = "[backend]\nkind = \"sim\"\n[engine]\nconcurrency = 3\nmax_attempts = 2\nbreaker = true\neager = true\n";
         let config = FileConfig::parse("p.toml", text).unwrap();
         assert!(config.validate().is_empty());
         let e = config.engine("x");
         assert_eq!(e.concurrency, ConcurrencyConfig::Fixed(3));
         assert_eq!(e.retry.max_attempts, 2);
         assert!(e.breaker.is_some());
+        assert!(e.batch.eager);
+        let plain = FileConfig::parse("p.toml", "[backend]\nkind = \"sim\"\n").unwrap();
+        assert!(
+            !plain.engine("x").batch.eager,
+            "holding for balance is the default"
+        );
     }
 }
