@@ -40,7 +40,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// 3 s windows instead of 10 s (about two minutes in all).
+    /// 3 s windows instead of 10 s, at most two runs of an unstable point (about 4.5 minutes on 2 cores).
     #[arg(long)]
     quick: bool,
     /// Where to write report.md and the plots.

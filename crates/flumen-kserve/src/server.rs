@@ -193,6 +193,29 @@ pub fn cost_model(
     }
 }
 
+/// The text model: `BYTES TEXT[1] → INT32 LENGTH[1]`, each row's length in
+/// characters (UTF-8 decoded); `max_batch`; Triton's dynamic batcher when
+/// `dynamic_batching`. Its computation is negligible, so its cost is Triton's own
+/// per-request and per-execution work (HTTP, scheduling, the Python backend's IPC).
+pub fn text_model(name: &str, max_batch: usize, dynamic_batching: bool) -> PythonModel {
+    PythonModel {
+        name: name.into(),
+        config: format!(
+            "max_batch_size: {max_batch}\n\
+             input [ {{ name: \"TEXT\", data_type: TYPE_STRING, dims: [ 1 ] }} ]\n\
+             output [ {{ name: \"LENGTH\", data_type: TYPE_INT32, dims: [ 1 ] }} ]\n{}",
+            if dynamic_batching { "dynamic_batching { }\n" } else { "" }
+        ),
+        execute: "        out = []\n\
+                  \x20       for r in requests:\n\
+                  \x20           t = pb_utils.get_input_tensor_by_name(r, 'TEXT').as_numpy()\n\
+                  \x20           n = np.array([[len(s[0].decode('utf-8'))] for s in t], dtype=np.int32)\n\
+                  \x20           out.append(pb_utils.InferenceResponse([pb_utils.Tensor('LENGTH', n)]))\n\
+                  \x20       return out"
+            .into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,26 +8,13 @@ use std::time::Duration;
 
 use flumen_core::{Backend, ErrorKind};
 use flumen_engine::{Engine, EngineConfig, InferExt, OperatorConfig};
-use flumen_kserve::server::{cost_model, PythonModel, TritonServer};
+use flumen_kserve::server::{cost_model, text_model, PythonModel, TritonServer};
 use flumen_kserve::{KserveConfig, KserveHttp};
 use futures::{stream, StreamExt};
 use serde_json::{json, Value};
 
 fn start() -> TritonServer {
-    let text = PythonModel {
-        name: "text".into(),
-        config: "max_batch_size: 32\n\
-                 input [ { name: \"TEXT\", data_type: TYPE_STRING, dims: [ 1 ] } ]\n\
-                 output [ { name: \"LENGTH\", data_type: TYPE_INT32, dims: [ 1 ] } ]\n"
-            .into(),
-        execute: "        out = []\n\
-                  \x20       for r in requests:\n\
-                  \x20           t = pb_utils.get_input_tensor_by_name(r, 'TEXT').as_numpy()\n\
-                  \x20           n = np.array([[len(s[0].decode('utf-8'))] for s in t], dtype=np.int32)\n\
-                  \x20           out.append(pb_utils.InferenceResponse([pb_utils.Tensor('LENGTH', n)]))\n\
-                  \x20       return out"
-            .into(),
-    };
+    let text = text_model("text", 32, false);
     let queued = PythonModel {
         name: "queued".into(),
         config: "max_batch_size: 1\n\
