@@ -72,6 +72,10 @@ pub enum Decision {
     Send(usize),
     /// The first queued record alone exceeds the byte or token budget: fail it.
     RejectOversized,
+    /// The first queued record's deadline is nearer than the backend's expected
+    /// latency for a call of one: sent, it would time out in flight and take a slot
+    /// from records that can still make it. Fail it now.
+    RejectHopeless,
     /// Send nothing now; look again at this instant (or on the next event).
     Wait(Option<Instant>),
 }
@@ -120,22 +124,60 @@ impl BatchPolicy {
             && self.max_tokens.is_none_or(|m| cost.tokens <= m)
     }
 
-    /// Decides what to do with `queue` (oldest first) at `now`, with `free_slots`
-    /// more calls allowed in flight.
-    pub fn decide<'a>(
+    /// How many records from the front of `queue` one call may carry within the
+    /// item, byte and token bounds, and whether a bound stopped it (the queue holds
+    /// at least a full call).
+    fn fill<'a>(&self, queue: impl Iterator<Item = &'a QueuedMeta>) -> (usize, bool) {
+        let (mut n, mut bytes, mut tokens) = (0usize, 0u64, 0u64);
+        for meta in queue {
+            let (b, t) = (bytes + meta.cost.bytes, tokens + meta.cost.tokens);
+            if n == self.max_items
+                || self.max_bytes.is_some_and(|m| b > m)
+                || self.max_tokens.is_some_and(|m| t > m)
+            {
+                return (n, true);
+            }
+            (n, bytes, tokens) = (n + 1, b, t);
+        }
+        (n, false)
+    }
+
+    /// Decides what to do with `queue` (oldest first) at `now`, given the calls in
+    /// flight and the free slots.
+    pub fn decide<'a, Q>(
         &self,
         now: Instant,
         slots: Slots,
-        queue: impl IntoIterator<Item = &'a QueuedMeta>,
+        queue: Q,
         latency: &LatencyModel,
-    ) -> Decision {
+    ) -> Decision
+    where
+        Q: IntoIterator<Item = &'a QueuedMeta>,
+        Q::IntoIter: Clone,
+    {
         let free_slots = slots.free;
-        let mut queue = queue.into_iter().peekable();
+        let queue = queue.into_iter();
+        let whole = queue.clone();
+        let mut queue = queue.peekable();
         let Some(head) = queue.peek().copied().copied() else {
             return Decision::Wait(None);
         };
         if !self.fits_alone(head.cost) {
             return Decision::RejectOversized;
+        }
+        if let Some(deadline) = head.deadline {
+            // Behind a backlog (the queue holds a full call) the head goes out in a
+            // full call: if it cannot make its deadline in that call, it is failed
+            // rather than cut the call short for it — under sustained overload every
+            // head record would otherwise shrink the calls. Without a backlog, only a
+            // record that would miss even alone.
+            let call = match self.fill(whole) {
+                (n, true) => n,
+                _ => 1,
+            };
+            if hopeless(now, deadline, call, latency) {
+                return Decision::RejectHopeless;
+            }
         }
         if free_slots == 0 {
             return Decision::Wait(None);
@@ -193,6 +235,12 @@ impl BatchPolicy {
             Decision::Wait(Some(send_at))
         }
     }
+}
+
+/// Whether a record due at `deadline` would miss it in a call of `items` sent now, by
+/// the latency model (never before the model has a sample).
+pub fn hopeless(now: Instant, deadline: Instant, items: usize, latency: &LatencyModel) -> bool {
+    latency.coefficients().is_some() && now + latency.estimate(items) > deadline
 }
 
 /// The calls in flight, as the batcher sees them.
@@ -499,9 +547,22 @@ mod tests {
         q[0].deadline = Some(t0 + ms(30));
         let m = model(20.0, 0.5);
         assert_eq!(p.decide(t0, Slots::idle(1), &q, &m), Decision::Send(20));
-        // A hopeless deadline (less than one record's latency) does not shrink the batch.
+        // A hopeless deadline (nearer than one record's latency) is failed, not sent
+        // (it would time out in flight), whether or not a slot is free; before any
+        // latency sample nothing is hopeless.
         q[0].deadline = Some(t0 + ms(5));
-        assert_eq!(p.decide(t0, Slots::idle(1), &q, &m), Decision::Send(64));
+        assert_eq!(
+            p.decide(t0, Slots::idle(1), &q, &m),
+            Decision::RejectHopeless
+        );
+        assert_eq!(
+            p.decide(t0, Slots::idle(0), &q, &m),
+            Decision::RejectHopeless
+        );
+        assert_eq!(
+            p.decide(t0, Slots::idle(1), &q, &LatencyModel::default()),
+            Decision::Send(64)
+        );
     }
 
     #[test]

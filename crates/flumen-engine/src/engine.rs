@@ -354,8 +354,49 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     fn enqueue(&mut self, job: Job<B>) {
+        if let Some(deadline) = job.meta.deadline {
+            let now = Instant::now();
+            if let Some(answer) = self.earliest_answer(now) {
+                if answer > deadline {
+                    self.shed(job, now, answer, deadline);
+                    return;
+                }
+            }
+        }
         self.note_deadline(job.meta.deadline);
         self.queue.push_back(job);
+    }
+
+    /// Behind a backlog (at least one full batch queued), the earliest a record
+    /// queued now could have its answer: the full calls its predecessors need, `limit`
+    /// at a time, then its own. `None` without a backlog or a latency sample.
+    fn earliest_answer(&self, now: Instant) -> Option<Instant> {
+        let full = self.policy.max_items();
+        if self.queue.len() < full {
+            return None;
+        }
+        self.latency.coefficients()?;
+        let rounds = self.queue.len() / (full * self.limiter.limit().max(1));
+        let call = self.latency.estimate(full);
+        Some(now + call * u32::try_from(rounds + 1).unwrap_or(u32::MAX))
+    }
+
+    /// Fails a record that would miss its deadline behind the queue, before queueing
+    /// it: under sustained overload a FIFO queue otherwise fills with records that
+    /// reach the backend only as their deadlines pass, and every call carries records
+    /// that time out in flight while fresh ones wait behind them.
+    fn shed(&mut self, job: Job<B>, now: Instant, answer: Instant, deadline: Instant) {
+        let failure = Failure::new(
+            ErrorKind::Overloaded,
+            format!(
+                "shed before queueing: {} records ahead, an answer in about {} ms, the deadline in {} ms",
+                self.queue.len(),
+                answer.duration_since(now).as_millis(),
+                deadline.saturating_duration_since(now).as_millis()
+            ),
+            job.attempts,
+        );
+        finish(&self.instruments, job.reply, job.attempts, Err(failure));
     }
 
     /// Moves retries whose backoff is over to the front of the queue (they are the
@@ -489,6 +530,7 @@ impl<B: Backend> Dispatcher<B> {
                     self.launch(jobs, now);
                 }
                 Decision::RejectOversized => self.reject_head(),
+                Decision::RejectHopeless => self.fail_hopeless_head(now),
                 Decision::Wait(at) => {
                     if self.queue.is_empty() && self.isolated.is_empty() {
                         return at;
@@ -532,6 +574,26 @@ impl<B: Backend> Dispatcher<B> {
         }
         self.launch(paid, now);
         true
+    }
+
+    fn fail_hopeless_head(&mut self, now: Instant) {
+        if let Some(job) = self.queue.pop_front() {
+            let left = job
+                .meta
+                .deadline
+                .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+            let message = with_last_error(
+                format!(
+                    "deadline {} ms away, nearer than the backend's expected latency ({} ms): failed before sending, after {} ms in the queue",
+                    left.as_millis(),
+                    self.latency.estimate(1).as_millis(),
+                    now.duration_since(job.meta.enqueued).as_millis()
+                ),
+                job.last_error.as_ref(),
+            );
+            let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
+            finish(&self.instruments, job.reply, job.attempts, Err(failure));
+        }
     }
 
     fn reject_head(&mut self) {

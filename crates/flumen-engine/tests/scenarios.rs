@@ -350,6 +350,57 @@ async fn holding_slots_for_balance_barely_moves_open_loop_latency() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn sustained_overload_with_deadlines_keeps_goodput_near_the_limit() {
+    // Three times what the backend can do, each record due 1 s after it arrives, no
+    // bound on what is submitted. A FIFO queue alone would fill with a second of
+    // work, so records would reach the backend only as their deadlines pass: every
+    // call would carry records that time out in flight. Records that would miss
+    // their deadline behind the queue are shed at once instead, and those that
+    // reach the head too late are failed unsent.
+    let (sim, engine, limit) = loaded(BatchConfig::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let t0 = Instant::now();
+    let (warm, end) = (t0 + Duration::from_secs(5), t0 + Duration::from_secs(20));
+    let mut at = t0;
+    let mut records = Vec::new();
+    while at < end {
+        at += Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / (3.0 * limit));
+        sleep_until(at).await;
+        let engine = engine.clone();
+        records.push(tokio::spawn(async move {
+            let result = engine.submit(1, Some(at + ms(1_000))).await;
+            // Timers fire on whole milliseconds: up to 1 ms past the deadline.
+            (at, result, Instant::now() <= at + ms(1_001))
+        }));
+    }
+    let (mut ok, mut shed, mut late, mut n) = (0usize, 0usize, 0usize, 0usize);
+    for r in records {
+        let (sent, result, in_time) = r.await.unwrap();
+        n += 1;
+        assert!(in_time, "every outcome comes by the deadline");
+        match result {
+            Ok(_) if sent >= warm => ok += 1,
+            Ok(_) => {}
+            Err(f) if f.kind == ErrorKind::Overloaded => shed += 1,
+            Err(f) => {
+                assert_eq!(f.kind, ErrorKind::Timeout, "{}", f.message);
+                late += 1;
+            }
+        }
+    }
+    let goodput = ok as f64 / (end - warm).as_secs_f64() / limit;
+    let sent = sim.stats().items as usize;
+    eprintln!(
+        "3x overload: {n} records, goodput {goodput:.2} of the limit, {shed} shed, {late} timed out, {sent} sent"
+    );
+    assert!(goodput >= 0.85, "goodput {goodput:.2} of the limit");
+    assert!(
+        shed > n / 2,
+        "most of the excess is shed at once: {shed} of {n}"
+    );
+}
+
 async fn limits_while_draining(engine: &Engine<Sim<u64>>, n: u64) -> Vec<usize> {
     let limits = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sampler = {
@@ -542,28 +593,29 @@ async fn records_expire_in_the_queue_before_they_are_sent() {
         .collect()
         .await;
     assert_exactly_once(&outcomes, 40);
-    // Calls at 0, 500 ms (two of 4 records succeed each) and 1,000 ms (its records
-    // time out in flight at 1,200 ms); the other 28 expire in the queue unsent.
+    // Calls at 0 and 500 ms (4 records each succeed). At 1,000 ms the next records
+    // have 200 ms left, less than a call takes: sent, they would time out in flight,
+    // so they fail unsent, like the other 28 that expire in the queue.
     let ok = outcomes.iter().filter(|o| o.result.is_ok()).count();
-    let unsent: Vec<_> = outcomes
+    let failed: Vec<_> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().err())
-        .filter(|f| f.attempts == 0)
         .collect();
-    let in_flight: Vec<_> = outcomes
+    assert_eq!(ok, 8);
+    assert_eq!(failed.len(), 32);
+    assert!(failed
         .iter()
-        .filter_map(|o| o.result.as_ref().err())
-        .filter(|f| f.attempts == 1)
-        .collect();
-    assert_eq!((ok, in_flight.len(), unsent.len()), (8, 4, 28));
-    assert!(unsent
-        .iter()
-        .chain(&in_flight)
-        .all(|f| f.kind == ErrorKind::Timeout));
+        .all(|f| f.kind == ErrorKind::Timeout && f.attempts == 0));
+    assert!(
+        failed.iter().any(|f| f
+            .message
+            .contains("nearer than the backend's expected latency")),
+        "the hopeless ones say why"
+    );
     assert_eq!(
         sim.stats().items,
-        12,
-        "expired records never reach the backend"
+        8,
+        "records that cannot make their deadline never reach the backend"
     );
     assert!(t0.elapsed() <= ms(1_201));
 }
