@@ -99,12 +99,25 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One overload run: the cells of its column, and what goes in the RESULT line.
 struct Overload {
-    table: String,
+    cells: Vec<String>,
     rss_growth_mib: f64,
     admitted_p99_ms: f64,
     rejected_pct: f64,
+    ok_pct: f64,
 }
+
+/// The rows of the overload table, beside each run's cells.
+const OVERLOAD_ROWS: [&str; 7] = [
+    "offered",
+    "admitted and answered 200",
+    "admitted p50 / p99 (deadline 1,000 ms)",
+    "rejected 429",
+    "deadline passed (504)",
+    "other statuses or errors",
+    "flumen serve resident memory: start → during → end (MiB)",
+];
 
 /// The `flumen` binary of this checkout, built if missing.
 fn flumen_binary() -> std::path::PathBuf {
@@ -139,10 +152,12 @@ impl Drop for Served {
 
 /// Open-loop single-row requests at twice the capacity of a simulated model
 /// (a = 20 ms, b = 2 ms, k = 2, N = 64: 865 rows/s) behind `flumen serve` — in its own
-/// process, so its memory is measured alone — admitting 300 pending records with a
+/// process, so its memory is measured alone — admitting `max_pending` records with a
 /// 1 s deadline: the admitted must meet the deadline, the rest get 429 with
-/// Retry-After, and the gateway's memory must not grow with the excess.
-async fn overload() -> Overload {
+/// Retry-After, and the gateway's memory must not grow with the excess. With 300
+/// admission control turns the excess away; with 10,000 (the default) more than a
+/// second of work can queue, and the engine itself sheds what would miss its deadline.
+async fn overload(max_pending: usize) -> Overload {
     let limit = 2.0 * 64.0 / (0.020 + 0.002 * 64.0);
     let port = flumen_kserve::server::free_port().unwrap();
     let dir = std::env::temp_dir().join(format!("flumen-bench-overload-{}", std::process::id()));
@@ -150,7 +165,7 @@ async fn overload() -> Overload {
     let cfg = dir.join("serve.toml");
     std::fs::write(
         &cfg,
-        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax_pending = 300\ntimeout_ms = 1000\n\n[[models]]\nname = \"sim\"\n[models.backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 2.0\n"),
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax_pending = {max_pending}\ntimeout_ms = 1000\n\n[[models]]\nname = \"sim\"\n[models.backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 2.0\n"),
     )
     .unwrap();
     let child = Served(
@@ -197,7 +212,8 @@ async fn overload() -> Overload {
             }
         }));
     }
-    let (mut ok, mut rejected, mut rejected_with_wait, mut other) = (Vec::new(), 0u64, 0u64, 0u64);
+    let (mut ok, mut rejected, mut rejected_with_wait, mut late, mut other) =
+        (Vec::new(), 0u64, 0u64, 0u64, 0u64);
     for t in tasks {
         match t.await.expect("request task") {
             (200, _, l) => ok.push(l),
@@ -205,6 +221,7 @@ async fn overload() -> Overload {
                 rejected += 1;
                 rejected_with_wait += u64::from(wait);
             }
+            (504, _, _) => late += 1,
             _ => other += 1,
         }
     }
@@ -212,48 +229,43 @@ async fn overload() -> Overload {
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     let admitted = Summary::of(ok.clone());
-    let mut table = Table::new(&["overload: 2× capacity, open loop, 6 s", "value"]);
     let rejected_pct = 100.0 * rejected as f64 / n as f64;
-    for (k, v) in [
-        (
-            "offered",
-            format!("{n} requests at {rate:.0}/s (capacity {limit:.0}/s)"),
-        ),
-        (
-            "admitted and answered 200",
-            format!("{} ({:.1} %)", ok.len(), 100.0 * ok.len() as f64 / n as f64),
-        ),
-        (
-            "admitted p50 / p99 (deadline 1,000 ms)",
-            format!("{} / {}", ms(admitted.p50), ms(admitted.p99)),
-        ),
-        (
-            "rejected 429",
-            format!("{rejected} ({rejected_pct:.1} %), {rejected_with_wait} with Retry-After"),
-        ),
-        ("other statuses or errors", other.to_string()),
-        (
-            "flumen serve resident memory: start → during → end (MiB)",
-            {
-                let mib: Vec<String> = std::iter::once(rss_start)
-                    .chain(rss.iter().copied())
-                    .map(|k| format!("{:.0}", k as f64 / 1024.0))
-                    .collect();
-                mib.join(" → ")
-            },
-        ),
-    ] {
-        table.row(vec![k.into(), v]);
-    }
+    let cells = vec![
+        format!("{n} requests at {rate:.0}/s (capacity {limit:.0}/s)"),
+        format!("{} ({:.1} %)", ok.len(), 100.0 * ok.len() as f64 / n as f64),
+        format!("{} / {}", ms(admitted.p50), ms(admitted.p99)),
+        format!("{rejected} ({rejected_pct:.1} %), {rejected_with_wait} with Retry-After"),
+        format!("{late} ({:.1} %)", 100.0 * late as f64 / n as f64),
+        other.to_string(),
+        std::iter::once(rss_start)
+            .chain(rss.iter().copied())
+            .map(|k| format!("{:.0}", k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" → "),
+    ];
     let rss_growth_mib = (rss.iter().copied().max().unwrap_or(0) as f64
         - rss.get(1).copied().unwrap_or(rss_start) as f64)
         / 1024.0;
     Overload {
+        cells,
         rss_growth_mib,
-        table: table.render(),
         admitted_p99_ms: admitted.p99.as_secs_f64() * 1e3,
         rejected_pct,
+        ok_pct: 100.0 * ok.len() as f64 / n as f64,
     }
+}
+
+/// The overload runs side by side.
+fn overload_table(runs: &[(&str, &Overload)]) -> String {
+    let mut header = vec!["overload: 2× capacity, open loop, 6 s"];
+    header.extend(runs.iter().map(|(name, _)| *name));
+    let mut table = Table::new(&header);
+    for (i, row) in OVERLOAD_ROWS.iter().enumerate() {
+        let mut cells = vec![row.to_string()];
+        cells.extend(runs.iter().map(|(_, o)| o.cells[i].clone()));
+        table.row(cells);
+    }
+    table.render()
 }
 
 /// Backend calls and rows an engine has sent, from a gateway's `/metrics`.
@@ -401,7 +413,8 @@ async fn main() {
 
     gateway.stopper().stop();
     let emb = embedded().await;
-    let overload = overload().await;
+    let (admission, queued) = (overload(300).await, overload(10_000).await);
+    let overload = admission;
 
     let rate = |m: &Measured| m.rows as f64 / WINDOW.as_secs_f64();
     let (rd, rg) = (rate(&d), rate(&g));
@@ -470,7 +483,16 @@ async fn main() {
     }
     print!("{}", table.render());
     println!("\nLatency is per call, as a caller sees it. \"gateway ×\" compares with the gateway row of the same model. (c) calls the model in this process with no HTTP at all; (d) adds HTTP and JSON (384 floats per answer) and batches the rows.\n");
-    print!("{}", overload.table);
+    print!(
+        "{}",
+        overload_table(&[
+            ("max_pending 300", &overload),
+            ("max_pending 10,000 (the default)", &queued)
+        ])
+    );
+    println!(
+        "At 2× capacity at most about half the requests can be answered. With 10,000 pending allowed more than a second of work could wait; the engine sheds (429) what would miss its deadline behind the queue and fails (504) what reaches the backend too late, so the backend only works on requests that can still make it."
+    );
     println!(
         "{}",
         result_line(&[
@@ -498,6 +520,10 @@ async fn main() {
             (
                 "overload_rss_growth_mib",
                 format!("{:.1}", overload.rss_growth_mib)
+            ),
+            (
+                "overload_default_pending_ok_pct",
+                format!("{:.1}", queued.ok_pct)
             ),
         ])
     );
