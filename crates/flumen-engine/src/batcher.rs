@@ -166,13 +166,14 @@ impl BatchPolicy {
             return Decision::RejectOversized;
         }
         if let Some(deadline) = head.deadline {
-            // Behind a backlog (the queue holds a full call) the head goes out in a
-            // full call: if it cannot make its deadline in that call, it is failed
-            // rather than cut the call short for it — under sustained overload every
-            // head record would otherwise shrink the calls. Without a backlog, only a
-            // record that would miss even alone.
+            // Behind a backlog (the queue holds a full call) while other calls run —
+            // sustained overload — the head goes out in a full call: if it cannot make
+            // its deadline in that call it is failed, rather than cut the call short
+            // for it (every head record would otherwise shrink the calls). Otherwise
+            // (a burst on an idle backend, a short queue) only a record that would
+            // miss even alone; the cut rule below saves the rest.
             let call = match self.fill(whole) {
-                (n, true) => n,
+                (n, true) if slots.busy > 0 => n,
                 _ => 1,
             };
             if hopeless(now, deadline, call, latency) {
@@ -562,6 +563,25 @@ mod tests {
         assert_eq!(
             p.decide(t0, Slots::idle(1), &q, &LatencyModel::default()),
             Decision::Send(64)
+        );
+        // Behind a backlog while another call runs (sustained overload), the head
+        // goes in a full call (52 ms): with 30 ms left it is failed rather than cut
+        // the call to 20. On an idle backend the same burst is cut for it.
+        let mut backlog = queue(t0, 100);
+        backlog[0].deadline = Some(t0 + ms(30));
+        let running = Slots {
+            free: 1,
+            busy: 1,
+            busy_items: 64,
+            freed_at: Some(t0),
+        };
+        assert_eq!(
+            p.decide(t0, running, &backlog, &m),
+            Decision::RejectHopeless
+        );
+        assert_eq!(
+            p.decide(t0, Slots::idle(2), &backlog, &m),
+            Decision::Send(20)
         );
     }
 
