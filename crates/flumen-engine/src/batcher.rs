@@ -72,10 +72,13 @@ pub enum Decision {
     Send(usize),
     /// The first queued record alone exceeds the byte or token budget: fail it.
     RejectOversized,
-    /// The first queued record's deadline is nearer than the backend's expected
-    /// latency for a call of one: sent, it would time out in flight and take a slot
-    /// from records that can still make it. Fail it now.
-    RejectHopeless,
+    /// The first queued record's deadline is nearer than the `expected` latency of the
+    /// call it would go in: sent, it would time out in flight and take a slot from
+    /// records that can still make it. Fail it now.
+    RejectHopeless {
+        /// The expected latency of that call.
+        expected: Duration,
+    },
     /// Send nothing now; look again at this instant (or on the next event).
     Wait(Option<Instant>),
 }
@@ -177,7 +180,9 @@ impl BatchPolicy {
                 _ => 1,
             };
             if hopeless(now, deadline, call, latency) {
-                return Decision::RejectHopeless;
+                return Decision::RejectHopeless {
+                    expected: latency.estimate(call),
+                };
             }
         }
         if free_slots == 0 {
@@ -552,14 +557,14 @@ mod tests {
         // (it would time out in flight), whether or not a slot is free; before any
         // latency sample nothing is hopeless.
         q[0].deadline = Some(t0 + ms(5));
-        assert_eq!(
+        assert!(matches!(
             p.decide(t0, Slots::idle(1), &q, &m),
-            Decision::RejectHopeless
-        );
-        assert_eq!(
+            Decision::RejectHopeless { .. }
+        ));
+        assert!(matches!(
             p.decide(t0, Slots::idle(0), &q, &m),
-            Decision::RejectHopeless
-        );
+            Decision::RejectHopeless { .. }
+        ));
         assert_eq!(
             p.decide(t0, Slots::idle(1), &q, &LatencyModel::default()),
             Decision::Send(64)
@@ -575,9 +580,12 @@ mod tests {
             busy_items: 64,
             freed_at: Some(t0),
         };
-        assert_eq!(
-            p.decide(t0, running, &backlog, &m),
-            Decision::RejectHopeless
+        let Decision::RejectHopeless { expected } = p.decide(t0, running, &backlog, &m) else {
+            panic!("the head should be failed");
+        };
+        assert!(
+            expected.abs_diff(ms(52)) < ms(1),
+            "a full call: {expected:?}"
         );
         assert_eq!(
             p.decide(t0, Slots::idle(2), &backlog, &m),

@@ -530,7 +530,7 @@ impl<B: Backend> Dispatcher<B> {
                     self.launch(jobs, now);
                 }
                 Decision::RejectOversized => self.reject_head(),
-                Decision::RejectHopeless => self.fail_hopeless_head(now),
+                Decision::RejectHopeless { expected } => self.fail_hopeless_head(now, expected),
                 Decision::Wait(at) => {
                     if self.queue.is_empty() && self.isolated.is_empty() {
                         return at;
@@ -576,7 +576,7 @@ impl<B: Backend> Dispatcher<B> {
         true
     }
 
-    fn fail_hopeless_head(&mut self, now: Instant) {
+    fn fail_hopeless_head(&mut self, now: Instant, expected: Duration) {
         if let Some(job) = self.queue.pop_front() {
             let left = job
                 .meta
@@ -586,7 +586,7 @@ impl<B: Backend> Dispatcher<B> {
                 format!(
                     "deadline {} ms away, nearer than the backend's expected latency ({} ms): failed before sending, after {} ms in the queue",
                     left.as_millis(),
-                    self.latency.estimate(1).as_millis(),
+                    expected.as_millis(),
                     now.duration_since(job.meta.enqueued).as_millis()
                 ),
                 job.last_error.as_ref(),
