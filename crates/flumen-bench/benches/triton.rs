@@ -34,13 +34,7 @@ async fn connect(triton: &TritonServer, model: &str) -> KserveHttp {
 }
 
 async fn executions(triton: &TritonServer, model: &str) -> (u64, u64) {
-    let url = format!("{}/v2/models/{model}/stats", triton.http_url());
-    let stats: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-    let s = &stats["model_stats"][0];
-    (
-        s["inference_count"].as_u64().unwrap_or(0),
-        s["execution_count"].as_u64().unwrap_or(0),
-    )
+    triton.counts(model).await.expect("Triton's statistics")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

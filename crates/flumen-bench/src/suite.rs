@@ -820,17 +820,6 @@ fn review(id: u64) -> String {
     format!("#{id} {}", words.join(" "))
 }
 
-/// Rows and executions Triton has counted for `model` so far.
-async fn triton_counts(http: &reqwest::Client, root: &str, model: &str) -> Option<(u64, u64)> {
-    let url = format!("{root}/v2/models/{model}/stats");
-    let v: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
-    let s = &v["model_stats"][0];
-    Some((
-        s["inference_count"].as_u64()?,
-        s["execution_count"].as_u64()?,
-    ))
-}
-
 /// Flumen on `model` and the per-record clients on `model_db` (its twin with the
 /// dynamic batcher), each on a backlog: the rendered table.
 async fn triton_table(
@@ -844,9 +833,7 @@ async fn triton_table(
     let root = triton.http_url();
     let batched_name = format!("{model}_db");
     let plain = Arc::new(KserveHttp::connect(KserveConfig::new(root.clone(), model)).await?);
-    let batched =
-        Arc::new(KserveHttp::connect(KserveConfig::new(root.clone(), &batched_name)).await?);
-    let http = reqwest::Client::new();
+    let batched = Arc::new(KserveHttp::connect(KserveConfig::new(root, &batched_name)).await?);
     let mut header = vec!["system", "throughput"];
     if limit.is_some() {
         header.push("% of limit");
@@ -876,7 +863,7 @@ async fn triton_table(
         } else {
             model
         };
-        let before = triton_counts(&http, &root, counted).await;
+        let before = triton.counts(counted).await;
         let run = match inflight {
             None => {
                 let engine = Engine::from_arc(Arc::clone(&plain), EngineConfig::default());
@@ -895,7 +882,7 @@ async fn triton_table(
                 drive(out, run_for).await
             }
         };
-        let after = triton_counts(&http, &root, counted).await;
+        let after = triton.counts(counted).await;
         let per_execution = match (before, after) {
             (Some((r0, e0)), Some((r1, e1))) if e1 > e0 => {
                 format!("{:.1}", (r1 - r0) as f64 / (e1 - e0) as f64)

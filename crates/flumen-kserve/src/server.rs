@@ -161,6 +161,18 @@ impl TritonServer {
     pub fn grpc_port(&self) -> u16 {
         self.grpc
     }
+
+    /// Rows and executions Triton has counted for `model` so far (from its
+    /// statistics endpoint), or `None` when it does not say.
+    pub async fn counts(&self, model: &str) -> Option<(u64, u64)> {
+        let url = format!("{}/v2/models/{model}/stats", self.http_url());
+        let v: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+        let s = &v["model_stats"][0];
+        Some((
+            s["inference_count"].as_u64()?,
+            s["execution_count"].as_u64()?,
+        ))
+    }
 }
 
 /// The cost model: `FP32 X[1] → FP32 Y[1] = 2·X`; each execution sleeps
