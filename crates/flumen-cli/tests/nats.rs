@@ -1,6 +1,7 @@
 //! `flumen run` against a real NATS JetStream server (Debian's nats-server, installed
 //! by `scripts/system.sh`): 10,000 records end to end with bad ones dead-lettered, a
-//! worker killed with SIGKILL and restarted, and two workers on one durable consumer.
+//! worker killed with SIGKILL and restarted, two workers on one durable consumer, a
+//! server outage waited out, and a stopped worker handing its messages back.
 #![cfg(feature = "nats")]
 // Tests wait on child processes and a server with real time.
 #![allow(clippy::disallowed_methods)]
@@ -17,7 +18,8 @@ use futures::StreamExt;
 use serde_json::Value;
 
 mod common;
-use common::{bad_records, ids, records, stop, worker, Killed, BAD_REASONS, N};
+use common::proxy::Proxy;
+use common::{bad_records, free_port, ids, records, stop, worker, Killed, BAD_REASONS, N};
 
 struct Server {
     _child: Killed,
@@ -175,13 +177,25 @@ async fn read(js: &jetstream::Context, stream: &str, n: u64, limit: Duration) ->
 }
 
 fn pipeline(name: &str, url: &str, out: &str, sim: &str, extra: &str) -> PathBuf {
+    pipeline_with_ack_wait(name, url, out, sim, extra, 3)
+}
+
+/// [`pipeline`] with the source's `ack_wait_s` given.
+fn pipeline_with_ack_wait(
+    name: &str,
+    url: &str,
+    out: &str,
+    sim: &str,
+    extra: &str,
+    ack_wait_s: u64,
+) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("flumen-nats-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(
         &path,
         format!(
-            "[source]\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"IN\"\nconsumer = \"flumen\"\nack_wait_s = 3\n\n\
+            "[source]\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"IN\"\nconsumer = \"flumen\"\nack_wait_s = {ack_wait_s}\n\n\
              [sink]\nkind = \"nats\"\nurl = \"{url}\"\nsubject = \"{out}\"\n\n\
              [dead_letter]\nkind = \"nats\"\nurl = \"{url}\"\nsubject = \"dead\"\n\n\
              [mapping]\ninput = \"text\"\nmax_record_bytes = 4096\n\n\
@@ -325,8 +339,15 @@ async fn a_failing_sink_acknowledges_nothing_and_a_later_run_delivers_everything
     let js = js(&s.url).await;
     streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
     publish(&js, "in", records()).await;
-    // No stream captures `nowhere`: every publish is refused.
-    let bad = pipeline("bad-sink.toml", &s.url, "nowhere", FAST, "capacity = 500");
+    // No stream captures `nowhere`: every publish is refused. The sink waits for the
+    // stream as for an outage, here for at most 3 s, then gives up naming the subject.
+    let bad = pipeline(
+        "bad-sink.toml",
+        &s.url,
+        "nowhere",
+        FAST,
+        "capacity = 500\n\n[delivery]\nmax_outage_s = 3",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
         .args(["run", bad.to_str().unwrap(), "--quiet"])
         .output()
@@ -334,6 +355,10 @@ async fn a_failing_sink_acknowledges_nothing_and_a_later_run_delivers_everything
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot write the output"), "{err}");
+    assert!(
+        err.contains("subject nowhere") && err.contains("max_outage_s = 3"),
+        "{err}"
+    );
     let info = durable(&js).await;
     assert_eq!(info.ack_floor.stream_sequence, 0, "nothing acknowledged");
 
@@ -353,4 +378,138 @@ async fn a_failing_sink_acknowledges_nothing_and_a_later_run_delivers_everything
         "every record delivered"
     );
     assert_eq!(got.len(), N, "and once");
+}
+
+/// Reads `OUT` until its outputs carry every id in 0..N (or `limit` passes); returns
+/// them all, duplicates included.
+async fn every_id(js: &jetstream::Context, limit: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if count(js, "OUT").await >= N as u64 {
+            let all = read(js, "OUT", 0, Duration::ZERO).await;
+            if ids(&all).into_iter().collect::<HashSet<_>>().len() >= N {
+                return all;
+            }
+        }
+        if Instant::now() > deadline {
+            return read(js, "OUT", 0, Duration::ZERO).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until `stream` holds at least `n` messages, failing after `limit`.
+async fn at_least(js: &jetstream::Context, stream: &str, n: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while count(js, stream).await < n {
+        assert!(
+            Instant::now() < deadline,
+            "{stream} did not reach {n} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A server unreachable for 10 s mid-stream (connections cut, new ones refused) is
+/// waited out: the worker keeps running, reconnects when the server is back, and
+/// every record gets its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_of_ten_seconds_is_waited_out_and_nothing_is_lost() {
+    let s = server("outage");
+    let js = js(&s.url).await;
+    streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
+    publish(&js, "in", records()).await;
+    let server_port: u16 = s
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a port in {}", s.url));
+    let proxy = Proxy::start(
+        free_port(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], server_port)),
+    )
+    .await;
+    let url = format!("nats://127.0.0.1:{}", proxy.port());
+    let mut w = worker(&pipeline(
+        "outage.toml",
+        &url,
+        "out",
+        "a_ms = 5.0\nb_ms = 0.2\nslots = 1\nmax_batch = 32",
+        "capacity = 200",
+    ));
+    // Outputs read through this test's own connection, straight to the server.
+    at_least(&js, "OUT", 2_000, Duration::from_secs(120)).await;
+    let before = count(&js, "OUT").await;
+
+    proxy.pause().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        w.0.try_wait().unwrap().is_none(),
+        "the worker exited during a 10 s outage"
+    );
+    proxy.resume().await;
+
+    let all = every_id(&js, Duration::from_secs(180)).await;
+    assert!(stop(w).success(), "graceful stop after the outage");
+    let unique = ids(&all).into_iter().collect::<HashSet<_>>().len();
+    eprintln!(
+        "nats outage test: {before} outputs before the outage, {} in all, {} duplicates",
+        all.len(),
+        all.len() - unique
+    );
+    assert_eq!(unique, N, "{} missing after the outage", N - unique);
+}
+
+/// A worker stopped with SIGTERM hands back the messages it pulled but did not
+/// finish, so the next worker on the durable consumer starts on them at once rather
+/// than waiting out ack_wait (30 s here): without that, the pulled messages fill
+/// max_ack_pending and the server sends the new worker nothing until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_hands_back_its_messages_and_the_next_starts_at_once() {
+    let s = server("handback");
+    let js = js(&s.url).await;
+    streams(&js, &[("IN", "in"), ("OUT", "out"), ("DEAD", "dead")]).await;
+    publish(&js, "in", records()).await;
+    let ack_wait_s = 30;
+    // Slow, so plenty of work remains when the first worker stops.
+    let cfg = pipeline_with_ack_wait(
+        "handback.toml",
+        &s.url,
+        "out",
+        "a_ms = 20.0\nb_ms = 0.5\nslots = 1\nmax_batch = 16",
+        "capacity = 50",
+        ack_wait_s,
+    );
+    let a = worker(&cfg);
+    at_least(&js, "OUT", 1_000, Duration::from_secs(120)).await;
+    assert!(stop(a).success(), "graceful stop of the first worker");
+    let after_a = count(&js, "OUT").await;
+
+    let t = Instant::now();
+    let b = worker(&cfg);
+    // Bounded past ack_wait, so a worker that waits it out is measured, not hung on.
+    let limit = Duration::from_secs(ack_wait_s + 30);
+    while count(&js, "OUT").await <= after_a {
+        assert!(
+            t.elapsed() < limit,
+            "the second worker wrote nothing in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = t.elapsed();
+    eprintln!(
+        "nats hand-back test: {after_a} outputs from the first worker, the second's first \
+         output {:.2} s after it started",
+        first.as_secs_f64()
+    );
+    assert!(
+        first < Duration::from_secs(ack_wait_s / 2),
+        "the second worker's first output took {first:?}, ack_wait is {ack_wait_s} s"
+    );
+
+    let all = every_id(&js, Duration::from_secs(180)).await;
+    assert!(stop(b).success(), "graceful stop of the second worker");
+    let unique = ids(&all).into_iter().collect::<HashSet<_>>().len();
+    assert_eq!(unique, N, "{} missing after the hand-back", N - unique);
 }

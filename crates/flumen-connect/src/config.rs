@@ -21,13 +21,29 @@ pub enum SourceConfig {
     Nats(NatsSource),
 }
 
+/// How a file sink opens its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileMode {
+    /// Keep what is there and add to it: a restarted pipeline whose source
+    /// acknowledges (Kafka, NATS) must not lose outputs its commits cover. A torn last
+    /// line (a crash in the middle of a write, never acknowledged) is cut off first.
+    Append,
+    /// Start the file anew (a file or stdin source, which a rerun reads again from
+    /// the start).
+    Truncate,
+}
+
 /// `[sink]` or `[dead_letter]`.
 #[derive(Debug, Clone)]
 pub enum SinkConfig {
     /// `kind = "file"`.
     File {
-        /// The file (created or truncated).
+        /// The file.
         path: PathBuf,
+        /// `append` or `truncate`; by default `append` when the source acknowledges
+        /// (Kafka, NATS) and `truncate` otherwise.
+        mode: Option<FileMode>,
     },
     /// `kind = "stdout"`.
     Stdout,
@@ -84,6 +100,17 @@ pub struct NatsSource {
     /// Seconds before an unacknowledged message is redelivered (default 30).
     #[serde(default)]
     pub ack_wait_s: Option<u64>,
+    /// Processes that share this durable consumer (default 1): the default
+    /// `max_ack_pending` is `capacity × (workers + 1)`, so that every worker can fill
+    /// its pipeline and a restarted one gets work while a killed one's messages wait
+    /// out `ack_wait`.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Messages delivered and not yet acknowledged, across all workers on the
+    /// durable, at most (overrides the default from `workers`). Set when the durable
+    /// is created; an existing durable keeps its own.
+    #[serde(default)]
+    pub max_ack_pending: Option<i64>,
 }
 
 /// A NATS JetStream subject to publish to (each publish acknowledged).
@@ -100,6 +127,14 @@ pub struct NatsSink {
 #[serde(deny_unknown_fields)]
 struct PathOnly {
     path: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSink {
+    path: PathBuf,
+    #[serde(default)]
+    mode: Option<FileMode>,
 }
 
 #[derive(Deserialize)]
@@ -151,9 +186,10 @@ impl<'de> Deserialize<'de> for SinkConfig {
         const KINDS: &str = "file, stdout, kafka or nats";
         let (kind, t) = split_kind(d, KINDS)?;
         Ok(match kind.as_str() {
-            "file" => SinkConfig::File {
-                path: section::<PathOnly, _>(t)?.path,
-            },
+            "file" => {
+                let FileSink { path, mode } = section(t)?;
+                SinkConfig::File { path, mode }
+            }
             "stdout" => {
                 section::<Nothing, _>(t)?;
                 SinkConfig::Stdout
@@ -227,6 +263,12 @@ impl SourceConfig {
                 not_empty(&mut p, &format!("{path}.consumer"), &n.consumer);
                 if n.ack_wait_s == Some(0) {
                     p.push(format!("{path}.ack_wait_s: must be > 0"));
+                }
+                if n.workers == Some(0) {
+                    p.push(format!("{path}.workers: must be > 0"));
+                }
+                if n.max_ack_pending.is_some_and(|m| m <= 0) {
+                    p.push(format!("{path}.max_ack_pending: must be > 0"));
                 }
             }
         }

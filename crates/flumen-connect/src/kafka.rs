@@ -1,6 +1,9 @@
 //! Kafka through librdkafka: a consumer group whose offsets Flumen commits by hand,
-//! contiguously per partition, only for records whose outcomes are written; and a
-//! producer that waits for every delivery (acks = all).
+//! contiguously per partition, only for records whose outcomes are written (in the
+//! background, every `commit_interval_ms`, so an idle pipeline's lag reaches 0); and
+//! a producer that waits for every delivery (acks = all). A broker that cannot be
+//! reached is waited out (see [`crate::Patience`]); a record the broker will never
+//! take (too large) is handed back as [`crate::Refused`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +21,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 use crate::config::{KafkaSink as SinkConfig, KafkaSource as SourceConfig};
-use crate::{AckToken, Committer, CommitterKind, ConnectError, Message, SinkRecord, Source};
+use crate::outage::{Outage, Patience};
+use crate::{
+    AckToken, Committer, CommitterKind, ConnectError, Message, Refused, SinkRecord, Source,
+};
 
 /// The commit points of `topic` as a partition list.
 fn offsets(topic: &str, points: Vec<(i32, i64)>) -> TopicPartitionList {
@@ -84,7 +90,121 @@ impl ConsumerContext for Rebalancing {
     }
 }
 
-pub(crate) fn source(config: &SourceConfig) -> Result<Source, ConnectError> {
+/// How long the source goes without a partition before it says it is still waiting.
+const ASSIGNMENT_REPORT: Duration = Duration::from_secs(5);
+
+struct SourceState {
+    consumer: Arc<StreamConsumer<Rebalancing>>,
+    tracker: Arc<Mutex<crate::OffsetTracker>>,
+    topic: String,
+    what: String,
+    group: String,
+    patience: Patience,
+    started: Instant,
+    waiting_reported: Option<Instant>,
+}
+
+impl SourceState {
+    /// The next record; waits out broker outages (probing with a metadata request)
+    /// and says so while no partition is assigned.
+    async fn next(&mut self) -> Result<Message, ConnectError> {
+        loop {
+            let m = match tokio::time::timeout(ASSIGNMENT_REPORT, self.consumer.recv()).await {
+                Err(_) => {
+                    self.report_waiting();
+                    continue;
+                }
+                Ok(m) => m,
+            };
+            match m {
+                Ok(m) => {
+                    let (partition, offset) = (m.partition(), m.offset());
+                    self.tracker
+                        .lock()
+                        .expect("tracker lock")
+                        .delivered(partition, offset);
+                    return Ok(Message {
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        position: format!("{}/{partition}@{offset}", m.topic()),
+                        partition,
+                        key: m.key().map(<[u8]>::to_vec),
+                        token: AckToken::Kafka { partition, offset },
+                    });
+                }
+                Err(e) => self.wait_for_broker(e.to_string()).await?,
+            }
+        }
+    }
+
+    /// While no partition is assigned, every few seconds: what the worker waits for.
+    fn report_waiting(&mut self) {
+        let assigned = self
+            .consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false);
+        if assigned {
+            self.waiting_reported = None;
+            return;
+        }
+        let due = self
+            .waiting_reported
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            self.waiting_reported = Some(Instant::now());
+            eprintln!(
+                "flumen: {}: waiting for a partition assignment of {} in group {} ({:.0} s so far)",
+                self.what,
+                self.topic,
+                self.group,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// A consumer error: if the broker does not answer a metadata request, waits
+    /// until it does (or `patience` runs out); otherwise reports the error and goes on.
+    async fn wait_for_broker(&mut self, error: String) -> Result<(), ConnectError> {
+        let mut outage: Option<Outage> = None;
+        loop {
+            let consumer = Arc::clone(&self.consumer);
+            let topic = self.topic.clone();
+            let probe = tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .map(|_| ())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("metadata probe panicked: {e}"));
+            match (probe, outage.as_mut()) {
+                (Ok(()), None) => {
+                    eprintln!(
+                        "flumen: {}: {error}; the broker answers, going on",
+                        self.what
+                    );
+                    return Ok(());
+                }
+                (Ok(()), Some(_)) => {
+                    outage.take().expect("outage").end();
+                    return Ok(());
+                }
+                (Err(e), None) => {
+                    let e = format!("{error}; {e}");
+                    outage = Some(Outage::begin(
+                        self.what.clone(),
+                        "source",
+                        self.patience,
+                        &e,
+                    ));
+                }
+                (Err(e), Some(o)) => o.wait(&e.to_string()).await.map_err(ConnectError::Source)?,
+            }
+        }
+    }
+}
+
+pub(crate) fn source(config: &SourceConfig, patience: Patience) -> Result<Source, ConnectError> {
+    let what = format!("kafka {}", config.brokers);
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
@@ -105,138 +225,266 @@ pub(crate) fn source(config: &SourceConfig) -> Result<Source, ConnectError> {
     };
     let consumer: StreamConsumer<Rebalancing> = client
         .create_with_context(context)
-        .map_err(|e| ConnectError::Source(format!("kafka consumer: {e}")))?;
-    consumer
-        .subscribe(&[&config.topic])
-        .map_err(|e| ConnectError::Source(format!("subscribing to {}: {e}", config.topic)))?;
+        .map_err(|e| ConnectError::Source(format!("{what}: consumer: {e}")))?;
+    consumer.subscribe(&[&config.topic]).map_err(|e| {
+        ConnectError::Source(format!("{what}: subscribing to {}: {e}", config.topic))
+    })?;
     let consumer = Arc::new(consumer);
-    let topic = config.topic.clone();
-    let messages = futures::stream::unfold(
-        (Arc::clone(&consumer), Arc::clone(&tracker), topic.clone()),
-        |(consumer, tracker, topic)| async move {
-            let item = match consumer.recv().await {
-                Ok(m) => {
-                    let (partition, offset) = (m.partition(), m.offset());
-                    tracker
-                        .lock()
-                        .expect("tracker lock")
-                        .delivered(partition, offset);
-                    Ok(Message {
-                        payload: m.payload().unwrap_or_default().to_vec(),
-                        position: format!("{}/{partition}@{offset}", m.topic()),
-                        partition,
-                        key: m.key().map(<[u8]>::to_vec),
-                        token: AckToken::Kafka { partition, offset },
-                    })
-                }
-                Err(e) => Err(ConnectError::Source(format!("kafka {topic}: {e}"))),
-            };
-            Some((item, (consumer, tracker, topic)))
-        },
-    );
+    let state = SourceState {
+        consumer: Arc::clone(&consumer),
+        tracker: Arc::clone(&tracker),
+        topic: config.topic.clone(),
+        what: what.clone(),
+        group: config.group.clone(),
+        patience,
+        started: Instant::now(),
+        waiting_reported: None,
+    };
+    let messages = futures::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        match state.next().await {
+            Ok(m) => Some((Ok(m), Some(state))),
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let interval = Duration::from_millis(config.commit_interval_ms.unwrap_or(500));
+    let shared = Arc::new(Commits {
+        consumer,
+        tracker,
+        topic: config.topic.clone(),
+        what,
+    });
+    let background = tokio::spawn(Arc::clone(&shared).every(interval));
     Ok(Source {
         messages: messages.boxed(),
         committer: Committer {
             inner: CommitterKind::Kafka(KafkaCommitter {
-                consumer,
-                tracker,
-                topic,
-                interval: Duration::from_millis(config.commit_interval_ms.unwrap_or(500)),
-                last: None,
+                shared,
+                background,
+                patience,
             }),
         },
         size: None,
+        stopper: Default::default(),
     })
 }
 
-pub(crate) struct KafkaCommitter {
+/// What the committer and its background task share.
+struct Commits {
     consumer: Arc<StreamConsumer<Rebalancing>>,
     tracker: Arc<Mutex<crate::OffsetTracker>>,
     topic: String,
-    interval: Duration,
-    last: Option<Instant>,
+    what: String,
+}
+
+impl Commits {
+    /// Commits every partition whose commit point moved, and waits for the broker's
+    /// answer; a point is marked committed only once the broker took it, so a commit
+    /// that failed (an outage) is tried again at the next tick.
+    async fn commit_now(self: &Arc<Self>) -> Result<(), ConnectError> {
+        let points = self.tracker.lock().expect("tracker lock").moved();
+        if points.is_empty() {
+            return Ok(());
+        }
+        let this = Arc::clone(self);
+        let list = offsets(&self.topic, points.clone());
+        let result =
+            tokio::task::spawn_blocking(move || this.consumer.commit(&list, CommitMode::Sync))
+                .await
+                .unwrap_or_else(|e| panic!("commit panicked: {e}"));
+        match result {
+            Ok(()) => {
+                self.tracker
+                    .lock()
+                    .expect("tracker lock")
+                    .committed(&points);
+                Ok(())
+            }
+            // A partition revoked in a rebalance fails to commit; its new owner resumes
+            // from the last commit that succeeded (duplicates, never a loss).
+            Err(e) => Err(ConnectError::Commit(format!(
+                "{} {}: {e}",
+                self.what, self.topic
+            ))),
+        }
+    }
+
+    /// The background commits: every `interval`, whether or not input arrives.
+    async fn every(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            match self.commit_now().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    eprintln!("flumen: {}: offset commits go through again", self.what);
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    eprintln!("flumen: {e}; retrying every {} ms", interval.as_millis());
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+pub(crate) struct KafkaCommitter {
+    shared: Arc<Commits>,
+    background: tokio::task::JoinHandle<()>,
+    patience: Patience,
 }
 
 impl KafkaCommitter {
-    pub fn done(&mut self, tokens: Vec<AckToken>) -> Result<(), ConnectError> {
-        {
-            let mut t = self.tracker.lock().expect("tracker lock");
-            for token in tokens {
-                if let AckToken::Kafka { partition, offset } = token {
-                    t.done(partition, offset);
-                }
+    pub fn done(&mut self, tokens: Vec<AckToken>) {
+        let mut t = self.shared.tracker.lock().expect("tracker lock");
+        for token in tokens {
+            if let AckToken::Kafka { partition, offset } = token {
+                t.done(partition, offset);
             }
         }
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < self.interval)
-        {
-            return Ok(());
-        }
-        self.last = Some(now);
-        self.commit(CommitMode::Async)
     }
 
     pub fn in_flight(&self) -> usize {
-        self.tracker.lock().expect("tracker lock").in_flight()
+        self.shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .in_flight()
     }
 
-    fn commit(&self, mode: CommitMode) -> Result<(), ConnectError> {
-        let list = offsets(
-            &self.topic,
-            self.tracker.lock().expect("tracker lock").to_commit(),
-        );
-        if list.count() == 0 {
-            return Ok(());
+    /// The final commit, retried while the broker is away (within `patience`, and
+    /// never longer than 30 s: what is not committed is read again, not lost).
+    pub async fn close(self) -> Result<(), ConnectError> {
+        self.background.abort();
+        let patience = Patience {
+            max_outage: Some(
+                self.patience
+                    .max_outage
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(30)),
+            ),
+        };
+        let mut outage: Option<Outage> = None;
+        loop {
+            match self.shared.commit_now().await {
+                Ok(()) => {
+                    if let Some(o) = outage {
+                        o.end();
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    let o = outage.get_or_insert_with(|| {
+                        Outage::begin(self.shared.what.clone(), "commit", patience, &e)
+                    });
+                    o.wait(&e).await.map_err(ConnectError::Commit)?;
+                }
+            }
         }
-        // A partition revoked in a rebalance fails to commit; its new owner resumes
-        // from the last commit that succeeded (duplicates, never a loss).
-        self.consumer
-            .commit(&list, mode)
-            .map_err(|e| ConnectError::Commit(format!("kafka {}: {e}", self.topic)))
     }
+}
 
-    pub fn close(self) -> Result<(), ConnectError> {
-        self.commit(CommitMode::Sync)
+impl Drop for KafkaCommitter {
+    fn drop(&mut self) {
+        self.background.abort();
     }
+}
+
+/// Whether the broker will never take this record, however often it is sent: it goes
+/// to the dead letter instead of holding up the pipeline.
+fn refuses(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidRecord)
+    )
 }
 
 pub(crate) struct KafkaSink {
     producer: FutureProducer,
     topic: String,
+    what: String,
+    role: &'static str,
+    patience: Patience,
 }
 
 impl KafkaSink {
-    pub fn new(config: &SinkConfig) -> Result<KafkaSink, ConnectError> {
+    pub fn new(
+        config: &SinkConfig,
+        role: &'static str,
+        patience: Patience,
+    ) -> Result<KafkaSink, ConnectError> {
+        let what = format!("kafka {}", config.brokers);
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
-            .set("message.timeout.ms", "30000");
+            // A delivery not confirmed in 10 s is sent again (and the outage reported):
+            // the wait itself is bounded by `patience`, not by librdkafka.
+            .set("message.timeout.ms", "10000");
         for (k, v) in &config.properties {
             client.set(k, v);
         }
         Ok(KafkaSink {
             producer: client
                 .create()
-                .map_err(|e| ConnectError::Sink(format!("kafka producer: {e}")))?,
+                .map_err(|e| ConnectError::Sink(format!("{what}: producer: {e}")))?,
             topic: config.topic.clone(),
+            what,
+            role,
+            patience,
         })
     }
 
-    pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<(), ConnectError> {
-        let sends = records.iter().map(|r| {
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(&r.payload);
-            if let Some(k) = &r.key {
-                record = record.key(k);
+    pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<Vec<Refused>, ConnectError> {
+        let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut refused = Vec::new();
+        let mut outage: Option<Outage> = None;
+        loop {
+            let sends = pending.iter().map(|&i| {
+                let r = &records[i];
+                let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(&r.payload);
+                if let Some(k) = &r.key {
+                    record = record.key(k);
+                }
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(30)))
+            });
+            let results = futures::future::join_all(sends).await;
+            let mut again = Vec::new();
+            let mut error = None;
+            for (&i, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(_) => {}
+                    Err((e, _)) if refuses(&e) => refused.push(Refused {
+                        index: i,
+                        reason: format!("{} topic {}: {e}", self.what, self.topic),
+                    }),
+                    Err((e, _)) => {
+                        error = Some(e.to_string());
+                        again.push(i);
+                    }
+                }
             }
-            self.producer
-                .send(record, Timeout::After(Duration::from_secs(30)))
-        });
-        for result in futures::future::join_all(sends).await {
-            result.map_err(|(e, _)| ConnectError::Sink(format!("kafka {}: {e}", self.topic)))?;
+            let Some(error) = error else {
+                if let Some(o) = outage {
+                    o.end();
+                }
+                refused.sort_by_key(|r| r.index);
+                return Ok(refused);
+            };
+            let o = outage.get_or_insert_with(|| {
+                Outage::begin(self.what.clone(), self.role, self.patience, &error)
+            });
+            o.wait(&error)
+                .await
+                .map_err(|e| ConnectError::Sink(format!("{e} (topic {})", self.topic)))?;
+            pending = again;
         }
-        Ok(())
     }
 }

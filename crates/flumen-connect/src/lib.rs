@@ -11,12 +11,19 @@
 //!   source acknowledges, see [`Sink::syncing`]); Kafka (acks = all, every delivery
 //!   awaited); NATS JetStream (every publish acknowledgement awaited).
 //! - [`Committer`]: hand it the tokens of records whose outcomes a sink has written.
+//!   Kafka offsets are committed in the background every `commit_interval_ms`, so the
+//!   tail of a burst is committed while the input is idle.
+//!
+//! A broker that cannot be reached is waited out with backoff (see [`Patience`]);
+//! a record that a sink refuses for itself (too large) comes back from
+//! [`Sink::write`] as [`Refused`], and the pipeline goes on.
 //!
 //! Several processes sharing a Kafka consumer group or a NATS durable consumer share
 //! the work; the brokers coordinate, Flumen does not.
 
 mod config;
 mod lines;
+mod outage;
 mod tracker;
 
 #[cfg(feature = "kafka")]
@@ -34,7 +41,8 @@ pub use rdkafka;
 #[cfg(feature = "nats")]
 pub use async_nats;
 
-pub use config::{SinkConfig, SourceConfig};
+pub use config::{FileMode, SinkConfig, SourceConfig};
+pub use outage::{Patience, OUTAGE_GAUGE};
 pub use tracker::OffsetTracker;
 
 /// Why a source or sink failed.
@@ -46,6 +54,9 @@ pub enum ConnectError {
     /// Writing to a sink failed; nothing of that write was acknowledged.
     #[error("sink: {0}")]
     Sink(String),
+    /// The reader of a stdout sink went away (a closed pipe, as in `| head`).
+    #[error("{0}: the reader closed it")]
+    Closed(String),
     /// Acknowledging (committing) failed; the records will be seen again.
     #[error("commit: {0}")]
     Commit(String),
@@ -106,34 +117,92 @@ pub struct Source {
     pub committer: Committer,
     /// The input's size in bytes, when known (a file), for progress.
     pub size: Option<u64>,
+    /// Ends `messages` early (a graceful stop); a NATS source first hands back what it
+    /// has pulled but not yet yielded.
+    pub stopper: Stopper,
+}
+
+/// Ends a source's stream: what was yielded is finished by the pipeline, what was not
+/// is left to the broker (Kafka: uncommitted; NATS: nak'ed for redelivery at once).
+#[derive(Clone)]
+pub struct Stopper(std::sync::Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Stopper {
+    fn default() -> Self {
+        Stopper(std::sync::Arc::new(tokio::sync::watch::channel(false).0))
+    }
+}
+
+impl Stopper {
+    /// Stops the source: its stream ends after the next message at most.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once [`Stopper::stop`] was called.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Whether [`Stopper::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// A record that a sink refused for itself (too large for the broker, rejected as
+/// invalid): writing it again would fail again, so it goes to the dead letter instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its index in the records handed to [`Sink::write`].
+    pub index: usize,
+    /// Why, as the sink said it.
+    pub reason: String,
 }
 
 impl Source {
     /// Opens a source. `capacity`: the records the pipeline keeps in flight (NATS's
-    /// `max_ack_pending`).
-    pub async fn open(config: &SourceConfig, capacity: usize) -> Result<Source, ConnectError> {
-        match config {
+    /// default `max_ack_pending` follows from it); `patience`: how long a broker that
+    /// cannot be reached is waited for.
+    pub async fn open(
+        config: &SourceConfig,
+        capacity: usize,
+        patience: Patience,
+    ) -> Result<Source, ConnectError> {
+        let source = match config {
             SourceConfig::File { path } => lines::file_source(path).await,
             SourceConfig::Stdin => Ok(lines::stdin_source()),
             #[cfg(feature = "kafka")]
-            SourceConfig::Kafka(k) => kafka::source(k),
+            SourceConfig::Kafka(k) => kafka::source(k, patience),
             #[cfg(feature = "nats")]
-            SourceConfig::Nats(n) => nats::source(n, capacity).await,
+            SourceConfig::Nats(n) => return nats::source(n, capacity, patience).await,
             #[allow(unreachable_patterns)]
             other => {
-                let _ = capacity;
+                let _ = (capacity, patience);
                 Err(ConnectError::Unsupported(format!(
                     "source kind `{}` needs flumen built with the `{}` feature",
                     other.kind(),
                     other.kind()
                 )))
             }
-        }
+        };
+        source.map(Source::stoppable)
     }
 
     /// A source over bytes in memory (JSONL), such as `flumen demo`'s built-in sample.
     pub fn from_bytes(bytes: &'static [u8]) -> Source {
-        lines::bytes_source(bytes)
+        lines::bytes_source(bytes).stoppable()
+    }
+
+    /// Ends the stream when its stopper is stopped (sources with nothing to hand back).
+    fn stoppable(mut self) -> Source {
+        use futures::StreamExt;
+        let stopped = self.stopper.stopped();
+        self.messages = self.messages.take_until(Box::pin(stopped)).boxed();
+        self
     }
 }
 
@@ -165,7 +234,10 @@ impl Committer {
                 Ok(())
             }
             #[cfg(feature = "kafka")]
-            CommitterKind::Kafka(k) => k.done(tokens),
+            CommitterKind::Kafka(k) => {
+                k.done(tokens);
+                Ok(())
+            }
             #[cfg(feature = "nats")]
             CommitterKind::Nats => nats::ack(tokens).await,
         }
@@ -203,7 +275,7 @@ impl Committer {
         match self.inner {
             CommitterKind::None => Ok(()),
             #[cfg(feature = "kafka")]
-            CommitterKind::Kafka(k) => k.close(),
+            CommitterKind::Kafka(k) => k.close().await,
             #[cfg(feature = "nats")]
             CommitterKind::Nats => Ok(()),
         }
@@ -233,22 +305,34 @@ enum SinkKind {
 }
 
 impl Sink {
-    /// Opens a sink.
-    pub async fn open(config: &SinkConfig) -> Result<Sink, ConnectError> {
+    /// Opens a sink. `role` names it in logs and metrics (`sink`, `dead_letter`);
+    /// `default_mode`: how a file sink without its own `mode` opens its file;
+    /// `patience`: how long a broker that cannot be reached is waited for.
+    pub async fn open(
+        config: &SinkConfig,
+        role: &'static str,
+        default_mode: FileMode,
+        patience: Patience,
+    ) -> Result<Sink, ConnectError> {
         let inner = match config {
-            SinkConfig::File { path } => SinkKind::Lines(lines::LinesSink::file(path).await?),
+            SinkConfig::File { path, mode } => {
+                SinkKind::Lines(lines::LinesSink::file(path, mode.unwrap_or(default_mode)).await?)
+            }
             SinkConfig::Stdout => SinkKind::Lines(lines::LinesSink::stdout()),
             #[cfg(feature = "kafka")]
-            SinkConfig::Kafka(k) => SinkKind::Kafka(kafka::KafkaSink::new(k)?),
+            SinkConfig::Kafka(k) => SinkKind::Kafka(kafka::KafkaSink::new(k, role, patience)?),
             #[cfg(feature = "nats")]
-            SinkConfig::Nats(n) => SinkKind::Nats(nats::NatsSink::connect(n).await?),
+            SinkConfig::Nats(n) => {
+                SinkKind::Nats(nats::NatsSink::connect(n, role, patience).await?)
+            }
             #[allow(unreachable_patterns)]
             other => {
+                let _ = (role, patience);
                 return Err(ConnectError::Unsupported(format!(
                     "sink kind `{}` needs flumen built with the `{}` feature",
                     other.kind(),
                     other.kind()
-                )))
+                )));
             }
         };
         Ok(Sink { inner })
@@ -267,13 +351,16 @@ impl Sink {
     }
 
     /// Writes records; when this returns `Ok` they are durable (flushed — and
-    /// synced to disk, see [`Sink::syncing`] — or acknowledged by the broker).
-    pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<(), ConnectError> {
+    /// synced to disk, see [`Sink::syncing`] — or acknowledged by the broker), except
+    /// those it lists as [`Refused`]: the broker will never take them. A broker that
+    /// cannot be reached is waited for (the `patience` given to [`Sink::open`]); an
+    /// `Err` means the wait ran out, or the sink cannot be written at all.
+    pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<Vec<Refused>, ConnectError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         match &mut self.inner {
-            SinkKind::Lines(s) => s.write(records).await,
+            SinkKind::Lines(s) => s.write(records).await.map(|()| Vec::new()),
             #[cfg(feature = "kafka")]
             SinkKind::Kafka(s) => s.write(records).await,
             #[cfg(feature = "nats")]

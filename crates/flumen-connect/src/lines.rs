@@ -5,7 +5,7 @@ use std::path::Path;
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
-use crate::{AckToken, Committer, ConnectError, Message, SinkRecord, Source};
+use crate::{AckToken, Committer, ConnectError, FileMode, Message, SinkRecord, Source};
 
 /// One message per non-blank line (a trailing `\r` removed), numbered from 1.
 fn lines_of(reader: impl AsyncRead + Unpin + Send + 'static, size: Option<u64>) -> Source {
@@ -45,6 +45,7 @@ fn lines_of(reader: impl AsyncRead + Unpin + Send + 'static, size: Option<u64>) 
         messages: messages.boxed(),
         committer: Committer::none(),
         size,
+        stopper: Default::default(),
     }
 }
 
@@ -80,10 +81,32 @@ pub(crate) struct LinesSink {
 }
 
 impl LinesSink {
-    pub async fn file(path: &Path) -> Result<LinesSink, ConnectError> {
-        let file = tokio::fs::File::create(path)
-            .await
-            .map_err(|e| ConnectError::Sink(format!("cannot create {}: {e}", path.display())))?;
+    pub async fn file(path: &Path, mode: FileMode) -> Result<LinesSink, ConnectError> {
+        let shown = path.display();
+        let file = match mode {
+            FileMode::Truncate => tokio::fs::File::create(path).await,
+            FileMode::Append => {
+                let mut file = tokio::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .await
+                    .map_err(|e| ConnectError::Sink(format!("cannot open {shown}: {e}")))?;
+                let torn = cut_torn_tail(&mut file)
+                    .await
+                    .map_err(|e| ConnectError::Sink(format!("cannot repair {shown}: {e}")))?;
+                if torn > 0 {
+                    eprintln!(
+                        "flumen: {shown}: cut a torn last line ({torn} bytes without a newline, \
+                         left by an interrupted write and never acknowledged)"
+                    );
+                }
+                Ok(file)
+            }
+        }
+        .map_err(|e| ConnectError::Sink(format!("cannot create {shown}: {e}")))?;
         let handle = file
             .try_clone()
             .await
@@ -106,7 +129,13 @@ impl LinesSink {
     }
 
     pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<(), ConnectError> {
-        let fail = |e: std::io::Error| ConnectError::Sink(format!("writing {}: {e}", self.name));
+        let fail = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe && self.file.is_none() {
+                ConnectError::Closed(self.name.clone())
+            } else {
+                ConnectError::Sink(format!("writing {}: {e}", self.name))
+            }
+        };
         for r in records {
             self.out.write_all(&r.payload).await.map_err(fail)?;
             self.out.write_all(b"\n").await.map_err(fail)?;
@@ -119,6 +148,35 @@ impl LinesSink {
     }
 }
 
+/// Cuts a file back to its last newline, and leaves it positioned at its end; returns
+/// the bytes cut. Every acknowledged write ends with a newline, so what follows the
+/// last one is a write that was interrupted (and never acknowledged).
+async fn cut_torn_tail(file: &mut tokio::fs::File) -> std::io::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, SeekFrom};
+    let len = file.metadata().await?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 1 << 16];
+    // Scan backwards, a block at a time, for the last newline.
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start)).await?;
+        file.read_exact(&mut buf[..n]).await?;
+        if let Some(i) = buf[..n].iter().rposition(|b| *b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    if keep < len {
+        file.set_len(keep).await?;
+    }
+    file.seek(SeekFrom::End(0)).await?;
+    Ok(len - keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,7 +184,11 @@ mod tests {
     #[tokio::test]
     async fn a_syncing_file_sink_writes_every_chunk_through() {
         let path = std::env::temp_dir().join(format!("flumen-sync-{}.jsonl", std::process::id()));
-        let sink = crate::Sink::open(&crate::SinkConfig::File { path: path.clone() })
+        let config = crate::SinkConfig::File {
+            path: path.clone(),
+            mode: None,
+        };
+        let sink = crate::Sink::open(&config, "sink", FileMode::Truncate, Default::default())
             .await
             .unwrap();
         let mut sink = sink.syncing(true);
@@ -146,11 +208,52 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
         std::fs::remove_file(&path).ok();
         // stdout cannot be synced: the flag is ignored there.
-        let stdout = crate::Sink::open(&crate::SinkConfig::Stdout)
-            .await
-            .unwrap()
-            .syncing(true);
+        let stdout = crate::Sink::open(
+            &crate::SinkConfig::Stdout,
+            "sink",
+            FileMode::Truncate,
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .syncing(true);
         assert!(matches!(&stdout.inner, crate::SinkKind::Lines(s) if !s.sync));
+    }
+
+    #[tokio::test]
+    async fn an_appending_sink_keeps_what_is_there_and_cuts_a_torn_last_line() {
+        let path = std::env::temp_dir().join(format!("flumen-append-{}.jsonl", std::process::id()));
+        let record = |p: &str| SinkRecord {
+            key: None,
+            payload: p.as_bytes().to_vec(),
+        };
+        for (before, after) in [
+            ("", ""),
+            ("{\"a\":1}\n", "{\"a\":1}\n"),
+            // A crash in the middle of the second line's write.
+            ("{\"a\":1}\n{\"a\":2", "{\"a\":1}\n"),
+            // A torn line longer than one block of the backwards scan.
+            (
+                &format!("{{\"a\":1}}\n{}", "x".repeat(200_000)),
+                "{\"a\":1}\n",
+            ),
+            // No newline at all: all of it is torn.
+            ("{\"a\"", ""),
+        ] {
+            std::fs::write(&path, before).unwrap();
+            let mut sink = LinesSink::file(&path, FileMode::Append).await.unwrap();
+            sink.write(vec![record("{\"b\":1}")]).await.unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                format!("{after}{{\"b\":1}}\n"),
+                "{before:.40}"
+            );
+        }
+        // Truncate starts anew.
+        let mut sink = LinesSink::file(&path, FileMode::Truncate).await.unwrap();
+        sink.write(vec![record("{}")]).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+        std::fs::remove_file(&path).ok();
     }
 
     #[tokio::test]

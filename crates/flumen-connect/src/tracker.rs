@@ -48,18 +48,33 @@ impl OffsetTracker {
         self.partitions.values().map(|p| p.in_flight.len()).sum()
     }
 
-    /// The partitions whose commit point moved since the last call, with the offset to
-    /// commit (Kafka's "next offset to read").
-    pub fn to_commit(&mut self) -> Vec<(i32, i64)> {
-        let mut out = Vec::new();
-        for (&id, p) in &mut self.partitions {
-            if let Some(point) = p.point() {
-                if p.committed.is_none_or(|c| point > c) {
-                    p.committed = Some(point);
-                    out.push((id, point));
-                }
+    /// The partitions whose commit point moved past the last one committed, with the
+    /// offset to commit (Kafka's "next offset to read"); nothing is marked: see
+    /// [`OffsetTracker::committed`].
+    pub fn moved(&self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(&id, p)| {
+                let point = p.point()?;
+                p.committed.is_none_or(|c| point > c).then_some((id, point))
+            })
+            .collect()
+    }
+
+    /// The broker took these commit points (a partition forgotten since is ignored).
+    pub fn committed(&mut self, points: &[(i32, i64)]) {
+        for &(id, point) in points {
+            if let Some(p) = self.partitions.get_mut(&id) {
+                p.committed = Some(p.committed.map_or(point, |c| c.max(point)));
             }
         }
+    }
+
+    /// [`OffsetTracker::moved`], marked committed at once (a commit that is not
+    /// retried: the one before a rebalance).
+    pub fn to_commit(&mut self) -> Vec<(i32, i64)> {
+        let out = self.moved();
+        self.committed(&out);
         out
     }
 
@@ -96,6 +111,30 @@ mod tests {
         t.forget(0);
         t.delivered(0, 3);
         assert_eq!(t.to_commit(), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn a_commit_that_failed_is_offered_again_until_it_is_taken() {
+        let mut t = OffsetTracker::default();
+        for o in 0..4 {
+            t.delivered(0, o);
+        }
+        t.done(0, 0);
+        t.done(0, 1);
+        assert_eq!(t.moved(), vec![(0, 2)]);
+        // The commit failed (broker away): nothing was marked, so it is offered again,
+        // moved on by what finished meanwhile.
+        t.done(0, 2);
+        assert_eq!(t.moved(), vec![(0, 3)]);
+        t.committed(&[(0, 3)]);
+        assert_eq!(t.moved(), vec![]);
+        // A late confirmation of an older point does not move the mark back.
+        t.committed(&[(0, 2)]);
+        t.done(0, 3);
+        assert_eq!(t.moved(), vec![(0, 4)]);
+        t.forget(0);
+        t.committed(&[(0, 4)]);
+        assert_eq!(t.moved(), vec![]);
     }
 
     #[test]

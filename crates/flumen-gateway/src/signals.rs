@@ -25,15 +25,35 @@ impl Signals {
     }
 
     /// The next SIGINT or SIGTERM (Ctrl-C where the two cannot be listened to).
-    pub async fn recv(&mut self) {
+    pub async fn recv(&mut self) -> Signal {
         #[cfg(unix)]
         if let Some((int, term)) = &mut self.signals {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            return;
+            return tokio::select! {
+                _ = int.recv() => Signal::Interrupt,
+                _ = term.recv() => Signal::Terminate,
+            };
         }
         let _ = tokio::signal::ctrl_c().await;
+        Signal::Interrupt
+    }
+}
+
+/// Which signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+impl Signal {
+    /// The exit status a shell reports for a process this signal ended: 128 + its
+    /// number (130 for SIGINT, 143 for SIGTERM).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
     }
 }

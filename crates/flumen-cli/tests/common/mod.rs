@@ -1,7 +1,9 @@
 //! Helpers shared by the CLI's tests: free ports, child processes killed on drop,
 //! and for the connector tests (Kafka, NATS) workers stopped by SIGTERM or SIGKILL
-//! and the records they carry.
+//! and the records they carry, and a loopback proxy that simulates a broker outage.
 #![allow(dead_code, clippy::disallowed_methods)] // each test file uses a part; real time
+
+pub mod proxy;
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};

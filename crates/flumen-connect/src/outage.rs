@@ -1,0 +1,159 @@
+//! Waiting out a broker that cannot be reached: with backoff, saying so on stderr
+//! (the broker's address and how long so far) and in the metrics
+//! (`flumen_connector_outage_seconds{connector}`), up to [`Patience::max_outage`]
+//! (default: indefinitely, as Kafka Connect and Flink do).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long a source or sink waits for a broker that cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Patience {
+    /// Give up (and end the run with an error naming the broker) after an outage of
+    /// this long; `None`: wait indefinitely.
+    pub max_outage: Option<Duration>,
+}
+
+/// The metrics gauge: seconds the current outage has lasted, 0 when connected.
+pub const OUTAGE_GAUGE: &str = "flumen_connector_outage_seconds";
+
+/// One outage of one connector, from its first failure to [`Outage::end`].
+pub(crate) struct Outage {
+    what: String,
+    role: &'static str,
+    since: Instant,
+    last_log: Instant,
+    attempt: u32,
+    limit: Option<Duration>,
+}
+
+/// Between two attempts: 100 ms, doubling, at most 5 s.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
+}
+
+/// How often a continuing outage is reported.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+impl Outage {
+    /// The first failure: reports it. `what` names the broker (`kafka 127.0.0.1:9092`).
+    pub(crate) fn begin(
+        what: String,
+        role: &'static str,
+        patience: Patience,
+        error: &str,
+    ) -> Outage {
+        let limit = patience
+            .max_outage
+            .map(|l| format!("at most {} s", l.as_secs_f64()))
+            .unwrap_or_else(|| "until it is back".into());
+        eprintln!("flumen: {what} ({role}): cannot reach the broker ({error}); waiting, {limit}");
+        let now = Instant::now();
+        metrics::gauge!(OUTAGE_GAUGE, "connector" => role).set(0.0);
+        Outage {
+            what,
+            role,
+            since: now,
+            last_log: now,
+            attempt: 0,
+            limit: patience.max_outage,
+        }
+    }
+
+    /// The time since the first failure.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// Another failure: waits before the next attempt, or gives up past the limit
+    /// with a message naming the broker and the time waited.
+    pub(crate) async fn wait(&mut self, error: &str) -> Result<(), String> {
+        let waited = self.elapsed();
+        metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(waited.as_secs_f64());
+        if let Some(limit) = self.limit.filter(|l| waited >= *l) {
+            metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(0.0);
+            return Err(format!(
+                "{} ({}): unreachable for {:.1} s, longer than max_outage_s = {}: {error}",
+                self.what,
+                self.role,
+                waited.as_secs_f64(),
+                limit.as_secs_f64()
+            ));
+        }
+        if self.last_log.elapsed() >= REPORT_EVERY {
+            self.last_log = Instant::now();
+            eprintln!(
+                "flumen: {} ({}): still unreachable after {:.0} s ({error}); waiting",
+                self.what,
+                self.role,
+                waited.as_secs_f64()
+            );
+        }
+        let mut pause = backoff(self.attempt);
+        if let Some(limit) = self.limit {
+            pause = pause.min(limit.saturating_sub(waited).max(Duration::from_millis(10)));
+        }
+        self.attempt += 1;
+        tokio::time::sleep(pause).await;
+        Ok(())
+    }
+
+    /// The broker answers again.
+    pub(crate) fn end(self) {
+        metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(0.0);
+        eprintln!(
+            "flumen: {} ({}): reachable again after {:.1} s",
+            self.what,
+            self.role,
+            self.elapsed().as_secs_f64()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let got: Vec<u64> = (0..9).map(|a| backoff(a).as_millis() as u64).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_waited_out_up_to_the_limit_and_named() {
+        let patience = Patience {
+            max_outage: Some(Duration::from_secs(10)),
+        };
+        let mut o = Outage::begin("kafka 127.0.0.1:1".into(), "sink", patience, "refused");
+        let start = Instant::now();
+        let mut waits = 0;
+        let err = loop {
+            match o.wait("refused").await {
+                Ok(()) => waits += 1,
+                Err(e) => break e,
+            }
+        };
+        // Gave up at the limit, not before, and not long after (the last pause is cut
+        // to what remains).
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_millis(10_100),
+            "{took:?}"
+        );
+        assert!(waits > 3, "{waits}");
+        assert!(
+            err.contains("kafka 127.0.0.1:1") && err.contains("max_outage_s = 10"),
+            "{err}"
+        );
+
+        // Without a limit it never gives up.
+        let mut o = Outage::begin("nats x".into(), "source", Patience::default(), "e");
+        for _ in 0..100 {
+            o.wait("e").await.unwrap();
+        }
+        assert!(o.elapsed() > Duration::from_secs(400));
+        o.end();
+    }
+}
