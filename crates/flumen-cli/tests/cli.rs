@@ -531,3 +531,192 @@ fn a_second_signal_exits_at_once() {
     }
     assert!(err.contains("exiting at once"), "{err}");
 }
+
+/// A pipeline with a file source and sink (sim backend), for the tests below.
+fn file_pipeline(
+    name: &str,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> std::path::PathBuf {
+    write_temp(
+        name,
+        &format!(
+            "[source]\nkind = \"file\"\npath = \"{}\"\n\n[sink]\nkind = \"file\"\npath = \"{}\"\n\n\
+             [backend]\nkind = \"sim\"\na_ms = 1.0\nb_ms = 0.01\n",
+            input.display(),
+            output.display()
+        ),
+    )
+}
+
+#[test]
+fn flags_that_a_pipeline_file_configures_are_refused_beside_it() {
+    let input = write_temp("refuse-in.jsonl", "{\"a\": 1}\n");
+    let output = input.with_extension("out");
+    let pipe = file_pipeline("refuse.toml", &input, &output);
+    let out = flumen(
+        &[
+            "run",
+            pipe.to_str().unwrap(),
+            "--capacity",
+            "0",
+            "--order",
+            "keyed",
+            "--backend",
+            "embedded",
+        ],
+        b"",
+    );
+    common::names_every_problem(&out, &["--capacity", "--order", "--backend", "refuse.toml"]);
+    // Those that say where records go are applied, and win over the file.
+    let out = flumen(
+        &[
+            "run",
+            pipe.to_str().unwrap(),
+            "--output-field",
+            "echo",
+            "--quiet",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&std::fs::read(&output).unwrap());
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].get("echo").is_some(), "{}", lines[0]);
+}
+
+#[test]
+fn every_unknown_key_of_a_pipeline_file_is_named_with_its_line() {
+    let pipe = write_temp(
+        "unknown.toml",
+        "[source]\nkind = \"stdin\"\n\n[mapping]\ninput = \"text\"\noutptu = \"x\"\n\n\
+         [backend]\nkind = \"sim\"\nslotz = 2\n\n[operator]\ncapacity = 10\ncolour = \"red\"\n",
+    );
+    let out = flumen(&["run", pipe.to_str().unwrap()], b"");
+    common::names_every_problem(
+        &out,
+        &[
+            "line 6: unknown key `outptu`",
+            "line 10: unknown key `slotz`",
+            "line 14: unknown key `colour`",
+        ],
+    );
+}
+
+#[test]
+fn a_pipeline_file_is_told_apart_by_its_content_and_a_file_run_starts_its_output_anew() {
+    let input = write_temp("sniff-in.jsonl", "{\"a\": 1}\n{\"a\": 2}\n[1, 2]\n");
+    let output = input.with_extension("out");
+    let toml = std::fs::read_to_string(file_pipeline("sniff.toml", &input, &output)).unwrap();
+    // Not named *.toml: read as a pipeline all the same (it has a [backend] table).
+    let pipe = write_temp("pipeline.conf", &toml);
+    for _ in 0..2 {
+        let out = flumen(&["run", pipe.to_str().unwrap(), "--quiet"], b"");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A file source is read again from its start by a rerun: the output is
+        // replaced, not appended to.
+        assert_eq!(json_lines(&std::fs::read(&output).unwrap()).len(), 3);
+    }
+    // A JSONL file, one of whose lines starts like a TOML table, is still input.
+    let mut args = vec!["run", input.to_str().unwrap(), "--quiet"];
+    args.extend(FAST);
+    assert_eq!(stdout_lines(&flumen(&args, b"")).len(), 3);
+}
+
+#[test]
+fn help_describes_pipeline_files() {
+    let out = flumen(&["run", "--help"], b"");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in ["Pipeline files", "kafka", "nats", "[delivery]", "130"] {
+        assert!(help.contains(want), "{want} in {help}");
+    }
+}
+
+/// 50,000 lines of input in a file.
+fn long_input(name: &str) -> std::path::PathBuf {
+    let text: String = (0..50_000).map(|i| format!("{{\"id\": {i}}}\n")).collect();
+    write_temp(name, &text)
+}
+
+#[test]
+fn a_closed_stdout_ends_the_run_quietly() {
+    use std::io::BufRead;
+    let input = long_input("head-in.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", input.to_str().unwrap(), "--quiet"])
+        .args(FAST)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -3`: read three lines, then close the pipe.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..3 {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with('{'), "{line}");
+    }
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        !err.contains("Broken pipe") && !err.contains("error"),
+        "{err}"
+    );
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // signals a child process in real time
+fn an_interrupted_file_run_exits_130_and_says_how_far_it_got() {
+    use std::time::Duration;
+    let input = long_input("int-in.jsonl");
+    let output = input.with_extension("out");
+    let _ = std::fs::remove_file(&output);
+    let child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args([
+            "run",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ])
+        // Slow enough that the run is far from done when interrupted.
+        .args(["--backend", "sim", "--sim-a-ms", "20", "--sim-b-ms", "0.5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Outputs exist: the loop runs, so the signal listener (installed before it) is.
+    let lines = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map(|b| b.iter().filter(|c| **c == b'\n').count())
+            .unwrap_or(0)
+    };
+    let mut tries = 0;
+    while lines(&output) < 100 {
+        tries += 1;
+        assert!(tries < 1200, "no output");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let written = lines(&output);
+    assert!(written < 50_000, "interrupted before the end: {written}");
+    assert!(
+        err.contains(&format!("interrupted: {written} records done and written")),
+        "{err}"
+    );
+}

@@ -422,6 +422,18 @@ async fn two_workers_in_one_group_share_the_partitions() {
     assert_eq!(out_a.len() + out_b.len(), N, "and nothing twice");
 }
 
+/// One past the last offset of a partition (its high watermark).
+fn end_of(brokers: &str, topic: &str, partition: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .unwrap()
+        .1
+}
+
 /// The offsets `group` has committed on `topic`'s partitions (-1: none yet).
 fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -755,5 +767,152 @@ async fn a_kafka_outage_of_ten_seconds_is_waited_out_and_nothing_is_lost() {
         "kafka outage: {} outputs, {} duplicates",
         all.len(),
         all.len() - N
+    );
+}
+
+/// A soak, bounded in time: 200,000 records through Kafka while the worker is
+/// SIGKILLed and restarted again and again (each time 12,000 more records are
+/// committed: every ~10 s, most of it the broker's rejoin after a kill), a second
+/// worker joins and later leaves, and the broker is unreachable for 5 s once. Every record has its output (0
+/// missing), and the duplicates stay within what each disruption can have had in
+/// flight: the operator's capacity, the chunk being written (512) and one commit
+/// interval of outputs (100 ms; bounded here by 1,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_outage() {
+    const TOTAL: usize = 200_000;
+    let (_broker, proxy, brokers) = broker_behind_proxy().await;
+    create_topics(&brokers, &[("in", 4), ("out", 1), ("dead", 1)]).await;
+    let payloads: Vec<Vec<u8>> = (0..TOTAL)
+        .map(|i| format!("{{\"id\": {i}, \"text\": \"record {i}\"}}").into_bytes())
+        .collect();
+    let produced = Instant::now();
+    let placed = produce(&brokers, "in", &payloads).await;
+    eprintln!(
+        "soak: produced {TOTAL} in {:.1} s",
+        produced.elapsed().as_secs_f64()
+    );
+    let capacity = 300;
+    let cfg = pipeline(
+        "soak.toml",
+        &config(
+            &brokers,
+            "g-soak",
+            "out",
+            "a_ms = 5.0\nb_ms = 0.05\nslots = 2\nmax_batch = 64",
+            &format!("capacity = {capacity}"),
+        ),
+    );
+    let done = |brokers: &str| {
+        committed(brokers, "g-soak", "in", 4)
+            .iter()
+            .map(|o| (*o).max(0))
+            .sum::<i64>()
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut a = worker(&cfg);
+    let mut b: Option<Killed> = None;
+    let (mut kills, mut joins, mut leaves, mut outages) = (0, 0, 0, 0);
+    let (mut last_event, mut at_last_event) = (Instant::now(), 0);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let committed_now = done(&brokers);
+        if committed_now >= TOTAL as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "soak: only {committed_now} of {TOTAL} committed"
+        );
+        // The next disruption once 3 s have passed and 12,000 more records are committed
+        // since the last one (a restarted worker first waits for its partitions).
+        if last_event.elapsed() < Duration::from_secs(3) || committed_now < at_last_event + 12_000 {
+            continue;
+        }
+        (last_event, at_last_event) = (Instant::now(), committed_now);
+        // The schedule: kill, join, kill, outage, kill, leave, then kills until done.
+        let step = kills + joins + leaves + outages;
+        eprintln!(
+            "soak: {:.0} s, {committed_now} committed {:?}, step {step}",
+            started.elapsed().as_secs_f64(),
+            committed(&brokers, "g-soak", "in", 4)
+        );
+        match step {
+            1 => {
+                b = Some(worker(&cfg));
+                joins += 1;
+            }
+            3 => {
+                proxy.pause().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                proxy.resume().await;
+                outages += 1;
+            }
+            5 => {
+                assert!(
+                    stop(b.take().expect("b runs")).success(),
+                    "b leaves cleanly"
+                );
+                leaves += 1;
+            }
+            _ => {
+                a.0.kill().unwrap(); // SIGKILL: no drain, no final commit
+                a.0.wait().unwrap();
+                a = worker(&cfg);
+                kills += 1;
+            }
+        }
+    }
+    let took = started.elapsed();
+    if let Some(b) = b.take() {
+        assert!(stop(b).success());
+    }
+    assert!(stop(a).success());
+    // Everything on `out`: until every id is there and at least up to the partition's
+    // high watermark (the check runs per message over 200,000+, so it keeps its set).
+    let end = end_of(&brokers, "out", 0);
+    let seen = std::cell::RefCell::new((0, HashSet::new()));
+    let all = read_all(&brokers, "out", 1, Duration::from_secs(300), |v| {
+        let (read, ids) = &mut *seen.borrow_mut();
+        ids.extend(v[*read..].iter().filter_map(|v| v["id"].as_u64()));
+        *read = v.len();
+        ids.len() >= TOTAL && v.len() as i64 >= end
+    });
+    let duplicates = all.len() - unique(&all);
+    let disruptions = kills + joins + leaves + outages;
+    let window = capacity + 512 + 1_000;
+    eprintln!(
+        "soak: {TOTAL} records in {:.1} s through {kills} SIGKILLs, {joins} join, {leaves} leave, {outages} outage: {} outputs, {duplicates} duplicates (bound {disruptions} × {window})",
+        took.as_secs_f64(),
+        all.len()
+    );
+    if unique(&all) < TOTAL {
+        // Where the missing records were in the input: (partition, offsets).
+        let got: HashSet<u64> = ids(&all).into_iter().collect();
+        let mut missing: Vec<(i32, i64)> = (0..TOTAL as u64)
+            .filter(|i| !got.contains(i))
+            .map(|i| placed[i as usize])
+            .collect();
+        missing.sort_unstable();
+        let mut ranges: Vec<(i32, i64, i64)> = Vec::new();
+        for (p, o) in missing {
+            match ranges.last_mut() {
+                Some((lp, _, last)) if *lp == p && *last + 1 == o => *last = o,
+                _ => ranges.push((p, o, o)),
+            }
+        }
+        eprintln!(
+            "soak: missing input ranges (partition, first, last): {ranges:?}; committed {:?}",
+            committed(&brokers, "g-soak", "in", 4)
+        );
+    }
+    assert_eq!(unique(&all), TOTAL, "0 missing");
+    assert!(
+        kills >= 2 && joins == 1 && outages == 1,
+        "the schedule ran: {kills} kills"
+    );
+    assert!(
+        duplicates <= disruptions * window,
+        "{duplicates} duplicates exceed {disruptions} disruptions × {window}"
     );
 }

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::{KafkaSink as SinkConfig, KafkaSource as SourceConfig};
 use crate::outage::{Outage, Patience};
+use crate::tracker::Delivered;
 use crate::{
     AckToken, Committer, CommitterKind, ConnectError, Message, Refused, SinkRecord, Source,
 };
@@ -119,10 +120,23 @@ impl SourceState {
             match m {
                 Ok(m) => {
                     let (partition, offset) = (m.partition(), m.offset());
-                    self.tracker
+                    let gap = self
+                        .tracker
                         .lock()
                         .expect("tracker lock")
                         .delivered(partition, offset);
+                    match gap {
+                        Delivered::First => eprintln!(
+                            "flumen: {}: {}/{partition}: reading from offset {offset}",
+                            self.what, self.topic
+                        ),
+                        Delivered::After(first, last) => eprintln!(
+                            "flumen: {}: {}/{partition}: offsets {first}..={last} were not served \
+                             (compacted away, or skipped by the broker)",
+                            self.what, self.topic
+                        ),
+                        Delivered::Next => {}
+                    }
                     return Ok(Message {
                         payload: m.payload().unwrap_or_default().to_vec(),
                         position: format!("{}/{partition}@{offset}", m.topic()),
@@ -281,7 +295,7 @@ impl Commits {
     /// Commits every partition whose commit point moved, and waits for the broker's
     /// answer; a point is marked committed only once the broker took it, so a commit
     /// that failed (an outage) is tried again at the next tick.
-    async fn commit_now(self: &Arc<Self>) -> Result<(), ConnectError> {
+    async fn commit_now(self: &Arc<Self>) -> Result<(), CommitFailed> {
         let points = self.tracker.lock().expect("tracker lock").moved();
         if points.is_empty() {
             return Ok(());
@@ -302,10 +316,10 @@ impl Commits {
             }
             // A partition revoked in a rebalance fails to commit; its new owner resumes
             // from the last commit that succeeded (duplicates, never a loss).
-            Err(e) => Err(ConnectError::Commit(format!(
-                "{} {}: {e}",
-                self.what, self.topic
-            ))),
+            Err(e) => Err(CommitFailed {
+                not_a_member: not_a_member(&e),
+                error: ConnectError::Commit(format!("{} {}: {e}", self.what, self.topic)),
+            }),
         }
     }
 
@@ -324,7 +338,11 @@ impl Commits {
                 Ok(()) => {}
                 Err(e) if !failing => {
                     failing = true;
-                    eprintln!("flumen: {e}; retrying every {} ms", interval.as_millis());
+                    eprintln!(
+                        "flumen: {}; retrying every {} ms",
+                        e.error,
+                        interval.as_millis()
+                    );
                 }
                 Err(_) => {}
             }
@@ -377,8 +395,19 @@ impl KafkaCommitter {
                     }
                     return Ok(());
                 }
+                Err(e) if e.not_a_member => {
+                    // The group has moved on without this worker (its session ended,
+                    // say in an outage): the partitions' new owners resume from the
+                    // last commit that went through. Nothing is lost; what this worker
+                    // wrote since is seen again.
+                    eprintln!(
+                        "flumen: {}; no longer in the group, the final commit is left to the partitions' new owners",
+                        e.error
+                    );
+                    return Ok(());
+                }
                 Err(e) => {
-                    let e = e.to_string();
+                    let e = e.error.to_string();
                     let o = outage.get_or_insert_with(|| {
                         Outage::begin(self.shared.what.clone(), "commit", patience, &e)
                     });
@@ -393,6 +422,28 @@ impl Drop for KafkaCommitter {
     fn drop(&mut self) {
         self.background.abort();
     }
+}
+
+/// A commit the broker did not take.
+struct CommitFailed {
+    error: ConnectError,
+    /// Refused because this consumer is no longer (or not yet) a member of the group's
+    /// current generation: retrying cannot help, a rejoin will.
+    not_a_member: bool,
+}
+
+fn not_a_member(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::UnknownMemberId
+                | C::IllegalGeneration
+                | C::RebalanceInProgress
+                | C::FencedInstanceId
+                | C::State
+        )
+    )
 }
 
 /// Whether the broker will never take this record, however often it is sent: it goes

@@ -22,6 +22,17 @@ impl Partition {
     }
 }
 
+/// What a delivery was, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The partition's first since it was assigned.
+    First,
+    /// The one after the last delivered.
+    Next,
+    /// After a gap: the offsets `first..=last` were not delivered.
+    After(i64, i64),
+}
+
 /// Commit points per partition (pure; unit-tested).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
@@ -29,11 +40,19 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
-    /// A record was handed to the pipeline.
-    pub fn delivered(&mut self, partition: i32, offset: i64) {
+    /// A record was handed to the pipeline. Returns the offsets skipped since the
+    /// last delivered one of its partition, if any (`first..=last`): a compacted topic
+    /// has such gaps; otherwise they are records the broker did not serve.
+    pub fn delivered(&mut self, partition: i32, offset: i64) -> Delivered {
         let p = self.partitions.entry(partition).or_default();
         p.in_flight.insert(offset);
+        let seen = match p.next {
+            None => Delivered::First,
+            Some(n) if offset > n => Delivered::After(n, offset - 1),
+            Some(_) => Delivered::Next,
+        };
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        seen
     }
 
     /// A record's outcome is durably written.
@@ -95,7 +114,9 @@ mod tests {
         for o in 10..15 {
             t.delivered(0, o);
         }
-        t.delivered(1, 0);
+        assert_eq!(t.delivered(1, 0), Delivered::First);
+        assert_eq!(t.delivered(1, 3), Delivered::After(1, 2));
+        t.done(1, 3);
         assert_eq!(t.to_commit(), vec![(0, 10), (1, 0)], "nothing done yet");
         t.done(0, 12);
         t.done(0, 11);

@@ -1,0 +1,224 @@
+//! One record on its way through a run: read and parsed from its message, turned
+//! into the model's input, and written out as an output line or a dead letter (or,
+//! refused by the dead-letter sink, a quarantine entry).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use flumen_connect::{AckToken, FileMode, Patience, Sink, SinkConfig, SinkRecord};
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+
+use super::setup::KeyBy;
+
+/// One record from the source: where it came from, what it holds, when it was read,
+/// and the token that acknowledges it once its outcome is written.
+pub(super) struct Line {
+    pub(super) position: String,
+    pub(super) partition: i32,
+    pub(super) key: Option<Vec<u8>>,
+    pub(super) record: Result<Value, String>,
+    pub(super) raw: Vec<u8>,
+    pub(super) read_at: Instant,
+    pub(super) token: AckToken,
+}
+
+pub(super) fn parse_line(message: flumen_connect::Message, max_bytes: usize) -> Line {
+    let flumen_connect::Message {
+        payload: raw,
+        position,
+        partition,
+        key,
+        token,
+    } = message;
+    let record = if raw.len() > max_bytes {
+        Err(format!(
+            "{position}: record is {} bytes, over the limit of {max_bytes} (--max-record-bytes, mapping.max_record_bytes)",
+            raw.len()
+        ))
+    } else {
+        match std::str::from_utf8(&raw) {
+            Err(e) => Err(format!("{position}: invalid UTF-8 ({e})")),
+            Ok(text) => serde_json::from_str::<Value>(text)
+                .map_err(|e| format!("{position}: invalid JSON: {e}")),
+        }
+    };
+    Line {
+        position,
+        partition,
+        key,
+        record,
+        raw,
+        read_at: Instant::now(),
+        token,
+    }
+}
+
+pub(super) fn model_input(line: &Line, field: Option<&str>) -> Result<Value, String> {
+    let record = line.record.as_ref().map_err(Clone::clone)?;
+    match field {
+        None => Ok(record.clone()),
+        Some(f) => record
+            .get(f)
+            .cloned()
+            .ok_or_else(|| format!("{}: field `{f}` is missing", line.position)),
+    }
+}
+
+pub(super) fn key_of(line: &Line, key: Option<&KeyBy>) -> String {
+    match (key, &line.record) {
+        (Some(KeyBy::Partition), _) => line.partition.to_string(),
+        (Some(KeyBy::Field(f)), Ok(record)) => {
+            record.get(f).map(Value::to_string).unwrap_or_default()
+        }
+        _ => String::new(),
+    }
+}
+
+pub(super) fn success_line(line: &Line, output_field: &str, prediction: Value) -> Value {
+    match &line.record {
+        Ok(Value::Object(map)) => {
+            let mut map = map.clone();
+            map.insert(output_field.to_owned(), prediction);
+            Value::Object(map)
+        }
+        Ok(other) => {
+            let mut map = Map::new();
+            map.insert("input".into(), other.clone());
+            map.insert(output_field.to_owned(), prediction);
+            Value::Object(map)
+        }
+        Err(_) => unreachable!("a record that did not parse never reaches the backend"),
+    }
+}
+
+/// A dead letter: where the record came from, its size, the record itself when it is
+/// at most `excerpt_bytes` long (else its first `excerpt_bytes` as `excerpt`), and why
+/// it failed (`kind`: an [`ErrorKind`], or `sink_refused`).
+pub(super) fn dead_letter(
+    line: &Line,
+    kind: &str,
+    message: &str,
+    attempts: u32,
+    excerpt_bytes: usize,
+) -> Value {
+    let mut doc = json!({
+        "source": line.position,
+        "size": line.raw.len(),
+    });
+    if line.raw.len() <= excerpt_bytes {
+        doc["record"] = match &line.record {
+            Ok(v) => v.clone(),
+            Err(_) => Value::String(String::from_utf8_lossy(&line.raw).into_owned()),
+        };
+    } else {
+        // Cut at a character boundary where the bytes are UTF-8.
+        let mut cut = excerpt_bytes;
+        while cut > 0 && std::str::from_utf8(&line.raw[..cut]).is_err() && excerpt_bytes - cut < 4 {
+            cut -= 1;
+        }
+        doc["excerpt"] = String::from_utf8_lossy(&line.raw[..cut])
+            .into_owned()
+            .into();
+        doc["truncated"] = true.into();
+    }
+    doc["error"] = json!({
+        "kind": kind,
+        "message": message,
+        "attempts": attempts,
+    });
+    if let Some(n) = line
+        .position
+        .strip_prefix("line ")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        doc["line"] = n.into();
+    }
+    doc
+}
+
+pub(super) fn failure_line(
+    line: &Line,
+    failure: &flumen_core::Failure,
+    excerpt_bytes: usize,
+) -> Value {
+    dead_letter(
+        line,
+        failure.kind.as_str(),
+        &failure.message,
+        failure.attempts,
+        excerpt_bytes,
+    )
+}
+
+/// The quarantine file, opened when first needed: dead letters that the dead-letter
+/// sink refused, so that they are not lost.
+pub(super) struct Quarantine {
+    pub(super) path: PathBuf,
+    pub(super) sync: bool,
+    pub(super) sink: Option<Sink>,
+}
+
+impl Quarantine {
+    pub(super) async fn write(&mut self, docs: Vec<Value>) -> Result<()> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        if self.sink.is_none() {
+            let config = SinkConfig::File {
+                path: self.path.clone(),
+                mode: Some(FileMode::Append),
+            };
+            let sink = Sink::open(&config, "quarantine", FileMode::Append, Patience::default())
+                .await
+                .with_context(|| {
+                    format!("cannot open the quarantine file {}", self.path.display())
+                })?;
+            self.sink = Some(sink.syncing(self.sync));
+        }
+        let n = docs.len();
+        let records = docs.iter().map(|d| SinkRecord {
+            key: None,
+            payload: serde_json::to_vec(d).expect("JSON values serialize"),
+        });
+        let sink = self.sink.as_mut().expect("opened above");
+        sink.write(records.collect())
+            .await
+            .with_context(|| format!("cannot write the quarantine file {}", self.path.display()))?;
+        metrics::counter!("flumen_quarantined_total").increment(n as u64);
+        eprintln!(
+            "flumen: {n} dead letters refused by the dead-letter sink written to {}",
+            self.path.display()
+        );
+        Ok(())
+    }
+}
+
+/// One chunk of outcomes on its way out: the outputs for the sink, the dead letters
+/// (for the dead-letter sink, or the sink when there is none), and the documents
+/// behind them, to build a dead letter or a quarantine entry from a refusal.
+#[derive(Default)]
+pub(super) struct Outgoing {
+    pub(super) outputs: Vec<SinkRecord>,
+    /// Per output: the record's index in the chunk, and its failure document when
+    /// the output is one (no dead-letter sink).
+    pub(super) behind: Vec<(usize, Option<Value>)>,
+    pub(super) letters: Vec<SinkRecord>,
+    pub(super) letter_docs: Vec<Value>,
+}
+
+impl Outgoing {
+    pub(super) fn letter(&mut self, key: Option<Vec<u8>>, doc: Value) {
+        self.letters.push(SinkRecord {
+            key,
+            payload: serde_json::to_vec(&doc).expect("JSON values serialize"),
+        });
+        self.letter_docs.push(doc);
+    }
+}
+
+/// A refused dead letter, for the quarantine file: the letter and why it was refused.
+pub(super) fn quarantined(mut doc: Value, reason: &str) -> Value {
+    doc["quarantined"] = reason.into();
+    doc
+}

@@ -1,0 +1,412 @@
+//! What a run is made of — a pipeline file or the flags, validated once into a
+//! [`Setup`] — and which of the two the command line names.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use flumen_connect::{Patience, SinkConfig, SourceConfig};
+use flumen_engine::{BatchConfig, EngineConfig, OperatorConfig, OrderMode, RetryConfig};
+use flumen_gateway::backends::{BackendConfig, EmbeddedSection, FileConfig};
+use flumen_gateway::backends::{EngineSection, OperatorSection};
+use serde::Deserialize;
+
+use super::{BackendKind, BadConfig, Order, RunArgs};
+
+/// What orders outcomes with `keyed` order.
+#[derive(Debug, Clone)]
+pub(super) enum KeyBy {
+    /// A record field.
+    Field(String),
+    /// The source partition (Kafka): per-partition order.
+    Partition,
+}
+
+/// What a run is made of: from a pipeline file, or from the flags.
+pub(super) struct Setup {
+    pub(super) backend: BackendConfig,
+    pub(super) engine: EngineConfig,
+    pub(super) operator: OperatorConfig,
+    pub(super) key: Option<KeyBy>,
+    pub(super) source: SourceConfig,
+    pub(super) sink: SinkConfig,
+    pub(super) dead_letter: Option<SinkConfig>,
+    pub(super) field: Option<String>,
+    pub(super) output_field: String,
+    pub(super) max_record_bytes: usize,
+    pub(super) delivery: Delivery,
+}
+
+/// What happens to outcomes a sink refuses, and to broker outages.
+pub(super) struct Delivery {
+    pub(super) excerpt_bytes: usize,
+    pub(super) quarantine: PathBuf,
+    pub(super) patience: Patience,
+}
+
+/// A pipeline file: the backend, engine and operator sections of `--config`, plus
+/// where records come from and go to.
+///
+/// ```toml
+/// [source]
+/// kind = "kafka"            # file | stdin | kafka | nats
+/// brokers = "127.0.0.1:9092"
+/// topic = "reviews"
+/// group = "flumen"
+///
+/// [mapping]
+/// input = "text"            # the field that is the model's input (default: the record)
+/// output = "embedding"      # where the prediction goes (default: "prediction")
+///
+/// [sink]
+/// kind = "kafka"
+/// brokers = "127.0.0.1:9092"
+/// topic = "reviews-embedded"
+///
+/// [dead_letter]             # optional: failures go here instead of the sink
+/// kind = "file"
+/// path = "failed.jsonl"
+///
+/// [delivery]                # optional
+/// excerpt_bytes = 65536     # dead letters carry larger records as an excerpt
+/// quarantine = "flumen-quarantine.jsonl"  # dead letters the dead-letter sink refuses
+/// max_outage_s = 600        # give up on an unreachable broker (default: never)
+///
+/// [backend]
+/// kind = "embedded"
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PipelineFile {
+    backend: BackendConfig,
+    #[serde(default)]
+    engine: EngineSection,
+    #[serde(default)]
+    operator: OperatorSection,
+    source: Option<SourceConfig>,
+    sink: Option<SinkConfig>,
+    dead_letter: Option<SinkConfig>,
+    #[serde(default)]
+    mapping: MappingSection,
+    #[serde(default)]
+    delivery: DeliverySection,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeliverySection {
+    /// Dead letters carry records up to this size whole, larger ones as an excerpt.
+    excerpt_bytes: Option<usize>,
+    /// Where refused dead letters go.
+    quarantine: Option<PathBuf>,
+    /// Give up on a broker unreachable this long (default: wait indefinitely).
+    max_outage_s: Option<u64>,
+}
+
+/// `[mapping]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MappingSection {
+    /// The record field that is the model's input.
+    input: Option<String>,
+    /// The field the prediction is written to.
+    output: Option<String>,
+    /// Longer records fail alone (default 1 MiB).
+    max_record_bytes: Option<usize>,
+}
+
+/// The flags a pipeline file may stand beside: where records go, how they are
+/// mapped, and how the run reports. The others configure what the file configures.
+pub(super) const FLAGS_BESIDE_A_FILE: &[&str] = &[
+    "input",
+    "config",
+    "output",
+    "dead_letter",
+    "field",
+    "output_field",
+    "max_record_bytes",
+    "excerpt_bytes",
+    "quarantine",
+    "max_outage_s",
+    "metrics_addr",
+    "fail_on_dead_letter",
+    "quiet",
+];
+
+/// Whether `flag` (a field of [`RunArgs`]) was given on the command line.
+pub(super) fn given(args: &RunArgs, flag: &str) -> bool {
+    args.explicit.iter().any(|f| f == flag)
+}
+
+pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadConfig(vec![format!("{shown}: cannot read: {e}")]))?;
+    let mut problems: Vec<String> = args
+        .explicit
+        .iter()
+        .filter(|f| !FLAGS_BESIDE_A_FILE.contains(&f.as_str()))
+        .map(|f| {
+            format!(
+                "--{}: the pipeline file {shown} configures the backend, engine and operator; \
+                 set it there ([backend], [engine], [operator]) instead of as a flag",
+                f.replace('_', "-")
+            )
+        })
+        .collect();
+    let file = match crate::toml_keys::parse::<PipelineFile>(&shown, &text) {
+        Ok(file) => file,
+        Err(more) => {
+            problems.extend(more);
+            return Err(BadConfig(problems).into());
+        }
+    };
+    let PipelineFile {
+        backend,
+        engine,
+        operator,
+        source,
+        sink,
+        dead_letter,
+        mapping,
+        delivery,
+    } = file;
+    let file = FileConfig {
+        backend,
+        engine,
+        operator,
+    };
+    let mut problems: Vec<String> = problems
+        .into_iter()
+        .chain(file.validate().into_iter().map(|p| format!("{shown}: {p}")))
+        .collect();
+    let mut more = Vec::new();
+    if let Some(s) = &source {
+        more.extend(s.validate("source"));
+    }
+    if let Some(s) = &sink {
+        more.extend(s.validate("sink"));
+    }
+    if let Some(s) = &dead_letter {
+        more.extend(s.validate("dead_letter"));
+    }
+    if mapping.max_record_bytes == Some(0) {
+        more.push("mapping.max_record_bytes: must be > 0".into());
+    }
+    if delivery.excerpt_bytes == Some(0) {
+        more.push("delivery.excerpt_bytes: must be > 0".into());
+    }
+    if delivery.max_outage_s == Some(0) {
+        more.push("delivery.max_outage_s: must be > 0 (leave it out to wait indefinitely)".into());
+    }
+    if file.operator.order.as_deref() == Some("partition")
+        && !matches!(source, Some(SourceConfig::Kafka(_)))
+    {
+        more.push(
+            "operator.order: `partition` needs a partitioned source (kind = \"kafka\")".into(),
+        );
+    }
+    problems.extend(more.into_iter().map(|p| format!("{shown}: {p}")));
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let o = &file.operator;
+    let key = match o.order.as_deref() {
+        Some("keyed") => o.key_field.clone().map(KeyBy::Field),
+        Some("partition") => Some(KeyBy::Partition),
+        _ => None,
+    };
+    let operator = OperatorConfig {
+        order: match o.order.as_deref() {
+            Some("ordered") => OrderMode::Ordered,
+            Some("keyed") | Some("partition") => OrderMode::Keyed,
+            _ => OrderMode::Unordered,
+        },
+        capacity: o.capacity.unwrap_or(1_000),
+        timeout: match o.timeout_ms {
+            Some(0) => None,
+            t => Some(Duration::from_millis(t.unwrap_or(60_000))),
+        },
+    };
+    Ok(Setup {
+        engine: file.engine("backend"),
+        key,
+        operator,
+        source: source.unwrap_or(SourceConfig::Stdin),
+        sink: match &args.output {
+            Some(p) => file_sink(p),
+            None => sink.unwrap_or(SinkConfig::Stdout),
+        },
+        dead_letter: match &args.dead_letter {
+            Some(p) => Some(file_sink(p)),
+            None => dead_letter,
+        },
+        // A flag given beside the file wins over the file.
+        field: args.field.clone().or(mapping.input),
+        output_field: match mapping.output {
+            Some(o) if !given(args, "output_field") => o,
+            _ => args.output_field.clone(),
+        },
+        max_record_bytes: match mapping.max_record_bytes {
+            Some(m) if !given(args, "max_record_bytes") => m,
+            _ => args.max_record_bytes,
+        },
+        delivery: Delivery {
+            excerpt_bytes: match delivery.excerpt_bytes {
+                Some(e) if !given(args, "excerpt_bytes") => e,
+                _ => args.excerpt_bytes,
+            },
+            quarantine: match delivery.quarantine {
+                Some(q) if !given(args, "quarantine") => q,
+                _ => args.quarantine.clone(),
+            },
+            patience: Patience {
+                max_outage: args
+                    .max_outage_s
+                    .or(delivery.max_outage_s)
+                    .map(Duration::from_secs),
+            },
+        },
+        backend: file.backend,
+    })
+}
+
+/// A file sink named by a flag; its mode follows the source (see [`FileMode`]).
+pub(super) fn file_sink(path: &std::path::Path) -> SinkConfig {
+    SinkConfig::File {
+        path: path.to_owned(),
+        mode: None,
+    }
+}
+
+pub(super) fn source_of_flags(args: &RunArgs) -> SourceConfig {
+    match &args.input {
+        None => SourceConfig::Stdin,
+        Some(p) if p.as_os_str() == "-" => SourceConfig::Stdin,
+        Some(p) => SourceConfig::File { path: p.clone() },
+    }
+}
+
+pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
+    let mut problems = Vec::new();
+    if args.capacity == 0 {
+        problems.push("--capacity: must be > 0".to_owned());
+    }
+    if args.max_attempts == 0 {
+        problems.push("--max-attempts: must be > 0".to_owned());
+    }
+    if args.attempt_timeout_ms == Some(0) {
+        problems.push("--attempt-timeout-ms: must be > 0".to_owned());
+    }
+    if args.max_batch == Some(0) {
+        problems.push("--max-batch: must be > 0".to_owned());
+    }
+    if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
+        problems.push("--order keyed: needs --key-field".to_owned());
+    }
+    if args.max_record_bytes == 0 {
+        problems.push("--max-record-bytes: must be > 0".to_owned());
+    }
+    problems.extend(delivery_problems(args));
+    let backend = match args.backend {
+        BackendKind::Sim => BackendConfig::Sim(args.sim.section(&mut problems)),
+        BackendKind::Embedded => BackendConfig::Embedded(EmbeddedSection {
+            dir: args.embedded.model_dir.clone(),
+            threads: args.embedded.model_threads,
+            offline: args.embedded.offline,
+            ..EmbeddedSection::default()
+        }),
+    };
+    problems.extend(
+        backend
+            .validate("backend")
+            .into_iter()
+            .map(|p| p.replace("backend.kind", "--backend")),
+    );
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let engine = EngineConfig {
+        name: match args.backend {
+            BackendKind::Sim => "sim".into(),
+            BackendKind::Embedded => "embedded".into(),
+        },
+        batch: BatchConfig {
+            max_items: args.max_batch,
+            max_wait: args.max_wait_ms.map(Duration::from_millis),
+            ..BatchConfig::default()
+        },
+        concurrency: args.concurrency.clone(),
+        retry: RetryConfig {
+            max_attempts: args.max_attempts,
+            ..RetryConfig::default()
+        },
+        attempt_timeout: args.attempt_timeout_ms.map(Duration::from_millis),
+        ..EngineConfig::default()
+    };
+    let operator = OperatorConfig {
+        order: match args.order {
+            Order::Unordered => OrderMode::Unordered,
+            Order::Ordered => OrderMode::Ordered,
+            Order::Keyed => OrderMode::Keyed,
+        },
+        capacity: args.capacity,
+        timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
+    };
+    Ok(Setup {
+        backend,
+        engine,
+        operator,
+        key: match args.order {
+            Order::Keyed => args.key_field.clone().map(KeyBy::Field),
+            _ => None,
+        },
+        source: source_of_flags(args),
+        sink: args.output.as_deref().map_or(SinkConfig::Stdout, file_sink),
+        dead_letter: args.dead_letter.as_deref().map(file_sink),
+        field: args.field.clone(),
+        output_field: args.output_field.clone(),
+        max_record_bytes: args.max_record_bytes,
+        delivery: Delivery {
+            excerpt_bytes: args.excerpt_bytes,
+            quarantine: args.quarantine.clone(),
+            patience: Patience {
+                max_outage: args.max_outage_s.map(Duration::from_secs),
+            },
+        },
+    })
+}
+
+pub(super) fn delivery_problems(args: &RunArgs) -> Vec<String> {
+    let mut problems = Vec::new();
+    if args.excerpt_bytes == 0 {
+        problems.push("--excerpt-bytes: must be > 0".to_owned());
+    }
+    if args.max_outage_s == Some(0) {
+        problems.push("--max-outage-s: must be > 0 (leave it out to wait indefinitely)".to_owned());
+    }
+    problems
+}
+
+/// Which input: `--config`, else the positional input when it is a pipeline file —
+/// named `*.toml`, or TOML with a `[backend]` table (a JSONL file never parses as
+/// such) — else none (the input is JSONL).
+pub(super) fn pipeline_path(args: &RunArgs) -> Option<PathBuf> {
+    if let Some(c) = &args.config {
+        return Some(c.clone());
+    }
+    let input = args.input.as_ref().filter(|p| p.as_os_str() != "-")?;
+    if input.extension().is_some_and(|e| e == "toml") {
+        return Some(input.clone());
+    }
+    let small = std::fs::metadata(input).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20);
+    let text = small
+        .then(|| std::fs::read_to_string(input).ok())
+        .flatten()?;
+    let table = text.parse::<toml::Table>().ok()?;
+    table
+        .get("backend")
+        .is_some_and(toml::Value::is_table)
+        .then(|| input.clone())
+}
