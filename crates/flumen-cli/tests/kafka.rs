@@ -187,10 +187,11 @@ fn pipeline(name: &str, text: &str) -> PathBuf {
 type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// A worker whose stderr lines are collected.
-fn logged_worker(config: &std::path::Path) -> (Killed, Log) {
+fn logged_worker(config: &std::path::Path, extra: &[&str]) -> (Killed, Log) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
         .args(["run", config.to_str().unwrap(), "--quiet"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -379,7 +380,7 @@ async fn two_workers_in_one_group_share_the_partitions() {
         "b.toml",
         &config(&brokers, "g-share", "out-b", sim, "capacity = 500"),
     );
-    let ((wa, la), (wb, lb)) = (logged_worker(&a), logged_worker(&b));
+    let ((wa, la), (wb, lb)) = (logged_worker(&a, &[]), logged_worker(&b, &[]));
 
     // Wait until the workers' latest assignments split the 4 partitions between them,
     // so the split is settled before the first record exists.
@@ -420,6 +421,20 @@ async fn two_workers_in_one_group_share_the_partitions() {
     assert!(sa.is_disjoint(&sb), "no record processed by both");
     assert_eq!(sa.len() + sb.len(), N, "together they cover the input");
     assert_eq!(out_a.len() + out_b.len(), N, "and nothing twice");
+}
+
+/// `GET /metrics` from a worker's metrics listener.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("metrics listener");
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body
 }
 
 /// One past the last offset of a partition (its high watermark).
@@ -741,18 +756,30 @@ async fn a_kafka_outage_of_ten_seconds_is_waited_out_and_nothing_is_lost() {
             "capacity = 200",
         ),
     );
-    let (mut w, log) = logged_worker(&cfg);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (mut w, log) = logged_worker(&cfg, &["--metrics-addr", &metrics]);
     let before = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
         v.len() >= 2_000
     });
     assert!(before.len() >= 2_000);
     proxy.pause().await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    // The outage is in the metrics while it lasts.
+    let gauge = scrape(&metrics)
+        .lines()
+        .filter(|l| l.starts_with("flumen_connector_outage_seconds{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         w.0.try_wait().unwrap().is_none(),
         "the worker waits out the outage"
     );
     proxy.resume().await;
+    assert!(
+        gauge > 0.0,
+        "flumen_connector_outage_seconds during the outage: {gauge}"
+    );
     let all = read_all(&brokers, "out", 1, Duration::from_secs(180), |v| {
         unique(v) >= N
     });

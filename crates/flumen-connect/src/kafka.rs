@@ -21,7 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 use crate::config::{KafkaSink as SinkConfig, KafkaSource as SourceConfig};
-use crate::outage::{Outage, Patience};
+use crate::outage::{deliver, Outage, Patience, Sent};
 use crate::tracker::Delivered;
 use crate::{
     AckToken, Committer, CommitterKind, ConnectError, Message, Refused, SinkRecord, Source,
@@ -493,49 +493,30 @@ impl KafkaSink {
     }
 
     pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<Vec<Refused>, ConnectError> {
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        let mut refused = Vec::new();
-        let mut outage: Option<Outage> = None;
-        loop {
+        let (producer, topic, what) = (&self.producer, &self.topic, &self.what);
+        let send = async |pending: &[usize]| {
             let sends = pending.iter().map(|&i| {
                 let r = &records[i];
-                let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).payload(&r.payload);
+                let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(&r.payload);
                 if let Some(k) = &r.key {
                     record = record.key(k);
                 }
-                self.producer
-                    .send(record, Timeout::After(Duration::from_secs(30)))
+                producer.send(record, Timeout::After(Duration::from_secs(30)))
             });
             let results = futures::future::join_all(sends).await;
-            let mut again = Vec::new();
-            let mut error = None;
-            for (&i, result) in pending.iter().zip(results) {
-                match result {
-                    Ok(_) => {}
-                    Err((e, _)) if refuses(&e) => refused.push(Refused {
-                        index: i,
-                        reason: format!("{} topic {}: {e}", self.what, self.topic),
-                    }),
-                    Err((e, _)) => {
-                        error = Some(e.to_string());
-                        again.push(i);
+            results
+                .into_iter()
+                .map(|result| match result {
+                    Ok(_) => Sent::Taken,
+                    Err((e, _)) if refuses(&e) => {
+                        Sent::Refused(format!("{what} topic {topic}: {e}"))
                     }
-                }
-            }
-            let Some(error) = error else {
-                if let Some(o) = outage {
-                    o.end();
-                }
-                refused.sort_by_key(|r| r.index);
-                return Ok(refused);
-            };
-            let o = outage.get_or_insert_with(|| {
-                Outage::begin(self.what.clone(), self.role, self.patience, &error)
-            });
-            o.wait(&error)
-                .await
-                .map_err(|e| ConnectError::Sink(format!("{e} (topic {})", self.topic)))?;
-            pending = again;
-        }
+                    Err((e, _)) => Sent::Failed(e.to_string()),
+                })
+                .collect()
+        };
+        deliver(records.len(), what, self.role, self.patience, send)
+            .await
+            .map_err(|e| ConnectError::Sink(format!("{e} (topic {topic})")))
     }
 }

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use futures::StreamExt;
 
 use crate::config::{NatsSink as SinkConfig, NatsSource as SourceConfig};
-use crate::outage::{Outage, Patience};
+use crate::outage::{deliver, Outage, Patience, Sent};
 use crate::{
     AckToken, Committer, CommitterKind, ConnectError, Message, Refused, SinkRecord, Source, Stopper,
 };
@@ -22,13 +22,24 @@ use crate::{
 /// How long one pull request waits for messages on an idle stream.
 const EXPIRES: Duration = Duration::from_secs(1);
 
+/// A server URL as logs show it: credentials (`nats://user:secret@host`) hidden.
+fn shown(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Connects, waiting out a server that cannot be reached (within `patience`).
 async fn connect(
     url: &str,
     role: &'static str,
     patience: Patience,
 ) -> Result<async_nats::Client, String> {
-    let what = format!("nats {url}");
+    let what = format!("nats {}", shown(url));
     let mut outage: Option<Outage> = None;
     loop {
         match async_nats::connect(url).await {
@@ -195,7 +206,7 @@ pub(crate) async fn source(
     capacity: usize,
     patience: Patience,
 ) -> Result<Source, ConnectError> {
-    let what = format!("nats {}", config.url);
+    let what = format!("nats {}", shown(&config.url));
     let fail = |e: String| ConnectError::Source(format!("{what}: {e}"));
     let client = connect(&config.url, "source", patience)
         .await
@@ -299,7 +310,7 @@ impl NatsSink {
         Ok(NatsSink {
             js: jetstream::new(client),
             subject: config.subject.clone(),
-            what: format!("nats {}", config.url),
+            what: format!("nats {}", shown(&config.url)),
             role,
             patience,
         })
@@ -308,59 +319,60 @@ impl NatsSink {
     /// Publishes, awaiting every acknowledgement; what failed for want of the server
     /// (a timeout, a lost connection, no stream yet) is published again once it is back.
     pub async fn write(&mut self, records: Vec<SinkRecord>) -> Result<Vec<Refused>, ConnectError> {
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        let mut refused = Vec::new();
-        let mut outage: Option<Outage> = None;
-        loop {
-            let mut acks = Vec::with_capacity(pending.len());
-            let mut again = Vec::new();
-            let mut error = None;
-            for &i in &pending {
-                let payload = records[i].payload.clone().into();
-                match self.js.publish(self.subject.clone(), payload).await {
-                    Ok(ack) => acks.push((i, ack)),
-                    Err(e) if refuses(e.kind()) => refused.push(Refused {
-                        index: i,
-                        reason: format!("{} subject {}: {e}", self.what, self.subject),
-                    }),
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        again.push(i);
+        let (js, subject, what) = (&self.js, &self.subject, &self.what);
+        let refused =
+            |e: &dyn std::fmt::Display| Sent::Refused(format!("{what} subject {subject}: {e}"));
+        let send = async |pending: &[usize]| {
+            // Publish all, then await the acknowledgements together.
+            let mut sent: Vec<Option<Sent>> = Vec::with_capacity(pending.len());
+            let mut acks = Vec::new();
+            for &i in pending {
+                match js
+                    .publish(subject.clone(), records[i].payload.clone().into())
+                    .await
+                {
+                    Ok(ack) => {
+                        acks.push((sent.len(), ack));
+                        sent.push(None);
                     }
+                    Err(e) if refuses(e.kind()) => sent.push(Some(refused(&e))),
+                    Err(e) => sent.push(Some(Sent::Failed(format!("subject {subject}: {e}")))),
                 }
             }
-            let (indices, acks): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+            let (slots, acks): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
             let answers = futures::future::join_all(
                 acks.into_iter().map(std::future::IntoFuture::into_future),
             )
             .await;
-            for (i, answer) in indices.into_iter().zip(answers) {
-                match answer {
-                    Ok(_) => {}
-                    Err(e) if refuses(e.kind()) => refused.push(Refused {
-                        index: i,
-                        reason: format!("{} subject {}: {e}", self.what, self.subject),
-                    }),
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        again.push(i);
-                    }
-                }
+            for (slot, answer) in slots.into_iter().zip(answers) {
+                sent[slot] = Some(match answer {
+                    Ok(_) => Sent::Taken,
+                    Err(e) if refuses(e.kind()) => refused(&e),
+                    Err(e) => Sent::Failed(format!("subject {subject}: {e}")),
+                });
             }
-            let Some(error) = error else {
-                if let Some(o) = outage {
-                    o.end();
-                }
-                refused.sort_by_key(|r| r.index);
-                return Ok(refused);
-            };
-            let error = format!("subject {}: {error}", self.subject);
-            let o = outage.get_or_insert_with(|| {
-                Outage::begin(self.what.clone(), self.role, self.patience, &error)
-            });
-            o.wait(&error).await.map_err(ConnectError::Sink)?;
-            again.sort_unstable();
-            pending = again;
-        }
+            sent.into_iter()
+                .map(|s| s.expect("every slot answered"))
+                .collect()
+        };
+        deliver(records.len(), what, self.role, self.patience, send)
+            .await
+            .map_err(ConnectError::Sink)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(
+            super::shown("nats://user:s3cret@10.0.0.1:4222"),
+            "nats://***@10.0.0.1:4222"
+        );
+        assert_eq!(super::shown("tls://token@host:4222"), "tls://***@host:4222");
+        assert_eq!(
+            super::shown("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
     }
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::Refused;
+
 /// How long a source or sink waits for a broker that cannot be reached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Patience {
@@ -111,9 +113,106 @@ impl Outage {
     }
 }
 
+/// What one send of a record to a broker came to.
+pub(crate) enum Sent {
+    /// The broker has it.
+    Taken,
+    /// The broker will never take it (too large): the reason.
+    Refused(String),
+    /// Not taken this time (unreachable, timed out): the error.
+    Failed(String),
+}
+
+/// Sends records `0..n` until each is taken or refused: `send` tries the indices it is
+/// given and answers for each, in order; those that failed are sent again once the
+/// outage's backoff has passed (`Err` once `patience` runs out). Returns the refused.
+pub(crate) async fn deliver(
+    n: usize,
+    what: &str,
+    role: &'static str,
+    patience: Patience,
+    mut send: impl AsyncFnMut(&[usize]) -> Vec<Sent>,
+) -> Result<Vec<Refused>, String> {
+    let mut pending: Vec<usize> = (0..n).collect();
+    let mut refused = Vec::new();
+    let mut outage: Option<Outage> = None;
+    loop {
+        let mut again = Vec::new();
+        let mut error = None;
+        for (&index, sent) in pending.iter().zip(send(&pending).await) {
+            match sent {
+                Sent::Taken => {}
+                Sent::Refused(reason) => refused.push(Refused { index, reason }),
+                Sent::Failed(e) => {
+                    error = Some(e);
+                    again.push(index);
+                }
+            }
+        }
+        let Some(error) = error else {
+            if let Some(o) = outage {
+                o.end();
+            }
+            refused.sort_by_key(|r| r.index);
+            return Ok(refused);
+        };
+        let o =
+            outage.get_or_insert_with(|| Outage::begin(what.to_owned(), role, patience, &error));
+        o.wait(&error).await?;
+        pending = again;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn records_that_failed_are_sent_again_and_refused_ones_are_not() {
+        // Record 1 fails twice, then is taken; record 2 is refused; 0 and 3 go at once.
+        let mut tries = [0; 4];
+        let mut sends = Vec::new();
+        let refused = deliver(
+            4,
+            "kafka x",
+            "sink",
+            Patience::default(),
+            async |pending: &[usize]| {
+                sends.push(pending.to_vec());
+                pending
+                    .iter()
+                    .map(|&i| {
+                        tries[i] += 1;
+                        match (i, tries[i]) {
+                            (1, 1 | 2) => Sent::Failed("down".into()),
+                            (2, _) => Sent::Refused("too large".into()),
+                            _ => Sent::Taken,
+                        }
+                    })
+                    .collect()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(sends, vec![vec![0, 1, 2, 3], vec![1], vec![1]]);
+        assert_eq!(
+            refused,
+            vec![Refused {
+                index: 2,
+                reason: "too large".into()
+            }]
+        );
+        // With a limit, a record that never goes through ends the wait with the error.
+        let patience = Patience {
+            max_outage: Some(Duration::from_secs(3)),
+        };
+        let err = deliver(1, "nats y", "sink", patience, async |p: &[usize]| {
+            p.iter().map(|_| Sent::Failed("no stream".into())).collect()
+        })
+        .await
+        .unwrap_err();
+        assert!(err.contains("nats y") && err.contains("no stream"), "{err}");
+    }
 
     #[test]
     fn backoff_doubles_to_a_cap() {

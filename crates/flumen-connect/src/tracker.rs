@@ -114,9 +114,7 @@ mod tests {
         for o in 10..15 {
             t.delivered(0, o);
         }
-        assert_eq!(t.delivered(1, 0), Delivered::First);
-        assert_eq!(t.delivered(1, 3), Delivered::After(1, 2));
-        t.done(1, 3);
+        t.delivered(1, 0);
         assert_eq!(t.to_commit(), vec![(0, 10), (1, 0)], "nothing done yet");
         t.done(0, 12);
         t.done(0, 11);
@@ -132,6 +130,16 @@ mod tests {
         t.forget(0);
         t.delivered(0, 3);
         assert_eq!(t.to_commit(), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn deliveries_are_told_first_next_or_after_a_gap() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.delivered(1, 5), Delivered::First);
+        assert_eq!(t.delivered(1, 6), Delivered::Next);
+        assert_eq!(t.delivered(1, 9), Delivered::After(7, 8));
+        t.forget(1);
+        assert_eq!(t.delivered(1, 2), Delivered::First, "after a revocation");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use flumen_connect::{AckToken, ConnectError, FileMode, Sink, SinkRecord, Source};
+use flumen_connect::{AckToken, FileMode, Sink, SinkRecord, Source};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     AimdConfig, ConcurrencyConfig, Engine, GradientConfig, InferExt, OrderMode, Outcome,
@@ -24,10 +24,8 @@ use crate::progress::{Progress, Snapshot};
 mod records;
 mod setup;
 
-use records::{
-    dead_letter, failure_line, key_of, model_input, parse_line, quarantined, success_line,
-};
-use records::{Outgoing, Quarantine};
+use records::{failure_line, key_of, model_input, parse_line, success_line};
+use records::{Outgoing, Quarantine, Writers, Written};
 use setup::{from_file, from_flags, pipeline_path};
 
 /// Options of `flumen run`.
@@ -345,21 +343,23 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     } else {
         FileMode::Truncate
     };
-    let mut sink = Sink::open(&setup.sink, "sink", mode, patience)
-        .await?
-        .syncing(durable);
-    let mut dead = match &setup.dead_letter {
-        Some(c) => Some(
-            Sink::open(c, "dead_letter", mode, patience)
-                .await?
-                .syncing(durable),
-        ),
-        None => None,
-    };
-    let mut quarantine = Quarantine {
-        path: setup.delivery.quarantine.clone(),
-        sync: durable,
-        sink: None,
+    let mut writers = Writers {
+        sink: Sink::open(&setup.sink, "sink", mode, patience)
+            .await?
+            .syncing(durable),
+        dead: match &setup.dead_letter {
+            Some(c) => Some(
+                Sink::open(c, "dead_letter", mode, patience)
+                    .await?
+                    .syncing(durable),
+            ),
+            None => None,
+        },
+        quarantine: Quarantine {
+            path: setup.delivery.quarantine.clone(),
+            sync: durable,
+            sink: None,
+        },
     };
     let excerpt_bytes = setup.delivery.excerpt_bytes;
     let Source {
@@ -442,7 +442,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                         .unwrap_or(0);
                     tally.failed[k] += 1;
                     let doc = failure_line(&record, &failure, excerpt_bytes);
-                    if dead.is_some() {
+                    if writers.dead.is_some() {
                         out.letter(key, doc);
                     } else {
                         out.outputs.push(SinkRecord {
@@ -456,10 +456,12 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             tokens.push(std::mem::replace(&mut record.token, AckToken::None));
             lines.push(record);
         }
-        let keys: Vec<Option<Vec<u8>>> = out.outputs.iter().map(|r| r.key.clone()).collect();
-        let refused = match sink.write(std::mem::take(&mut out.outputs)).await {
-            Ok(refused) => refused,
-            Err(ConnectError::Closed(_)) => {
+        match writers.write(out, &lines, excerpt_bytes, &mut tally).await {
+            Ok(Written::All) => committer
+                .done(tokens)
+                .await
+                .context("cannot acknowledge the source")?,
+            Ok(Written::ReaderGone) => {
                 // `| head`: the reader has what it wanted; end quietly, as Unix tools do.
                 stopper.stop();
                 return Ok(ExitCode::SUCCESS);
@@ -467,52 +469,9 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             Err(e) => {
                 // Not acknowledged: redelivered (NATS: after a short delay).
                 committer.failed(tokens, Duration::from_secs(1)).await;
-                return Err(anyhow::Error::from(e).context("cannot write the output"));
-            }
-        };
-        let mut quarantine_docs = Vec::new();
-        for r in refused {
-            let (i, failure_doc) = (out.behind[r.index].0, out.behind[r.index].1.take());
-            metrics::counter!("flumen_sink_refused_total", "sink" => "sink").increment(1);
-            match failure_doc {
-                // A failure the sink refused (no dead-letter sink): nowhere else to go.
-                Some(doc) => {
-                    tally.quarantined += 1;
-                    quarantine_docs.push(quarantined(doc, &r.reason));
-                }
-                None => {
-                    tally.ok -= 1;
-                    tally.refused += 1;
-                    let doc = dead_letter(&lines[i], "sink_refused", &r.reason, 0, excerpt_bytes);
-                    out.letter(keys[r.index].clone(), doc);
-                }
+                return Err(e);
             }
         }
-        let letters = std::mem::take(&mut out.letters);
-        let refused = match dead.as_mut().unwrap_or(&mut sink).write(letters).await {
-            Ok(refused) => refused,
-            Err(ConnectError::Closed(_)) => {
-                stopper.stop();
-                return Ok(ExitCode::SUCCESS);
-            }
-            Err(e) => {
-                committer.failed(tokens, Duration::from_secs(1)).await;
-                return Err(anyhow::Error::from(e).context("cannot write the dead-letter output"));
-            }
-        };
-        for r in refused {
-            metrics::counter!("flumen_sink_refused_total", "sink" => "dead_letter").increment(1);
-            tally.quarantined += 1;
-            quarantine_docs.push(quarantined(out.letter_docs[r.index].take(), &r.reason));
-        }
-        if let Err(e) = quarantine.write(quarantine_docs).await {
-            committer.failed(tokens, Duration::from_secs(1)).await;
-            return Err(e);
-        }
-        committer
-            .done(tokens)
-            .await
-            .context("cannot acknowledge the source")?;
         progress.tick(done_bytes, || {
             let stats = engine.stats();
             Snapshot {
@@ -572,7 +531,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 format!(
                     "; {} dead letters quarantined in {}",
                     tally.quarantined,
-                    quarantine.path.display()
+                    writers.quarantine.path.display()
                 )
             } else {
                 String::new()

@@ -5,11 +5,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use flumen_connect::{AckToken, FileMode, Patience, Sink, SinkConfig, SinkRecord};
+use flumen_connect::{
+    AckToken, ConnectError, FileMode, Patience, Refused, Sink, SinkConfig, SinkRecord,
+};
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
 use super::setup::KeyBy;
+use super::Tally;
 
 /// One record from the source: where it came from, what it holds, when it was read,
 /// and the token that acknowledges it once its outcome is written.
@@ -95,7 +98,7 @@ pub(super) fn success_line(line: &Line, output_field: &str, prediction: Value) -
 /// A dead letter: where the record came from, its size, the record itself when it is
 /// at most `excerpt_bytes` long (else its first `excerpt_bytes` as `excerpt`), and why
 /// it failed (`kind`: an [`ErrorKind`], or `sink_refused`).
-pub(super) fn dead_letter(
+fn dead_letter(
     line: &Line,
     kind: &str,
     message: &str,
@@ -218,7 +221,83 @@ impl Outgoing {
 }
 
 /// A refused dead letter, for the quarantine file: the letter and why it was refused.
-pub(super) fn quarantined(mut doc: Value, reason: &str) -> Value {
+fn quarantined(mut doc: Value, reason: &str) -> Value {
     doc["quarantined"] = reason.into();
     doc
+}
+
+/// Where a run's outcomes go.
+pub(super) struct Writers {
+    pub(super) sink: Sink,
+    /// Failures go here when there is one, else to `sink`.
+    pub(super) dead: Option<Sink>,
+    pub(super) quarantine: Quarantine,
+}
+
+/// How a chunk's write ended.
+pub(super) enum Written {
+    /// Every record's outcome is durable somewhere: it may be acknowledged.
+    All,
+    /// The reader of stdout went away.
+    ReaderGone,
+}
+
+/// A sink's answer, with a closed stdout told apart.
+fn wrote(result: Result<Vec<Refused>, ConnectError>, what: &str) -> Result<Option<Vec<Refused>>> {
+    match result {
+        Ok(refused) => Ok(Some(refused)),
+        Err(ConnectError::Closed(_)) => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot write the {what}"))),
+    }
+}
+
+impl Writers {
+    /// Writes one chunk: its outputs to the sink; its dead letters, with a dead letter
+    /// for each output the sink refused, to the dead-letter sink (or the sink); the
+    /// dead letters refused there to the quarantine file. On `Ok(Written::All)` every
+    /// record of `lines` has its outcome in exactly one of them; on an error nothing
+    /// may be acknowledged.
+    pub(super) async fn write(
+        &mut self,
+        mut out: Outgoing,
+        lines: &[Line],
+        excerpt_bytes: usize,
+        tally: &mut Tally,
+    ) -> Result<Written> {
+        let keys: Vec<Option<Vec<u8>>> = out.outputs.iter().map(|r| r.key.clone()).collect();
+        let outputs = std::mem::take(&mut out.outputs);
+        let Some(refused) = wrote(self.sink.write(outputs).await, "output")? else {
+            return Ok(Written::ReaderGone);
+        };
+        let mut quarantine = Vec::new();
+        for r in refused {
+            metrics::counter!("flumen_sink_refused_total", "sink" => "sink").increment(1);
+            let (i, failure) = (out.behind[r.index].0, out.behind[r.index].1.take());
+            match failure {
+                // A failure the sink refused (no dead-letter sink): nowhere else to go.
+                Some(doc) => {
+                    tally.quarantined += 1;
+                    quarantine.push(quarantined(doc, &r.reason));
+                }
+                None => {
+                    tally.ok -= 1;
+                    tally.refused += 1;
+                    let doc = dead_letter(&lines[i], "sink_refused", &r.reason, 0, excerpt_bytes);
+                    out.letter(keys[r.index].clone(), doc);
+                }
+            }
+        }
+        let letters = std::mem::take(&mut out.letters);
+        let to = self.dead.as_mut().unwrap_or(&mut self.sink);
+        let Some(refused) = wrote(to.write(letters).await, "dead-letter output")? else {
+            return Ok(Written::ReaderGone);
+        };
+        for r in refused {
+            metrics::counter!("flumen_sink_refused_total", "sink" => "dead_letter").increment(1);
+            tally.quarantined += 1;
+            quarantine.push(quarantined(out.letter_docs[r.index].take(), &r.reason));
+        }
+        self.quarantine.write(quarantine).await?;
+        Ok(Written::All)
+    }
 }
