@@ -164,6 +164,9 @@ fn main() -> ExitCode {
             .block_on(flumen_gateway::serve::serve(&config))
             .map(|()| ExitCode::SUCCESS),
     };
+    // Not waiting for what cannot be cancelled (a read of stdin blocks until a line
+    // comes): an interrupted `flumen run` on a terminal exits at once.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<flumen_gateway::BadConfig>().is_some() => {

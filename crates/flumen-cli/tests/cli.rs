@@ -525,7 +525,7 @@ fn a_second_signal_exits_at_once() {
         std::thread::sleep(Duration::from_millis(50));
         waited += Duration::from_millis(50);
     };
-    assert_eq!(status.code(), Some(130));
+    assert_eq!(status.code(), Some(143), "128 + SIGTERM");
     while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
         err.push_str(&line);
     }
@@ -564,10 +564,32 @@ fn flags_that_a_pipeline_file_configures_are_refused_beside_it() {
             "keyed",
             "--backend",
             "embedded",
+            "--excerpt-bytes",
+            "0",
         ],
         b"",
     );
-    common::names_every_problem(&out, &["--capacity", "--order", "--backend", "refuse.toml"]);
+    common::names_every_problem(
+        &out,
+        &[
+            "--capacity",
+            "--order",
+            "--backend",
+            "refuse.toml",
+            "--excerpt-bytes: must be > 0",
+        ],
+    );
+    // An input beside --config would be ignored for the file's [source]: refused.
+    let out = flumen(
+        &[
+            "run",
+            "--config",
+            pipe.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ],
+        b"",
+    );
+    common::names_every_problem(&out, &["an input beside --config"]);
     // Those that say where records go are applied, and win over the file.
     let out = flumen(
         &[

@@ -43,6 +43,9 @@ fn offsets(topic: &str, points: Vec<(i32, i64)>) -> TopicPartitionList {
 /// assignment on stderr, where operators (and the scale-out test) look for it.
 struct Rebalancing {
     tracker: Arc<Mutex<crate::OffsetTracker>>,
+    /// Held around every commit, so that two (the background task's and this one's)
+    /// never race and land out of order.
+    commit_lock: Arc<Mutex<()>>,
     topic: String,
 }
 
@@ -52,22 +55,29 @@ impl ConsumerContext for Rebalancing {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-            // Everything committable now, revoked partitions or not: `to_commit` marks
-            // every point it returns as handed out, so none may be dropped here.
+            // Everything committable now, revoked partitions or not; marked committed
+            // only if the broker takes it (else the background task tries again).
+            let serial = self.commit_lock.lock().expect("commit lock");
+            let points = self.tracker.lock().expect("tracker lock").moved();
+            if !points.is_empty() {
+                match consumer.commit(&offsets(&self.topic, points.clone()), CommitMode::Sync) {
+                    Ok(()) => self
+                        .tracker
+                        .lock()
+                        .expect("tracker lock")
+                        .committed(&points),
+                    Err(e) => eprintln!(
+                        "flumen: kafka {}: commit before revocation failed: {e}",
+                        self.topic
+                    ),
+                }
+            }
+            drop(serial);
             let mut tracker = self.tracker.lock().expect("tracker lock");
-            let commit = offsets(&self.topic, tracker.to_commit());
             for p in &revoked {
                 tracker.forget(*p);
             }
             drop(tracker);
-            if commit.count() > 0 {
-                if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                    eprintln!(
-                        "flumen: kafka {}: commit before revocation failed: {e}",
-                        self.topic
-                    );
-                }
-            }
             eprintln!(
                 "flumen: kafka {}: revoked partitions {revoked:?}",
                 self.topic
@@ -103,6 +113,8 @@ struct SourceState {
     patience: Patience,
     started: Instant,
     waiting_reported: Option<Instant>,
+    /// Errors the broker answered through are reported at most every 10 s.
+    quiet_until: Option<Instant>,
 }
 
 impl SourceState {
@@ -192,10 +204,14 @@ impl SourceState {
             .unwrap_or_else(|e| panic!("metadata probe panicked: {e}"));
             match (probe, outage.as_mut()) {
                 (Ok(()), None) => {
-                    eprintln!(
-                        "flumen: {}: {error}; the broker answers, going on",
-                        self.what
-                    );
+                    let now = Instant::now();
+                    if self.quiet_until.is_none_or(|t| now >= t) {
+                        self.quiet_until = Some(now + Duration::from_secs(10));
+                        eprintln!(
+                            "flumen: {}: {error}; the broker answers, going on",
+                            self.what
+                        );
+                    }
                     return Ok(());
                 }
                 (Ok(()), Some(_)) => {
@@ -233,8 +249,10 @@ pub(crate) fn source(config: &SourceConfig, patience: Patience) -> Result<Source
         client.set(k, v);
     }
     let tracker = Arc::new(Mutex::new(crate::OffsetTracker::default()));
+    let commit_lock = Arc::new(Mutex::new(()));
     let context = Rebalancing {
         tracker: Arc::clone(&tracker),
+        commit_lock: Arc::clone(&commit_lock),
         topic: config.topic.clone(),
     };
     let consumer: StreamConsumer<Rebalancing> = client
@@ -253,6 +271,7 @@ pub(crate) fn source(config: &SourceConfig, patience: Patience) -> Result<Source
         patience,
         started: Instant::now(),
         waiting_reported: None,
+        quiet_until: None,
     };
     let messages = futures::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
@@ -265,6 +284,7 @@ pub(crate) fn source(config: &SourceConfig, patience: Patience) -> Result<Source
     let shared = Arc::new(Commits {
         consumer,
         tracker,
+        commit_lock,
         topic: config.topic.clone(),
         what,
     });
@@ -287,9 +307,14 @@ pub(crate) fn source(config: &SourceConfig, patience: Patience) -> Result<Source
 struct Commits {
     consumer: Arc<StreamConsumer<Rebalancing>>,
     tracker: Arc<Mutex<crate::OffsetTracker>>,
+    commit_lock: Arc<Mutex<()>>,
     topic: String,
     what: String,
 }
+
+/// How long one commit is waited for (librdkafka holds a manual commit back while it
+/// has no group coordinator).
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 impl Commits {
     /// Commits every partition whose commit point moved, and waits for the broker's
@@ -302,10 +327,24 @@ impl Commits {
         }
         let this = Arc::clone(self);
         let list = offsets(&self.topic, points.clone());
-        let result =
-            tokio::task::spawn_blocking(move || this.consumer.commit(&list, CommitMode::Sync))
-                .await
-                .unwrap_or_else(|e| panic!("commit panicked: {e}"));
+        let commit = tokio::task::spawn_blocking(move || {
+            let _serial = this.commit_lock.lock().expect("commit lock");
+            this.consumer.commit(&list, CommitMode::Sync)
+        });
+        let result = match tokio::time::timeout(COMMIT_WAIT, commit).await {
+            Ok(joined) => joined.unwrap_or_else(|e| panic!("commit panicked: {e}")),
+            Err(_) => {
+                return Err(CommitFailed {
+                    not_a_member: false,
+                    error: ConnectError::Commit(format!(
+                        "{} {}: no answer in {} s",
+                        self.what,
+                        self.topic,
+                        COMMIT_WAIT.as_secs()
+                    )),
+                })
+            }
+        };
         match result {
             Ok(()) => {
                 self.tracker
@@ -364,14 +403,6 @@ impl KafkaCommitter {
                 t.done(partition, offset);
             }
         }
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.shared
-            .tracker
-            .lock()
-            .expect("tracker lock")
-            .in_flight()
     }
 
     /// The final commit, retried while the broker is away (within `patience`, and
@@ -475,9 +506,9 @@ impl KafkaSink {
         client
             .set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
-            // A delivery not confirmed in 10 s is sent again (and the outage reported):
+            // A delivery not confirmed in 5 s is sent again (and the outage reported):
             // the wait itself is bounded by `patience`, not by librdkafka.
-            .set("message.timeout.ms", "10000");
+            .set("message.timeout.ms", "5000");
         for (k, v) in &config.properties {
             client.set(k, v);
         }

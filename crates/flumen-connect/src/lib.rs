@@ -5,8 +5,8 @@
 //!
 //! - [`Source`]: JSONL from a file or stdin; Kafka (feature `kafka`: a consumer group,
 //!   offsets committed by hand, contiguously per partition, see [`OffsetTracker`]);
-//!   NATS JetStream (feature `nats`: a durable pull consumer, explicit acks,
-//!   `max_ack_pending` = the pipeline's capacity so backpressure reaches the server).
+//!   NATS JetStream (feature `nats`: a durable pull consumer, explicit acks, batches
+//!   pulled only when the pipeline wants more; unstarted ones nak'ed on a stop).
 //! - [`Sink`]: JSONL to a file or stdout (flushed; files synced to disk when the
 //!   source acknowledges, see [`Sink::syncing`]); Kafka (acks = all, every delivery
 //!   awaited); NATS JetStream (every publish acknowledgement awaited).
@@ -259,15 +259,6 @@ impl Committer {
     /// (see [`Sink::syncing`]).
     pub fn acknowledges(&self) -> bool {
         !matches!(self.inner, CommitterKind::None)
-    }
-
-    /// Records delivered and not yet acknowledged (known for Kafka only).
-    pub fn in_flight(&self) -> Option<usize> {
-        match &self.inner {
-            #[cfg(feature = "kafka")]
-            CommitterKind::Kafka(k) => Some(k.in_flight()),
-            _ => None,
-        }
     }
 
     /// Commits what is committable now, and waits for it (at the end of a run).

@@ -83,30 +83,59 @@ pub(crate) struct LinesSink {
 impl LinesSink {
     pub async fn file(path: &Path, mode: FileMode) -> Result<LinesSink, ConnectError> {
         let shown = path.display();
-        let file = match mode {
-            FileMode::Truncate => tokio::fs::File::create(path).await,
+        let fail =
+            |what: &str, e: std::io::Error| ConnectError::Sink(format!("{what} {shown}: {e}"));
+        let existed = tokio::fs::try_exists(path).await.unwrap_or(true);
+        // O_APPEND: every write lands at the end, whatever else has the file open.
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .await
+            .map_err(|e| fail("cannot open", e))?;
+        // One writer per file: two would interleave or cut each other's lines. The lock
+        // is taken before anything is cut, and held while the sink lives.
+        let file = file.into_std().await;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ConnectError::Sink(format!(
+                    "{shown} is being written by another sink (another flumen process, or \
+                     this run's sink, dead-letter sink or quarantine file): give each its own file"
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(fail("cannot lock", e)),
+        }
+        let mut file = tokio::fs::File::from_std(file);
+        match mode {
+            FileMode::Truncate => file
+                .set_len(0)
+                .await
+                .map_err(|e| fail("cannot truncate", e))?,
             FileMode::Append => {
-                let mut file = tokio::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)
-                    .await
-                    .map_err(|e| ConnectError::Sink(format!("cannot open {shown}: {e}")))?;
                 let torn = cut_torn_tail(&mut file)
                     .await
-                    .map_err(|e| ConnectError::Sink(format!("cannot repair {shown}: {e}")))?;
+                    .map_err(|e| fail("cannot repair", e))?;
                 if torn > 0 {
                     eprintln!(
                         "flumen: {shown}: cut a torn last line ({torn} bytes without a newline, \
                          left by an interrupted write and never acknowledged)"
                     );
                 }
-                Ok(file)
             }
         }
-        .map_err(|e| ConnectError::Sink(format!("cannot create {shown}: {e}")))?;
+        if !existed {
+            // The new file's name must survive a power loss too, not only its lines.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let dir = tokio::fs::File::open(dir)
+                    .await
+                    .map_err(|e| fail("cannot open the folder of", e))?;
+                dir.sync_all()
+                    .await
+                    .map_err(|e| fail("cannot sync the folder of", e))?;
+            }
+        }
         let handle = file
             .try_clone()
             .await
@@ -253,6 +282,24 @@ mod tests {
         let mut sink = LinesSink::file(&path, FileMode::Truncate).await.unwrap();
         sink.write(vec![record("{}")]).await.unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+        // A second writer on the same file is refused, and cuts nothing.
+        std::fs::write(&path, "{}\n{\"torn").unwrap();
+        let err = LinesSink::file(&path, FileMode::Append)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("another sink"), "{err}");
+        let err = LinesSink::file(&path, FileMode::Truncate)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("another sink"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n{\"torn");
+        drop(sink);
+        assert!(
+            LinesSink::file(&path, FileMode::Append).await.is_ok(),
+            "free again"
+        );
         std::fs::remove_file(&path).ok();
     }
 

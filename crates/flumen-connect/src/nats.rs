@@ -22,15 +22,19 @@ use crate::{
 /// How long one pull request waits for messages on an idle stream.
 const EXPIRES: Duration = Duration::from_secs(1);
 
-/// A server URL as logs show it: credentials (`nats://user:secret@host`) hidden.
-fn shown(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
+/// Server URLs as logs show them: credentials (`nats://user:secret@host`,
+/// `token@host`) hidden, in each of a comma-separated list.
+fn shown(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match url.rsplit_once('@') {
+            Some((before, host)) => match before.split_once("://") {
+                Some((scheme, _)) => format!("{scheme}://***@{host}"),
+                None => format!("***@{host}"),
+            },
             None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Connects, waiting out a server that cannot be reached (within `patience`).
@@ -149,17 +153,21 @@ impl Pulling {
         }
     }
 
+    /// Waits for the server (or a stop: then the loop hands back and ends).
     async fn wait(&mut self, error: &str) -> Result<(), ConnectError> {
-        wait_for_server(
+        let stopped = self.stopper.stopped();
+        let waited = wait_for_server(
             &self.client,
             &self.what,
             "source",
             self.patience,
             error,
             &mut self.quiet_until,
-        )
-        .await
-        .map_err(ConnectError::Source)
+        );
+        tokio::select! {
+            waited = waited => waited.map_err(ConnectError::Source),
+            _ = stopped => Ok(()),
+        }
     }
 
     fn message(&self, m: jetstream::Message) -> Message {
@@ -190,8 +198,9 @@ impl Pulling {
                 }
             }
         }
-        // Sent before the process exits.
-        let _ = self.client.flush().await;
+        // Sent before the process exits (not waited for past 2 s: without a server the
+        // messages come back after ack_wait anyway).
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
         if n > 0 {
             eprintln!(
                 "flumen: {}: handed back {n} messages not started, for redelivery now",
@@ -373,6 +382,11 @@ mod tests {
         assert_eq!(
             super::shown("nats://127.0.0.1:4222"),
             "nats://127.0.0.1:4222"
+        );
+        assert_eq!(super::shown("user:pw@host:4222"), "***@host:4222");
+        assert_eq!(
+            super::shown("nats://a:1,nats://u:p@b:2"),
+            "nats://a:1,nats://***@b:2"
         );
     }
 }

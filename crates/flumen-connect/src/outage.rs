@@ -139,7 +139,9 @@ pub(crate) async fn deliver(
     loop {
         let mut again = Vec::new();
         let mut error = None;
-        for (&index, sent) in pending.iter().zip(send(&pending).await) {
+        let answers = send(&pending).await;
+        assert_eq!(answers.len(), pending.len(), "one answer per record sent");
+        for (&index, sent) in pending.iter().zip(answers) {
             match sent {
                 Sent::Taken => {}
                 Sent::Refused(reason) => refused.push(Refused { index, reason }),

@@ -36,7 +36,7 @@ pub(crate) async fn kserve_ready(State(g): State<Shared>, Path(model): Path<Stri
 /// for one element per row, else an array).
 pub(crate) fn tensor_records(data: &[Value], rows: usize) -> Result<Vec<Value>, String> {
     let rows = rows.max(1);
-    if data.is_empty() || data.len() % rows != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(rows) {
         return Err(format!("{} elements do not fill {rows} rows", data.len()));
     }
     let per_row = data.len() / rows;

@@ -221,7 +221,7 @@ impl Batch {
 
     /// Splits the output's flat elements back into one value per record.
     pub(crate) fn split(self, flat: &[Value], results: &mut Slots) -> Result<(), BackendError> {
-        if flat.len() % self.rows.len() != 0 {
+        if !flat.len().is_multiple_of(self.rows.len()) {
             return Err(BackendError::permanent(format!(
                 "{} output elements do not split into {} rows",
                 flat.len(),

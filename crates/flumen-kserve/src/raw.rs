@@ -10,7 +10,7 @@ pub fn decode_raw(datatype: &str, raw: &[u8]) -> Result<Vec<Value>, BackendError
         raw: &[u8],
         f: impl Fn([u8; N]) -> Value,
     ) -> Result<Vec<Value>, BackendError> {
-        if raw.len() % N != 0 {
+        if !raw.len().is_multiple_of(N) {
             return Err(BackendError::permanent(format!(
                 "{} raw bytes are not a multiple of {N}",
                 raw.len()

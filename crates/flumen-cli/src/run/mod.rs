@@ -291,9 +291,9 @@ async fn first_signal(
     if !quiet {
         eprintln!("\nflumen: stopping: finishing the records in flight (again to exit at once)");
     }
-    signals.recv().await;
+    let again = signals.recv().await;
     eprintln!("flumen: exiting at once; unacknowledged records will be delivered again");
-    std::process::exit(130);
+    std::process::exit(again.exit_code().into());
 }
 
 /// Runs `flumen run`.
@@ -463,7 +463,11 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 .context("cannot acknowledge the source")?,
             Ok(Written::ReaderGone) => {
                 // `| head`: the reader has what it wanted; end quietly, as Unix tools do.
+                // This chunk goes back to a broker source; what was acknowledged is
+                // committed.
                 stopper.stop();
+                committer.failed(tokens, Duration::ZERO).await;
+                let _ = committer.close().await;
                 return Ok(ExitCode::SUCCESS);
             }
             Err(e) => {

@@ -155,6 +155,17 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
             )
         })
         .collect();
+    // Flags beside the file are checked as they would be alone.
+    problems.extend(delivery_problems(args));
+    if given(args, "max_record_bytes") && args.max_record_bytes == 0 {
+        problems.push("--max-record-bytes: must be > 0".to_owned());
+    }
+    if let (Some(_), Some(input)) = (&args.config, &args.input) {
+        problems.push(format!(
+            "{}: an input beside --config {shown}: the pipeline's [source] says where records come from",
+            input.display()
+        ));
+    }
     let file = match crate::toml_keys::parse::<PipelineFile>(&shown, &text) {
         Ok(file) => file,
         Err(more) => {
