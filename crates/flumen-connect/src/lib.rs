@@ -42,7 +42,7 @@ pub use rdkafka;
 pub use async_nats;
 
 pub use config::{FileMode, SinkConfig, SourceConfig};
-pub use outage::{Patience, OUTAGE_GAUGE};
+pub use outage::{Patience, OUTAGE_GAUGE, OUTAGE_STATE};
 pub use tracker::OffsetTracker;
 
 /// Why a source or sink failed.

@@ -1,6 +1,8 @@
 //! Waiting out a broker that cannot be reached: with backoff, saying so on stderr
 //! (the broker's address and how long so far) and in the metrics
-//! (`flumen_connector_outage_seconds{connector}`), up to [`Patience::max_outage`]
+//! (`flumen_connector_outage{connector}`: 1 while it lasts;
+//! `flumen_connector_outage_seconds{connector}`: its length at the last attempt), up
+//! to [`Patience::max_outage`]
 //! (default: indefinitely, as Kafka Connect and Flink do).
 
 use std::time::Duration;
@@ -17,8 +19,12 @@ pub struct Patience {
     pub max_outage: Option<Duration>,
 }
 
-/// The metrics gauge: seconds the current outage has lasted, 0 when connected.
+/// The metrics gauge: seconds the current outage had lasted at its last attempt, 0
+/// when connected.
 pub const OUTAGE_GAUGE: &str = "flumen_connector_outage_seconds";
+
+/// The metrics gauge: 1 while an outage lasts, 0 when connected.
+pub const OUTAGE_STATE: &str = "flumen_connector_outage";
 
 /// One outage of one connector, from its first failure to [`Outage::end`].
 pub(crate) struct Outage {
@@ -53,6 +59,7 @@ impl Outage {
         eprintln!("flumen: {what} ({role}): cannot reach the broker ({error}); waiting, {limit}");
         let now = Instant::now();
         metrics::gauge!(OUTAGE_GAUGE, "connector" => role).set(0.0);
+        metrics::gauge!(OUTAGE_STATE, "connector" => role).set(1.0);
         Outage {
             what,
             role,
@@ -75,6 +82,7 @@ impl Outage {
         metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(waited.as_secs_f64());
         if let Some(limit) = self.limit.filter(|l| waited >= *l) {
             metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(0.0);
+            metrics::gauge!(OUTAGE_STATE, "connector" => self.role).set(0.0);
             return Err(format!(
                 "{} ({}): unreachable for {:.1} s, longer than max_outage_s = {}: {error}",
                 self.what,
@@ -104,6 +112,7 @@ impl Outage {
     /// The broker answers again.
     pub(crate) fn end(self) {
         metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(0.0);
+        metrics::gauge!(OUTAGE_STATE, "connector" => self.role).set(0.0);
         eprintln!(
             "flumen: {} ({}): reachable again after {:.1} s",
             self.what,

@@ -3,7 +3,8 @@
 //! offset still in flight, or one past the last delivered when none is — so a commit
 //! never passes a record whose outcome is not yet written, and a restart resumes at
 //! the first unfinished record (records after it that did finish are seen again:
-//! at-least-once, duplicates bounded by what was in flight).
+//! at-least-once; the duplicates are what was delivered after the oldest unfinished
+//! record, usually about the pipeline's capacity, more behind a slow or retried one).
 
 use std::collections::{BTreeMap, BTreeSet};
 
