@@ -97,7 +97,7 @@ pub(super) fn success_line(line: &Line, output_field: &str, prediction: Value) -
 
 /// A dead letter: where the record came from, its size, the record itself when it is
 /// at most `excerpt_bytes` long (else its first `excerpt_bytes` as `excerpt`), and why
-/// it failed (`kind`: an [`ErrorKind`], or `sink_refused`).
+/// it failed (`kind`: an [`flumen_core::ErrorKind`], or `sink_refused`).
 fn dead_letter(
     line: &Line,
     kind: &str,

@@ -283,7 +283,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
     })
 }
 
-/// A file sink named by a flag; its mode follows the source (see [`FileMode`]).
+/// A file sink named by a flag; its mode follows the source (see [`flumen_connect::FileMode`]).
 pub(super) fn file_sink(path: &std::path::Path) -> SinkConfig {
     SinkConfig::File {
         path: path.to_owned(),
