@@ -65,10 +65,16 @@ pub fn free_port() -> std::io::Result<u16> {
     if span < 1000 {
         return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let start = std::process::id().wrapping_mul(7919) ^ nanos;
+    // One starting point per process, so that successive calls step through distinct
+    // ports (97 is prime, so the steps cover the span before any repeats); a start
+    // drawn per call could land two calls on the same port.
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(7919) ^ nanos
+    });
     for _ in 0..span {
         let step = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = low + start.wrapping_add(step.wrapping_mul(97)) % span;
