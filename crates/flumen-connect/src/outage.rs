@@ -226,6 +226,53 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_is_in_the_metrics_while_it_lasts() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let gauges = || -> Vec<(String, String, f64)> {
+            snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter_map(|(key, _, _, value)| match value {
+                    DebugValue::Gauge(g) => Some((
+                        key.key().name().to_owned(),
+                        key.key().labels().map(|l| l.value().to_owned()).collect(),
+                        g.into_inner(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            // Begun and waited on the runtime's paused clock.
+            let o = rt.block_on(async {
+                let mut o = Outage::begin("kafka b:1".into(), "sink", Patience::default(), "down");
+                assert!(gauges().contains(&(OUTAGE_STATE.into(), "sink".into(), 1.0)));
+                for _ in 0..4 {
+                    o.wait("down").await.unwrap();
+                }
+                o
+            });
+            // 100 + 200 + 400 ms of backoff had passed at the fourth attempt.
+            let length = gauges()
+                .into_iter()
+                .find(|(n, _, _)| n == OUTAGE_GAUGE)
+                .map(|(_, _, v)| v);
+            assert_eq!(length, Some(0.7));
+            o.end();
+            assert!(gauges().contains(&(OUTAGE_STATE.into(), "sink".into(), 0.0)));
+            assert!(gauges().contains(&(OUTAGE_GAUGE.into(), "sink".into(), 0.0)));
+        });
+    }
+
+    #[test]
     fn backoff_doubles_to_a_cap() {
         let got: Vec<u64> = (0..9).map(|a| backoff(a).as_millis() as u64).collect();
         assert_eq!(got, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
