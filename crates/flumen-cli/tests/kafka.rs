@@ -816,6 +816,8 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
     let mut b: Option<Killed> = None;
     let (mut kills, mut joins, mut leaves, mut outages) = (0, 0, 0, 0);
     let (mut last_event, mut at_last_event) = (Instant::now(), 0);
+    let (mut progress_at, mut progress, mut stalls) = (Instant::now(), 0, 0);
+    let mut scheduled = 0;
     loop {
         std::thread::sleep(Duration::from_millis(500));
         let committed_now = done(&brokers);
@@ -826,6 +828,19 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
             Instant::now() < deadline,
             "soak: only {committed_now} of {TOTAL} committed"
         );
+        if committed_now > progress {
+            (progress_at, progress) = (Instant::now(), committed_now);
+        } else if progress_at.elapsed() > Duration::from_secs(60) {
+            // Seen once with tansu: its group coordinator never assigned partitions to
+            // a restarted worker (which said so every 10 s). A restart is one more kill,
+            // and counts as a disruption below.
+            eprintln!("soak: no commit for 60 s; killing and restarting worker a");
+            a.0.kill().unwrap();
+            a.0.wait().unwrap();
+            a = worker(&cfg);
+            (kills, stalls, progress_at) = (kills + 1, stalls + 1, Instant::now());
+            continue;
+        }
         // The next disruption once 3 s have passed and 12,000 more records are committed
         // since the last one (a restarted worker first waits for its partitions).
         if last_event.elapsed() < Duration::from_secs(3) || committed_now < at_last_event + 12_000 {
@@ -833,7 +848,8 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
         }
         (last_event, at_last_event) = (Instant::now(), committed_now);
         // The schedule: kill, join, kill, outage, kill, leave, then kills until done.
-        let step = kills + joins + leaves + outages;
+        let step = scheduled;
+        scheduled += 1;
         eprintln!(
             "soak: {:.0} s, {committed_now} committed {:?}, step {step}",
             started.elapsed().as_secs_f64(),
@@ -884,7 +900,7 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
     let disruptions = kills + joins + leaves + outages;
     let window = capacity + 512 + 1_000;
     eprintln!(
-        "soak: {TOTAL} records in {:.1} s through {kills} SIGKILLs, {joins} join, {leaves} leave, {outages} outage: {} outputs, {duplicates} duplicates (bound {disruptions} × {window})",
+        "soak: {TOTAL} records in {:.1} s through {kills} SIGKILLs ({stalls} after a stall), {joins} join, {leaves} leave, {outages} outage: {} outputs, {duplicates} duplicates (bound {disruptions} × {window})",
         took.as_secs_f64(),
         all.len()
     );
