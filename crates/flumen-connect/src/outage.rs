@@ -36,6 +36,16 @@ pub(crate) struct Outage {
     limit: Option<Duration>,
 }
 
+/// The two gauges of `role`: an outage of `length` seconds so far, or none.
+fn gauges(role: &'static str, length: Option<f64>) {
+    metrics::gauge!(OUTAGE_STATE, "connector" => role).set(if length.is_some() {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!(OUTAGE_GAUGE, "connector" => role).set(length.unwrap_or(0.0));
+}
+
 /// Between two attempts: 100 ms, doubling, at most 5 s.
 pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
@@ -58,8 +68,7 @@ impl Outage {
             .unwrap_or_else(|| "until it is back".into());
         eprintln!("flumen: {what} ({role}): cannot reach the broker ({error}); waiting, {limit}");
         let now = Instant::now();
-        metrics::gauge!(OUTAGE_GAUGE, "connector" => role).set(0.0);
-        metrics::gauge!(OUTAGE_STATE, "connector" => role).set(1.0);
+        gauges(role, Some(0.0));
         Outage {
             what,
             role,
@@ -79,10 +88,9 @@ impl Outage {
     /// with a message naming the broker and the time waited.
     pub(crate) async fn wait(&mut self, error: &str) -> Result<(), String> {
         let waited = self.elapsed();
-        metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(waited.as_secs_f64());
+        gauges(self.role, Some(waited.as_secs_f64()));
         if let Some(limit) = self.limit.filter(|l| waited >= *l) {
-            metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(0.0);
-            metrics::gauge!(OUTAGE_STATE, "connector" => self.role).set(0.0);
+            gauges(self.role, None);
             return Err(format!(
                 "{} ({}): unreachable for {:.1} s, longer than max_outage_s = {}: {error}",
                 self.what,
@@ -111,8 +119,7 @@ impl Outage {
 
     /// The broker answers again.
     pub(crate) fn end(self) {
-        metrics::gauge!(OUTAGE_GAUGE, "connector" => self.role).set(0.0);
-        metrics::gauge!(OUTAGE_STATE, "connector" => self.role).set(0.0);
+        gauges(self.role, None);
         eprintln!(
             "flumen: {} ({}): reachable again after {:.1} s",
             self.what,

@@ -90,14 +90,6 @@ impl OffsetTracker {
         }
     }
 
-    /// [`OffsetTracker::moved`], marked committed at once (a commit that is not
-    /// retried: the one before a rebalance).
-    pub fn to_commit(&mut self) -> Vec<(i32, i64)> {
-        let out = self.moved();
-        self.committed(&out);
-        out
-    }
-
     /// Forgets a partition (revoked in a rebalance: its new owner starts from the last
     /// commit).
     pub fn forget(&mut self, partition: i32) {
@@ -109,6 +101,15 @@ impl OffsetTracker {
 mod tests {
     use super::*;
 
+    impl OffsetTracker {
+        /// What moved, taken by the broker at once (the tests' commits succeed).
+        fn commit_moved(&mut self) -> Vec<(i32, i64)> {
+            let out = self.moved();
+            self.committed(&out);
+            out
+        }
+    }
+
     #[test]
     fn commits_advance_contiguously_and_never_past_an_in_flight_record() {
         let mut t = OffsetTracker::default();
@@ -116,21 +117,21 @@ mod tests {
             t.delivered(0, o);
         }
         t.delivered(1, 0);
-        assert_eq!(t.to_commit(), vec![(0, 10), (1, 0)], "nothing done yet");
+        assert_eq!(t.commit_moved(), vec![(0, 10), (1, 0)], "nothing done yet");
         t.done(0, 12);
         t.done(0, 11);
-        assert_eq!(t.to_commit(), vec![], "10 is still in flight");
+        assert_eq!(t.commit_moved(), vec![], "10 is still in flight");
         t.done(0, 10);
-        assert_eq!(t.to_commit(), vec![(0, 13)]);
+        assert_eq!(t.commit_moved(), vec![(0, 13)]);
         t.done(1, 0);
         t.done(0, 13);
         t.done(0, 14);
-        assert_eq!(t.to_commit(), vec![(0, 15), (1, 1)]);
-        assert_eq!(t.to_commit(), vec![], "nothing moved");
+        assert_eq!(t.commit_moved(), vec![(0, 15), (1, 1)]);
+        assert_eq!(t.commit_moved(), vec![], "nothing moved");
         assert_eq!(t.in_flight(), 0);
         t.forget(0);
         t.delivered(0, 3);
-        assert_eq!(t.to_commit(), vec![(0, 3)]);
+        assert_eq!(t.commit_moved(), vec![(0, 3)]);
     }
 
     #[test]
@@ -189,7 +190,7 @@ mod tests {
                 let i = (next() % open.len() as u64) as usize;
                 t.done(7, open.swap_remove(i));
                 let want = open.iter().min().copied().unwrap_or(200);
-                if let Some((7, point)) = t.to_commit().first().copied() {
+                if let Some((7, point)) = t.commit_moved().first().copied() {
                     assert_eq!(point, want);
                     assert!(last.is_none_or(|l| point > l));
                     last = Some(point);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use flumen_connect::{AckToken, FileMode, Sink, SinkRecord, Source};
+use flumen_connect::{AckToken, FileMode, Sink, Source};
 use flumen_core::ErrorKind;
 use flumen_engine::{
     AimdConfig, ConcurrencyConfig, Engine, GradientConfig, InferExt, OrderMode, Outcome,
@@ -429,11 +429,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 Ok(prediction) => {
                     tally.ok += 1;
                     let json = success_line(&record, &setup.output_field, prediction);
-                    out.outputs.push(SinkRecord {
-                        key,
-                        payload: serde_json::to_vec(&json).expect("JSON values serialize"),
-                    });
-                    out.behind.push((i, None));
+                    out.output(i, key, json, false);
                 }
                 Err(failure) => {
                     let k = ErrorKind::ALL
@@ -445,11 +441,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                     if writers.dead.is_some() {
                         out.letter(key, doc);
                     } else {
-                        out.outputs.push(SinkRecord {
-                            key,
-                            payload: serde_json::to_vec(&doc).expect("JSON values serialize"),
-                        });
-                        out.behind.push((i, Some(doc)));
+                        out.output(i, key, doc, true);
                     }
                 }
             }

@@ -180,10 +180,7 @@ impl Quarantine {
             self.sink = Some(sink.syncing(self.sync));
         }
         let n = docs.len();
-        let records = docs.iter().map(|d| SinkRecord {
-            key: None,
-            payload: serde_json::to_vec(d).expect("JSON values serialize"),
-        });
+        let records = docs.iter().map(|d| sink_record(None, d));
         let sink = self.sink.as_mut().expect("opened above");
         sink.write(records.collect())
             .await
@@ -210,12 +207,24 @@ pub(super) struct Outgoing {
     pub(super) letter_docs: Vec<Value>,
 }
 
+/// A JSON document as a sink writes it.
+fn sink_record(key: Option<Vec<u8>>, doc: &Value) -> SinkRecord {
+    SinkRecord {
+        key,
+        payload: serde_json::to_vec(doc).expect("JSON values serialize"),
+    }
+}
+
 impl Outgoing {
+    /// An output for the sink: record `i`'s prediction, or its failure (`failed`: the
+    /// document is kept, to quarantine it should the sink refuse it).
+    pub(super) fn output(&mut self, i: usize, key: Option<Vec<u8>>, doc: Value, failed: bool) {
+        self.outputs.push(sink_record(key, &doc));
+        self.behind.push((i, failed.then_some(doc)));
+    }
+
     pub(super) fn letter(&mut self, key: Option<Vec<u8>>, doc: Value) {
-        self.letters.push(SinkRecord {
-            key,
-            payload: serde_json::to_vec(&doc).expect("JSON values serialize"),
-        });
+        self.letters.push(sink_record(key, &doc));
         self.letter_docs.push(doc);
     }
 }
