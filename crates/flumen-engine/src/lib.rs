@@ -11,8 +11,10 @@
 //!   `capacity` records in flight.
 //! - [`Engine`] queues records from every operator that uses it, cuts batches with
 //!   the pure [`BatchPolicy`] and holds calls in flight to the [`Limiter`]'s limit.
-//! - Policies ([`BatchPolicy`], [`Aimd`], [`Gradient`], [`LatencyModel`]) are plain
-//!   structs tested with made-up sequences; the engine is the mechanism around them.
+//! - Policies ([`BatchPolicy`], [`Aimd`], [`Gradient`], [`LatencyModel`], and in
+//!   [`reliability`] the retry verdict, the breaker, the judgement of a finished
+//!   call and the pause after overload or failures) are plain structs and functions
+//!   tested with made-up sequences; the engine is the mechanism around them.
 //!
 //! A complete program:
 //!
@@ -47,6 +49,7 @@
 
 mod batcher;
 mod engine;
+mod fallback;
 mod latency;
 pub mod limiter;
 mod operator;
@@ -56,11 +59,12 @@ pub mod telemetry;
 
 pub use batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta, Slots};
 pub use engine::{Engine, EngineConfig, Pending};
+pub use fallback::{Fallback, FallbackStage, Served, StageFuture};
 pub use latency::LatencyModel;
 pub use limiter::{Aimd, AimdConfig, ConcurrencyConfig, Gradient, GradientConfig, Limiter};
 pub use operator::{Infer, InferExt, OperatorConfig, OrderMode, Outcome};
 pub use reliability::{
-    Breaker, BreakerConfig, BreakerState, BreakerWindow, Fallback, FallbackStage, RetryBudget,
-    RetryConfig, Served,
+    Breaker, BreakerConfig, BreakerPhase, BreakerState, BreakerWindow, RetryBudget, RetryConfig,
+    Verdict,
 };
 pub use stats::{Stats, StatsSnapshot};

@@ -17,7 +17,7 @@ use slab::Slab;
 use tokio::time::Instant;
 
 use crate::engine::{Engine, Pending};
-use crate::reliability::{Fallback, Served};
+use crate::fallback::{Fallback, Served};
 use crate::telemetry;
 
 /// In which order outcomes leave the operator (Flink's `output-mode`, plus `Keyed`).

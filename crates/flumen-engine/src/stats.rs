@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-use crate::reliability::BreakerState;
+use crate::reliability::{BreakerPhase, BreakerState};
 
 /// How many breaker transitions are kept.
 const TRANSITIONS_KEPT: usize = 1_024;
@@ -43,8 +43,8 @@ pub struct StatsSnapshot {
     pub resent: u64,
     /// The largest batch sent so far.
     pub max_batch: usize,
-    /// The circuit breaker: 0 closed (or none), 1 half-open, 2 open.
-    pub breaker: u8,
+    /// The circuit breaker's phase (`Closed` when the engine has none).
+    pub breaker: BreakerPhase,
 }
 
 impl StatsSnapshot {
@@ -69,7 +69,7 @@ impl Stats {
             records_sent: self.records_sent.load(Relaxed),
             resent: self.resent.load(Relaxed),
             max_batch: self.max_batch.load(Relaxed),
-            breaker: self.breaker.load(Relaxed),
+            breaker: BreakerPhase::from_level(self.breaker.load(Relaxed)),
         }
     }
 
@@ -91,8 +91,14 @@ impl Stats {
         t.push_back((at, state));
     }
 
-    pub(crate) fn set_gauges(&self, queued: usize, in_flight: usize, limit: usize, breaker: u8) {
-        self.breaker.store(breaker, Relaxed);
+    pub(crate) fn set_gauges(
+        &self,
+        queued: usize,
+        in_flight: usize,
+        limit: usize,
+        breaker: BreakerPhase,
+    ) {
+        self.breaker.store(breaker as u8, Relaxed);
         self.queued.store(queued, Relaxed);
         self.in_flight.store(in_flight, Relaxed);
         self.limit.store(limit, Relaxed);

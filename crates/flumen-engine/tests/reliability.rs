@@ -28,9 +28,9 @@ fn engine(sim: &Arc<Sim<u64>>, config: EngineConfig) -> Engine<Sim<u64>> {
     Engine::from_arc(Arc::clone(sim), config)
 }
 
-async fn run(
+async fn run<B: flumen_core::Backend<Input = u64, Output = u64>>(
     input: impl Stream<Item = u64>,
-    engine: &Engine<Sim<u64>>,
+    engine: &Engine<B>,
     capacity: usize,
     timeout: Duration,
 ) -> Vec<Outcome<u64, u64>> {
@@ -474,4 +474,88 @@ async fn hedging_cuts_the_tail_of_stalled_calls_and_is_paid_from_the_budget() {
     );
     assert!(hedged < ms(200), "hedged p99 {hedged:?}");
     assert!(hedged_sim.stats().calls > plain_sim.stats().calls);
+}
+
+/// Answers every record of a call with its own 429 (`Ok` with one `Err` per record,
+/// as an OpenAI-style batch endpoint or a KServe model with per-row errors does)
+/// during `storm`, and succeeds otherwise; records when each call arrived and ended.
+struct PerRecord429 {
+    start: Instant,
+    storm: (Duration, Duration),
+    calls: std::sync::Mutex<Vec<(Instant, Instant, bool)>>,
+}
+
+impl flumen_core::Backend for PerRecord429 {
+    type Input = u64;
+    type Output = u64;
+
+    fn capabilities(&self) -> flumen_core::Capabilities {
+        flumen_core::Capabilities {
+            max_batch_items: 32,
+            ..flumen_core::Capabilities::default()
+        }
+    }
+
+    async fn call(&self, batch: &[u64]) -> flumen_core::BatchResult<u64> {
+        let arrived = Instant::now();
+        sleep(ms(20)).await;
+        let at = arrived.duration_since(self.start);
+        let storm = at >= self.storm.0 && at < self.storm.1;
+        self.calls
+            .lock()
+            .unwrap()
+            .push((arrived, Instant::now(), storm));
+        Ok(batch
+            .iter()
+            .map(|&i| {
+                if storm {
+                    Err(flumen_core::BackendError::overloaded(
+                        "HTTP 429: slow down",
+                        Some(ms(250)),
+                    ))
+                } else {
+                    Ok(i)
+                }
+            })
+            .collect())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_every_record_is_429_is_overload_not_failure() {
+    let backend = Arc::new(PerRecord429 {
+        start: Instant::now(),
+        storm: (Duration::ZERO, secs(2)),
+        calls: std::sync::Mutex::new(Vec::new()),
+    });
+    let engine = Engine::from_arc(
+        Arc::clone(&backend),
+        EngineConfig {
+            breaker: Some(BreakerConfig {
+                min_calls: 3,
+                ..BreakerConfig::default()
+            }),
+            ..EngineConfig::default()
+        },
+    );
+    let n = 4_000;
+    let outcomes = run(trickle(n, ms(1)), &engine, 1_000, secs(30)).await;
+    assert_exactly_once(&outcomes, n);
+    assert_eq!(failures(&outcomes), vec![]);
+    assert_eq!(
+        engine.breaker_transitions(),
+        vec![],
+        "per-record overload is not failure"
+    );
+    let calls = backend.calls.lock().unwrap().clone();
+    let refused: Vec<Instant> = calls.iter().filter(|c| c.2).map(|c| c.1).collect();
+    assert!(refused.len() >= 2, "{} refused calls", refused.len());
+    // As after a call-level 429: nothing is sent before the Retry-After has passed.
+    for at in &refused {
+        let early = calls
+            .iter()
+            .filter(|c| c.0 > *at && c.0 < *at + ms(250))
+            .count();
+        assert_eq!(early, 0, "{early} calls within 250 ms of a per-record 429");
+    }
 }

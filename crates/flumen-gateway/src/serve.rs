@@ -459,7 +459,7 @@ async fn ready(State(g): State<Shared>) -> Response {
     let open: Vec<&str> = g
         .models
         .iter()
-        .filter(|(_, m)| m.engine.stats().breaker == 2)
+        .filter(|(_, m)| m.engine.stats().breaker == flumen_engine::BreakerPhase::Open)
         .map(|(name, _)| name.as_str())
         .collect();
     if open.is_empty() {

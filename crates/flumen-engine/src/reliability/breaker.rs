@@ -61,13 +61,18 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// The phase, without the instant.
+    pub fn phase(self) -> BreakerPhase {
+        match self {
+            BreakerState::Closed => BreakerPhase::Closed,
+            BreakerState::HalfOpen => BreakerPhase::HalfOpen,
+            BreakerState::Open { .. } => BreakerPhase::Open,
+        }
+    }
+
     /// 0 closed, 1 half-open, 2 open (for a gauge).
     pub fn level(self) -> u8 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::HalfOpen => 1,
-            BreakerState::Open { .. } => 2,
-        }
+        self.phase() as u8
     }
 
     /// `closed`, `half_open` or `open`.
@@ -76,6 +81,31 @@ impl BreakerState {
             BreakerState::Closed => "closed",
             BreakerState::HalfOpen => "half_open",
             BreakerState::Open { .. } => "open",
+        }
+    }
+}
+
+/// The breaker's state without its instant, as [`StatsSnapshot`](crate::StatsSnapshot)
+/// reports it; `Closed` also when an engine has no breaker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BreakerPhase {
+    /// Calls flow.
+    #[default]
+    Closed = 0,
+    /// Probe calls test the backend.
+    HalfOpen = 1,
+    /// No call is sent.
+    Open = 2,
+}
+
+impl BreakerPhase {
+    /// The phase of a gauge level (see [`BreakerState::level`]).
+    pub(crate) fn from_level(level: u8) -> Self {
+        match level {
+            0 => BreakerPhase::Closed,
+            1 => BreakerPhase::HalfOpen,
+            _ => BreakerPhase::Open,
         }
     }
 }

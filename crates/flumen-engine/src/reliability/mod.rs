@@ -1,11 +1,14 @@
-//! Reliability policies: retries with backoff and a budget, the circuit breaker,
-//! and fallback stages. Plain structs fed with instants and outcomes; the engine's
-//! dispatcher and the operator are the mechanism around them.
+//! Reliability policies: retries with backoff, a verdict per failed record and a
+//! budget; the circuit breaker; the judgement of a finished call; the pause after
+//! overload and repeated failures. Plain structs and functions fed with instants and
+//! outcomes, tested with made-up sequences; the engine's dispatcher and call tasks
+//! are the mechanism around them (and the fallback chain, which runs engines, lives
+//! beside the operator).
 
 mod breaker;
-mod fallback;
+pub(crate) mod classify;
+pub(crate) mod pause;
 mod retry;
 
-pub use breaker::{Breaker, BreakerConfig, BreakerState, BreakerWindow, CallClass};
-pub use fallback::{Fallback, FallbackStage, Served};
-pub use retry::{RetryBudget, RetryConfig, MIN_REFILL_PER_SEC};
+pub use breaker::{Breaker, BreakerConfig, BreakerPhase, BreakerState, BreakerWindow, CallClass};
+pub use retry::{RetryBudget, RetryConfig, Verdict, MIN_REFILL_PER_SEC};

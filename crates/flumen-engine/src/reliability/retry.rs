@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use flumen_core::ErrorKind;
+use flumen_core::{BackendError, ErrorKind};
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -75,6 +75,49 @@ impl RetryConfig {
         let jittered = Duration::from_secs_f64(rng.random_range(0.0..=ceiling.max(0.0)));
         jittered.max(retry_after.unwrap_or(Duration::ZERO))
     }
+
+    /// Whether an attempt that failed with `kind` is free, not counted toward
+    /// `max_attempts`: waiting out overload is, for a record with a deadline (which
+    /// bounds the waiting instead); without one, `max_attempts` is all that ends it.
+    pub fn free_attempt(kind: ErrorKind, has_deadline: bool) -> bool {
+        kind == ErrorKind::Overloaded && has_deadline
+    }
+
+    /// What becomes of a record whose attempt failed with the retryable `error`,
+    /// after `attempts` attempts of which `free` did not count: its final failure,
+    /// a timeout when its next attempt could not start before `deadline`, or another
+    /// attempt at the instant returned (the backoff, never before the backend's
+    /// `retry_after`).
+    pub fn verdict(
+        &self,
+        attempts: u32,
+        free: u32,
+        error: &BackendError,
+        deadline: Option<Instant>,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Verdict {
+        if attempts.saturating_sub(free) >= self.max_attempts {
+            return Verdict::Fail;
+        }
+        let at = now + self.backoff(attempts, error.retry_after, rng);
+        if deadline.is_some_and(|d| at >= d) {
+            return Verdict::TimeOut;
+        }
+        Verdict::RetryAt(at)
+    }
+}
+
+/// What [`RetryConfig::verdict`] decides for a record whose attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No attempts left: the record fails with the error.
+    Fail,
+    /// The deadline would pass before the next attempt could start: the record
+    /// times out now rather than then.
+    TimeOut,
+    /// Send it again at this instant.
+    RetryAt(Instant),
 }
 
 /// The smallest refill rate of a retry budget: without one, a record waiting for a
@@ -225,6 +268,54 @@ mod tests {
         ];
         for k in ErrorKind::ALL {
             assert_eq!(RetryConfig::retryable(k), yes.contains(&k), "{k}");
+        }
+    }
+
+    #[test]
+    fn the_verdict_fails_times_out_or_delays_by_attempts_deadline_and_retry_after() {
+        let c = RetryConfig::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let now = Instant::now();
+        let t = BackendError::transient("502");
+        let far = Some(now + Duration::from_secs(60));
+        // Attempts left: another one after the jittered backoff.
+        for attempts in 1..c.max_attempts {
+            match c.verdict(attempts, 0, &t, far, now, &mut rng) {
+                Verdict::RetryAt(at) => assert!(at >= now && at <= now + c.max_backoff),
+                other => panic!("attempt {attempts}: {other:?}"),
+            }
+        }
+        // The last attempt spent: the record fails, deadline or not…
+        assert_eq!(c.verdict(4, 0, &t, far, now, &mut rng), Verdict::Fail);
+        assert_eq!(c.verdict(4, 0, &t, None, now, &mut rng), Verdict::Fail);
+        // …unless some attempts were free (overload waited out, probes).
+        assert!(matches!(
+            c.verdict(4, 1, &t, far, now, &mut rng),
+            Verdict::RetryAt(_)
+        ));
+        // A Retry-After that ends past the deadline: time out now, not then.
+        let o = BackendError::overloaded("429", Some(Duration::from_secs(2)));
+        let soon = Some(now + Duration::from_secs(1));
+        assert_eq!(c.verdict(1, 1, &o, soon, now, &mut rng), Verdict::TimeOut);
+        assert_eq!(
+            c.verdict(1, 1, &o, far, now, &mut rng),
+            Verdict::RetryAt(now + Duration::from_secs(2))
+        );
+        assert_eq!(
+            c.verdict(1, 0, &o, None, now, &mut rng),
+            Verdict::RetryAt(now + Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn only_overload_with_a_deadline_is_a_free_attempt() {
+        for k in ErrorKind::ALL {
+            assert_eq!(
+                RetryConfig::free_attempt(k, true),
+                k == ErrorKind::Overloaded,
+                "{k}"
+            );
+            assert!(!RetryConfig::free_attempt(k, false), "{k}");
         }
     }
 

@@ -1,0 +1,320 @@
+//! One backend call in its own task: it runs the call (and its hedge), fails records
+//! whose deadline passes meanwhile, delivers final outcomes, and reports to the
+//! dispatcher how the call went and which records are worth another try.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flumen_core::{Backend, BackendError, ErrorKind, Failure};
+use futures::FutureExt;
+use tokio::time::{sleep_until, Instant};
+
+use super::{finish, with_last_error, Job, Reply};
+use crate::batcher::QueuedMeta;
+use crate::limiter::Sample;
+use crate::reliability::classify::{judge, CallEnd, Judged};
+use crate::reliability::{RetryBudget, RetryConfig};
+use crate::stats::Stats;
+use crate::telemetry::Instruments;
+
+/// What a finished call tells the dispatcher.
+pub(super) struct Report<B: Backend> {
+    pub(super) sample: Sample,
+    /// What the call says of the backend.
+    pub(super) judged: Judged,
+    pub(super) probe: bool,
+    /// Records worth another attempt, with the error of this one.
+    pub(super) retry: Vec<(Job<B>, BackendError)>,
+    /// A batch that failed as a whole with a non-retryable error, to bisect.
+    pub(super) split: Option<(Vec<Job<B>>, BackendError)>,
+}
+
+/// One backend call in its own task.
+pub(super) struct Call<B> {
+    pub(super) backend: Arc<B>,
+    pub(super) instruments: Arc<Instruments>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) budget: Arc<Mutex<RetryBudget>>,
+    pub(super) sent_at: Instant,
+    pub(super) in_flight: usize,
+    pub(super) limit: usize,
+    pub(super) probe: bool,
+    pub(super) attempt_timeout: Option<Duration>,
+    pub(super) hedge_after: Option<Duration>,
+}
+
+/// A record in a call, while it waits for its result.
+struct Waiting<O> {
+    reply: Option<Reply<O>>,
+    meta: QueuedMeta,
+    attempts: u32,
+    uncounted: u32,
+    last_error: Option<BackendError>,
+}
+
+/// The records still waiting for their outcome.
+fn flat<J>(slots: Vec<Option<J>>) -> Vec<J> {
+    slots.into_iter().flatten().collect()
+}
+
+/// How a call ended once its records are settled: the facts [`judge`] needs, owned.
+enum Settled {
+    Abandoned,
+    AttemptTimeout,
+    Panicked,
+    Refused(BackendError),
+    Miscounted,
+    Answered {
+        answered: usize,
+        errors: Vec<BackendError>,
+    },
+}
+
+impl Settled {
+    fn as_call_end(&self) -> CallEnd<'_> {
+        match self {
+            Settled::Abandoned => CallEnd::Abandoned,
+            Settled::AttemptTimeout => CallEnd::AttemptTimeout,
+            Settled::Panicked => CallEnd::Panicked,
+            Settled::Refused(e) => CallEnd::Refused(e),
+            Settled::Miscounted => CallEnd::Miscounted,
+            Settled::Answered { answered, errors } => CallEnd::Answered {
+                answered: *answered,
+                errors,
+            },
+        }
+    }
+}
+
+/// How the call itself ended.
+enum Ended<O> {
+    Returned(flumen_core::BatchResult<O>),
+    Panicked,
+    /// Every record got its outcome (deadline) before the call returned.
+    Abandoned,
+    AttemptTimeout,
+}
+
+impl<B: Backend> Call<B> {
+    pub(super) async fn run(self, jobs: Vec<Job<B>>) -> Report<B> {
+        let items = jobs.len();
+        let tokens = jobs.iter().map(|j| j.meta.cost.tokens).sum();
+        let mut inputs = Vec::with_capacity(items);
+        let mut waiting = Vec::with_capacity(items);
+        for job in jobs {
+            inputs.push(job.input);
+            waiting.push(Waiting {
+                reply: Some(job.reply),
+                meta: job.meta,
+                attempts: job.attempts,
+                uncounted: job.uncounted,
+                last_error: job.last_error,
+            });
+        }
+
+        let hedged = AtomicBool::new(false);
+        let ended = self.call(&inputs, &mut waiting, &hedged).await;
+        let rtt = self.sent_at.elapsed();
+        self.instruments.backend_latency.record(rtt);
+        let extra = u32::from(hedged.load(Relaxed));
+
+        // One slot per record of the call: `None` once it has its outcome.
+        let slots: Vec<Option<Job<B>>> = inputs
+            .into_iter()
+            .zip(waiting)
+            .map(|(input, w)| {
+                let reply = w.reply.filter(|r| !r.is_closed())?;
+                Some(Job {
+                    input,
+                    meta: w.meta,
+                    attempts: w.attempts + extra,
+                    last_error: w.last_error,
+                    starved: false,
+                    uncounted: w.uncounted,
+                    reply,
+                })
+            })
+            .collect();
+        let (end, retry, split) = self.settle(ended, slots);
+        let judged = judge(end.as_call_end());
+        Report {
+            sample: Sample {
+                sent_at: self.sent_at,
+                rtt,
+                items,
+                tokens,
+                in_flight: self.in_flight,
+                limit: self.limit,
+                outcome: judged.outcome,
+            },
+            judged,
+            probe: self.probe,
+            retry,
+            split,
+        }
+    }
+
+    /// Gives the records of a finished call their outcomes, or sets them aside for
+    /// another attempt (`retry`) or for bisection (`split`); returns how the call
+    /// ended, for [`judge`].
+    #[allow(clippy::type_complexity)]
+    fn settle(
+        &self,
+        ended: Ended<B::Output>,
+        slots: Vec<Option<Job<B>>>,
+    ) -> (
+        Settled,
+        Vec<(Job<B>, BackendError)>,
+        Option<(Vec<Job<B>>, BackendError)>,
+    ) {
+        let fail_all = |jobs: Vec<Job<B>>, e: &BackendError| {
+            for job in jobs {
+                let f = Failure::from_backend(e.clone(), job.attempts);
+                finish(&self.instruments, job.reply, job.attempts, Err(f));
+            }
+        };
+        match ended {
+            Ended::Abandoned => (Settled::Abandoned, Vec::new(), None),
+            Ended::AttemptTimeout => {
+                let ms = self.attempt_timeout.unwrap_or_default().as_millis();
+                let e = BackendError::new(
+                    ErrorKind::Timeout,
+                    format!("attempt timed out after {ms} ms"),
+                );
+                let retry = flat(slots).into_iter().map(|j| (j, e.clone())).collect();
+                (Settled::AttemptTimeout, retry, None)
+            }
+            Ended::Panicked => {
+                let e = BackendError::permanent("the backend panicked during the call");
+                fail_all(flat(slots), &e);
+                (Settled::Panicked, Vec::new(), None)
+            }
+            Ended::Returned(Err(e)) => {
+                let pending = flat(slots);
+                let poisonable = matches!(e.kind, ErrorKind::Permanent | ErrorKind::InvalidInput);
+                let (mut retry, mut split) = (Vec::new(), None);
+                if RetryConfig::retryable(e.kind) {
+                    retry = pending.into_iter().map(|j| (j, e.clone())).collect();
+                } else if poisonable && pending.len() > 1 {
+                    split = Some((pending, e.clone()));
+                } else {
+                    fail_all(pending, &e);
+                }
+                (Settled::Refused(e), retry, split)
+            }
+            Ended::Returned(Ok(results)) if results.len() != slots.len() => {
+                let e = BackendError::permanent(format!(
+                    "backend returned {} results for a batch of {}",
+                    results.len(),
+                    slots.len()
+                ));
+                fail_all(flat(slots), &e);
+                (Settled::Miscounted, Vec::new(), None)
+            }
+            Ended::Returned(Ok(results)) => {
+                let (mut answered, mut errors, mut retry) = (0, Vec::new(), Vec::new());
+                for (slot, result) in slots.into_iter().zip(results) {
+                    let Some(job) = slot else { continue };
+                    answered += 1;
+                    match result {
+                        Ok(output) => {
+                            finish(&self.instruments, job.reply, job.attempts, Ok(output));
+                        }
+                        Err(e) if RetryConfig::retryable(e.kind) => {
+                            errors.push(e.clone());
+                            retry.push((job, e));
+                        }
+                        Err(e) => {
+                            errors.push(e.clone());
+                            let f = Failure::from_backend(e, job.attempts);
+                            finish(&self.instruments, job.reply, job.attempts, Err(f));
+                        }
+                    }
+                }
+                (Settled::Answered { answered, errors }, retry, None)
+            }
+        }
+    }
+
+    /// Runs the call (and its hedge), failing records whose deadline passes meanwhile.
+    async fn call(
+        &self,
+        inputs: &[B::Input],
+        waiting: &mut [Waiting<B::Output>],
+        hedged: &AtomicBool,
+    ) -> Ended<B::Output> {
+        let primary = AssertUnwindSafe(self.backend.call(inputs)).catch_unwind();
+        let hedge = async {
+            let Some(after) = self.hedge_after else {
+                return std::future::pending().await;
+            };
+            sleep_until(self.sent_at + after).await;
+            let granted = self
+                .budget
+                .lock()
+                .expect("budget lock")
+                .try_withdraw_many(Instant::now(), inputs.len());
+            if !granted {
+                return std::future::pending().await;
+            }
+            hedged.store(true, Relaxed);
+            self.instruments.hedges.increment(1);
+            self.stats.call_sent(inputs.len(), 0);
+            AssertUnwindSafe(self.backend.call(inputs))
+                .catch_unwind()
+                .await
+        };
+        tokio::pin!(primary, hedge);
+        let attempt_deadline = self.attempt_timeout.map(|t| self.sent_at + t);
+        loop {
+            let next_deadline = waiting
+                .iter()
+                .filter(|w| w.reply.is_some())
+                .filter_map(|w| w.meta.deadline)
+                .min();
+            let ended = tokio::select! {
+                r = &mut primary => r,
+                r = &mut hedge => r,
+                () = sleep_until(attempt_deadline.unwrap_or(self.sent_at)), if attempt_deadline.is_some() => {
+                    return Ended::AttemptTimeout;
+                }
+                () = sleep_until(next_deadline.unwrap_or(self.sent_at)), if next_deadline.is_some() => {
+                    if self.time_out_expired(waiting) {
+                        return Ended::Abandoned;
+                    }
+                    continue;
+                }
+            };
+            return match ended {
+                Ok(result) => Ended::Returned(result),
+                Err(_panic) => Ended::Panicked,
+            };
+        }
+    }
+
+    /// Fails the records whose deadline has passed; true when none is left waiting.
+    fn time_out_expired(&self, waiting: &mut [Waiting<B::Output>]) -> bool {
+        let now = Instant::now();
+        for w in waiting.iter_mut() {
+            if w.meta.deadline.is_some_and(|d| d <= now) {
+                if let Some(reply) = w.reply.take() {
+                    let message = with_last_error(
+                        format!(
+                            "deadline passed while attempt {} was in flight ({} ms)",
+                            w.attempts,
+                            now.duration_since(self.sent_at).as_millis()
+                        ),
+                        w.last_error.as_ref(),
+                    );
+                    let failure = Failure::new(ErrorKind::Timeout, message, w.attempts);
+                    finish(&self.instruments, reply, w.attempts, Err(failure));
+                }
+            }
+        }
+        waiting
+            .iter()
+            .all(|w| w.reply.as_ref().is_none_or(|r| r.is_closed()))
+    }
+}

@@ -1,0 +1,236 @@
+//! The execution engine: one queue, one batcher, one concurrency limiter, one
+//! retry budget and one circuit breaker per backend, shared by every operator (and
+//! every gateway caller) that submits to it, so records from many streams are
+//! batched together.
+//!
+//! Mechanism only, in three parts:
+//! - this module: the handle ([`Engine`]) that queues records and the [`Pending`]
+//!   outcome each submitter awaits;
+//! - `dispatcher`: the task that owns the queue and asks the pure policies what to
+//!   do — [`BatchPolicy`](crate::BatchPolicy) when to cut a batch and whether a
+//!   record is shed at enqueue, the [`Limiter`](crate::Limiter) how many calls may
+//!   run, the [`Breaker`](crate::Breaker) whether calls may run at all,
+//!   [`RetryConfig::verdict`](crate::RetryConfig::verdict) and the
+//!   [`RetryBudget`](crate::RetryBudget) whether a failed record is sent again, and
+//!   the pause policy when not to call for a while;
+//! - `call`: one backend call in its own task, which delivers final outcomes itself
+//!   and hands records worth another try back to the dispatcher, with the call
+//!   judged by the pure classification in `reliability::classify`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use flumen_core::{Backend, BackendError, ErrorKind, Failure};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::batcher::{BatchConfig, QueuedMeta};
+use crate::limiter::ConcurrencyConfig;
+use crate::reliability::{BreakerConfig, BreakerState, RetryConfig};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::telemetry::Instruments;
+
+mod call;
+mod dispatcher;
+
+use dispatcher::Dispatcher;
+
+/// Settings of an [`Engine`].
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// The engine's name: the `engine` label on its metrics.
+    pub name: String,
+    /// How batches are bounded and cut.
+    pub batch: BatchConfig,
+    /// How many backend calls may be in flight.
+    pub concurrency: ConcurrencyConfig,
+    /// How failed records are retried.
+    pub retry: RetryConfig,
+    /// The circuit breaker; `None` for none.
+    pub breaker: Option<BreakerConfig>,
+    /// The longest one call may take before it is abandoned and its records are
+    /// retried (within their deadlines); `None` for no limit but the deadlines.
+    pub attempt_timeout: Option<Duration>,
+    /// Hedging, for idempotent backends: when a call has not answered after this
+    /// long, send the same batch once more (paid from the retry budget, one token
+    /// per record) and take whichever answers first. `None` (the default): never.
+    pub hedge_after: Option<Duration>,
+    /// Seed of the backoff jitter.
+    pub seed: u64,
+}
+
+type Reply<O> = oneshot::Sender<Result<O, Failure>>;
+
+struct Job<B: Backend> {
+    input: B::Input,
+    meta: QueuedMeta,
+    attempts: u32,
+    last_error: Option<BackendError>,
+    /// Whether the retry budget has made this record wait.
+    starved: bool,
+    /// Attempts that do not count toward `max_attempts`: overload answers (the
+    /// backend asked us to wait) and breaker probes (the breaker, not the record,
+    /// was being tested) — for records with a deadline, which bounds them instead.
+    uncounted: u32,
+    reply: Reply<B::Output>,
+}
+
+struct Shared<B: Backend> {
+    tx: mpsc::UnboundedSender<Job<B>>,
+    backend: Arc<B>,
+    stats: Arc<Stats>,
+    name: String,
+}
+
+/// A handle to a running engine; cheap to clone, shared by every submitter.
+///
+/// The engine's dispatcher runs as a tokio task until the last handle is dropped
+/// and every queued and in-flight record has its outcome.
+pub struct Engine<B: Backend> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend> Clone for Engine<B> {
+    fn clone(&self) -> Self {
+        Engine {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.shared.name)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Starts an engine for `backend` on the current tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new(backend: B, config: EngineConfig) -> Self {
+        Engine::from_arc(Arc::new(backend), config)
+    }
+
+    /// Starts an engine for a backend that is shared with other code.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn from_arc(backend: Arc<B>, config: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        let instruments = Arc::new(Instruments::new(&config.name));
+        let dispatcher = Dispatcher::new(
+            Arc::clone(&backend),
+            &config,
+            rx,
+            Arc::clone(&stats),
+            instruments,
+        );
+        tokio::spawn(dispatcher.run());
+        Engine {
+            shared: Arc::new(Shared {
+                tx,
+                backend,
+                stats,
+                name: config.name,
+            }),
+        }
+    }
+
+    /// Queues one input; the returned future resolves to its one outcome.
+    ///
+    /// The record fails with [`ErrorKind::Timeout`] if it has no result by
+    /// `deadline`, whether it is queued, waiting to be retried or in a call by then.
+    /// Dropping the future abandons the record: it is not sent if it has not been yet.
+    pub fn submit(&self, input: B::Input, deadline: Option<Instant>) -> Pending<B::Output> {
+        let (reply, rx) = oneshot::channel();
+        let cost = self.shared.backend.cost(&input);
+        let job = Job {
+            input,
+            meta: QueuedMeta {
+                enqueued: Instant::now(),
+                deadline,
+                cost,
+            },
+            attempts: 0,
+            last_error: None,
+            starved: false,
+            uncounted: 0,
+            reply,
+        };
+        // If the dispatcher is gone, the job (and its sender) is dropped here and
+        // the receiver resolves to a Shutdown failure.
+        let _ = self.shared.tx.send(job);
+        Pending { rx }
+    }
+
+    /// Counters of this engine now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The circuit breaker's transitions so far, oldest first (at most the last 1,024).
+    pub fn breaker_transitions(&self) -> Vec<(Instant, BreakerState)> {
+        self.shared.stats.transitions()
+    }
+
+    /// The backend this engine calls.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.shared.backend
+    }
+
+    /// The engine's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+/// The outcome of one submitted record, to come.
+#[derive(Debug)]
+#[must_use = "a record's outcome is only observed by awaiting its Pending"]
+pub struct Pending<O> {
+    rx: oneshot::Receiver<Result<O, Failure>>,
+}
+
+impl<O> Future for Pending<O> {
+    type Output = Result<O, Failure>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| {
+                Err(Failure::new(
+                    ErrorKind::Shutdown,
+                    "the engine stopped before this record completed",
+                    0,
+                ))
+            })
+        })
+    }
+}
+
+/// Sends a record's one outcome and counts it.
+fn finish<O>(
+    instruments: &Instruments,
+    reply: Reply<O>,
+    attempts: u32,
+    result: Result<O, Failure>,
+) {
+    instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind));
+    let _ = reply.send(result);
+}
+
+/// "message (last error: …)" when there was one.
+fn with_last_error(message: String, last: Option<&BackendError>) -> String {
+    match last {
+        Some(e) => format!("{message} (last error: {e})"),
+        None => message,
+    }
+}
