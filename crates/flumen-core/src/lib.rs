@@ -7,7 +7,9 @@
 //! - [`Failure`]: the explicit failure outcome of a record: kind, message, attempts.
 //!
 //! Dependencies point downward: this crate knows nothing of tokio, channels or
-//! time sources, so a backend crate can depend on it alone.
+//! time sources, so a backend crate can depend on it alone. The optional `client`
+//! feature adds the HTTP/JSON backends' shared client side (`http::send`,
+//! `http::json_cost`), over reqwest and serde_json.
 
 mod backend;
 mod error;

@@ -5,11 +5,12 @@
 //! `"{{input}}"` becomes one record ([`Mode::PerRecord`]). The prediction is found
 //! in the response by a JSON pointer: to the array of results (batched; with an
 //! optional pointer inside each element), or to the one result (per record).
-//! HTTP statuses map through [`flumen_core::http::classify_status`].
+//! Requests go through [`flumen_core::http::send`], so HTTP statuses map through
+//! [`flumen_core::http::classify_status`].
 
 use std::time::Duration;
 
-use flumen_core::http::{response_error, transport_error};
+use flumen_core::http::{json_cost, send};
 use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
 use serde_json::Value;
 
@@ -137,27 +138,7 @@ impl HttpJson {
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(e.is_timeout(), format!("request failed: {e}")))?;
-        let status = response.status();
-        if !status.is_success() {
-            let ra = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = response.text().await.unwrap_or_default();
-            let short: String = body.chars().take(300).collect();
-            return Err(response_error(
-                status.as_u16(),
-                &body,
-                &short,
-                ra.as_deref(),
-                None,
-            ));
-        }
+        let response = send(request, "request").await?;
         response
             .json()
             .await
@@ -187,10 +168,7 @@ impl Backend for HttpJson {
     }
 
     fn cost(&self, record: &Value) -> ItemCost {
-        ItemCost {
-            bytes: record.to_string().len() as u64,
-            tokens: 0,
-        }
+        json_cost(record)
     }
 
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {

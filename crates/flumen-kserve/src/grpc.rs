@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use flumen_core::http::json_cost;
 use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ErrorKind, ItemCost};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -229,10 +230,7 @@ impl Backend for KserveGrpc {
     }
 
     fn cost(&self, row: &Value) -> ItemCost {
-        ItemCost {
-            bytes: row.to_string().len() as u64,
-            tokens: 0,
-        }
+        json_cost(row)
     }
 
     async fn call(&self, records: &[Value]) -> BatchResult<Value> {

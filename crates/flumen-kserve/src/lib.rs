@@ -16,11 +16,12 @@
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod raw;
+#[cfg(feature = "test-support")]
 pub mod server;
 
 use std::time::Duration;
 
-use flumen_core::http::{response_error, transport_error};
+use flumen_core::http::{json_cost, send};
 use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -406,10 +407,7 @@ impl Backend for KserveHttp {
     }
 
     fn cost(&self, row: &Value) -> ItemCost {
-        ItemCost {
-            bytes: row.to_string().len() as u64,
-            tokens: 0,
-        }
+        json_cost(row)
     }
 
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
@@ -455,30 +453,7 @@ impl Backend for KserveHttp {
             }
             None => self.http.post(&url).json(&header),
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(e.is_timeout(), format!("infer request failed: {e}")))?;
-        let status = response.status();
-        if !status.is_success() {
-            let ra = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let text = response.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or(text);
-            return Err(response_error(
-                status.as_u16(),
-                &message,
-                &message,
-                ra.as_deref(),
-                None,
-            ));
-        }
+        let response = send(request, "infer request").await?;
         let header_len = response
             .headers()
             .get("inference-header-content-length")

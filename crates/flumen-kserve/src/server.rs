@@ -1,6 +1,9 @@
 //! A local Triton Inference Server for tests and benchmarks: started from the
 //! install of `scripts/triton.sh`, with Python-backend models written into a
 //! temporary model repository, on free loopback ports; killed on drop.
+//!
+//! Test support, not API: compiled only with the `test-support` feature, for this
+//! crate's tests, the CLI's tests and the benchmarks.
 
 use std::net::TcpListener;
 #[cfg(unix)]

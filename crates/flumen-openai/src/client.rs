@@ -1,27 +1,13 @@
 //! The HTTP side shared by both endpoints: auth, headers, rate limits, and one
 //! exhaustive mapping from HTTP status to Flumen's error kinds.
 
-use flumen_core::http::{response_error, transport_error};
+use flumen_core::http::send;
 use flumen_core::BackendError;
 use serde_json::Value;
 use std::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::{OpenAiConfig, RateLimits};
-
-/// The `error.message` of an OpenAI-style error body, or the body itself, cut short.
-fn error_message(body: &str) -> String {
-    let message = serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| body.to_owned());
-    message.chars().take(300).collect()
-}
 
 pub(crate) struct Client {
     http: reqwest::Client,
@@ -77,47 +63,10 @@ impl Client {
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
-        // reqwest's errors name the URL, never the headers: no key leaks here.
-        let response = request.send().await.map_err(|e| {
-            transport_error(e.is_timeout(), format!("request to {endpoint} failed: {e}"))
-        })?;
-        let status = response.status();
-        if !status.is_success() {
-            let header = |name: &str| {
-                response
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let (ra, ra_ms) = (header("retry-after"), header("retry-after-ms"));
-            let body = response.text().await.unwrap_or_default();
-            let message = error_message(&body);
-            return Err(response_error(
-                status.as_u16(),
-                &body,
-                &message,
-                ra.as_deref(),
-                ra_ms.as_deref(),
-            ));
-        }
+        // No header goes into an error's message: no key leaks here.
+        let response = send(request, &format!("request to {endpoint}")).await?;
         response.json::<Value>().await.map_err(|e| {
             BackendError::permanent(format!("unparseable response from {endpoint}: {e}"))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_messages_come_from_the_body() {
-        assert_eq!(
-            error_message(r#"{"error":{"message":"slow down"}}"#),
-            "slow down"
-        );
-        assert_eq!(error_message(r#"{"error":"plain"}"#), "plain");
-        assert_eq!(error_message("oops"), "oops");
     }
 }
