@@ -11,10 +11,10 @@
 //!   `capacity` records in flight.
 //! - [`Engine`] queues records from every operator that uses it, cuts batches with
 //!   the pure [`BatchPolicy`] and holds calls in flight to the [`Limiter`]'s limit.
-//! - Policies ([`BatchPolicy`], [`Aimd`], [`Gradient`], [`LatencyModel`], and in
-//!   [`reliability`] the retry verdict, the breaker, the judgement of a finished
-//!   call and the pause after overload or failures) are plain structs and functions
-//!   tested with made-up sequences; the engine is the mechanism around them.
+//! - Policies ([`BatchPolicy`], [`Aimd`], [`Gradient`], [`LatencyModel`],
+//!   [`RetryConfig::verdict`], [`Breaker`]; inside the crate, the judgement of a
+//!   finished call and the pause after overload or failures) are plain structs and
+//!   functions tested with made-up sequences; the engine is the mechanism around them.
 //!
 //! A complete program:
 //!

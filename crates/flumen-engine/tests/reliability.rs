@@ -9,8 +9,8 @@ mod common;
 use common::{assert_exactly_once, ms};
 use flumen_core::ErrorKind;
 use flumen_engine::{
-    BreakerConfig, BreakerState, BreakerWindow, ConcurrencyConfig, Engine, EngineConfig, Fallback,
-    InferExt, OperatorConfig, Outcome, RetryConfig, Served,
+    AimdConfig, BreakerConfig, BreakerState, BreakerWindow, ConcurrencyConfig, Engine,
+    EngineConfig, Fallback, InferExt, OperatorConfig, Outcome, RetryConfig, Served,
 };
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, Stream, StreamExt};
@@ -535,11 +535,30 @@ async fn a_call_whose_every_record_is_429_is_overload_not_failure() {
                 min_calls: 3,
                 ..BreakerConfig::default()
             }),
+            concurrency: ConcurrencyConfig::Aimd(AimdConfig {
+                initial: 8,
+                ..AimdConfig::default()
+            }),
             ..EngineConfig::default()
         },
     );
+    // The concurrency limit during the storm, sampled every 10 ms.
+    let watched = engine.clone();
+    let lowest = tokio::spawn(async move {
+        let mut lowest = usize::MAX;
+        for _ in 0..200 {
+            lowest = lowest.min(watched.stats().limit);
+            sleep(ms(10)).await;
+        }
+        lowest
+    });
     let n = 4_000;
     let outcomes = run(trickle(n, ms(1)), &engine, 1_000, secs(30)).await;
+    let lowest = lowest.await.unwrap();
+    assert!(
+        lowest < 8,
+        "overload shrinks concurrency: lowest limit {lowest}"
+    );
     assert_exactly_once(&outcomes, n);
     assert_eq!(failures(&outcomes), vec![]);
     assert_eq!(

@@ -54,38 +54,29 @@ struct Waiting<O> {
     last_error: Option<BackendError>,
 }
 
+impl<B: Backend> Settled<B> {
+    /// Nothing set aside.
+    fn ended(end: CallEnd) -> Self {
+        Settled {
+            end,
+            retry: Vec::new(),
+            split: None,
+        }
+    }
+}
+
 /// The records still waiting for their outcome.
 fn flat<J>(slots: Vec<Option<J>>) -> Vec<J> {
     slots.into_iter().flatten().collect()
 }
 
-/// How a call ended once its records are settled: the facts [`judge`] needs, owned.
-enum Settled {
-    Abandoned,
-    AttemptTimeout,
-    Panicked,
-    Refused(BackendError),
-    Miscounted,
-    Answered {
-        answered: usize,
-        errors: Vec<BackendError>,
-    },
-}
-
-impl Settled {
-    fn as_call_end(&self) -> CallEnd<'_> {
-        match self {
-            Settled::Abandoned => CallEnd::Abandoned,
-            Settled::AttemptTimeout => CallEnd::AttemptTimeout,
-            Settled::Panicked => CallEnd::Panicked,
-            Settled::Refused(e) => CallEnd::Refused(e),
-            Settled::Miscounted => CallEnd::Miscounted,
-            Settled::Answered { answered, errors } => CallEnd::Answered {
-                answered: *answered,
-                errors,
-            },
-        }
-    }
+/// A finished call's records set aside, and how it ended.
+struct Settled<B: Backend> {
+    end: CallEnd,
+    /// Records worth another attempt, with the error of this one.
+    retry: Vec<(Job<B>, BackendError)>,
+    /// A batch that failed as a whole with a non-retryable error, to bisect.
+    split: Option<(Vec<Job<B>>, BackendError)>,
 }
 
 /// How the call itself ended.
@@ -137,8 +128,8 @@ impl<B: Backend> Call<B> {
                 })
             })
             .collect();
-        let (end, retry, split) = self.settle(ended, slots);
-        let judged = judge(end.as_call_end());
+        let Settled { end, retry, split } = self.settle(ended, slots);
+        let judged = judge(end);
         Report {
             sample: Sample {
                 sent_at: self.sent_at,
@@ -159,16 +150,7 @@ impl<B: Backend> Call<B> {
     /// Gives the records of a finished call their outcomes, or sets them aside for
     /// another attempt (`retry`) or for bisection (`split`); returns how the call
     /// ended, for [`judge`].
-    #[allow(clippy::type_complexity)]
-    fn settle(
-        &self,
-        ended: Ended<B::Output>,
-        slots: Vec<Option<Job<B>>>,
-    ) -> (
-        Settled,
-        Vec<(Job<B>, BackendError)>,
-        Option<(Vec<Job<B>>, BackendError)>,
-    ) {
+    fn settle(&self, ended: Ended<B::Output>, slots: Vec<Option<Job<B>>>) -> Settled<B> {
         let fail_all = |jobs: Vec<Job<B>>, e: &BackendError| {
             for job in jobs {
                 let f = Failure::from_backend(e.clone(), job.attempts);
@@ -176,7 +158,7 @@ impl<B: Backend> Call<B> {
             }
         };
         match ended {
-            Ended::Abandoned => (Settled::Abandoned, Vec::new(), None),
+            Ended::Abandoned => Settled::ended(CallEnd::Abandoned),
             Ended::AttemptTimeout => {
                 let ms = self.attempt_timeout.unwrap_or_default().as_millis();
                 let e = BackendError::new(
@@ -184,25 +166,28 @@ impl<B: Backend> Call<B> {
                     format!("attempt timed out after {ms} ms"),
                 );
                 let retry = flat(slots).into_iter().map(|j| (j, e.clone())).collect();
-                (Settled::AttemptTimeout, retry, None)
+                Settled {
+                    retry,
+                    ..Settled::ended(CallEnd::AttemptTimeout)
+                }
             }
             Ended::Panicked => {
                 let e = BackendError::permanent("the backend panicked during the call");
                 fail_all(flat(slots), &e);
-                (Settled::Panicked, Vec::new(), None)
+                Settled::ended(CallEnd::Panicked)
             }
             Ended::Returned(Err(e)) => {
                 let pending = flat(slots);
                 let poisonable = matches!(e.kind, ErrorKind::Permanent | ErrorKind::InvalidInput);
-                let (mut retry, mut split) = (Vec::new(), None);
+                let mut settled = Settled::ended(CallEnd::refused(&e));
                 if RetryConfig::retryable(e.kind) {
-                    retry = pending.into_iter().map(|j| (j, e.clone())).collect();
+                    settled.retry = pending.into_iter().map(|j| (j, e.clone())).collect();
                 } else if poisonable && pending.len() > 1 {
-                    split = Some((pending, e.clone()));
+                    settled.split = Some((pending, e));
                 } else {
                     fail_all(pending, &e);
                 }
-                (Settled::Refused(e), retry, split)
+                settled
             }
             Ended::Returned(Ok(results)) if results.len() != slots.len() => {
                 let e = BackendError::permanent(format!(
@@ -211,29 +196,30 @@ impl<B: Backend> Call<B> {
                     slots.len()
                 ));
                 fail_all(flat(slots), &e);
-                (Settled::Miscounted, Vec::new(), None)
+                Settled::ended(CallEnd::Miscounted)
             }
             Ended::Returned(Ok(results)) => {
-                let (mut answered, mut errors, mut retry) = (0, Vec::new(), Vec::new());
+                let mut settled = Settled::ended(CallEnd::Answered {
+                    answered: 0,
+                    retryable: 0,
+                    overloaded: 0,
+                    retry_after: None,
+                });
                 for (slot, result) in slots.into_iter().zip(results) {
                     let Some(job) = slot else { continue };
-                    answered += 1;
+                    settled.end.count(result.as_ref().err());
                     match result {
                         Ok(output) => {
                             finish(&self.instruments, job.reply, job.attempts, Ok(output));
                         }
-                        Err(e) if RetryConfig::retryable(e.kind) => {
-                            errors.push(e.clone());
-                            retry.push((job, e));
-                        }
+                        Err(e) if RetryConfig::retryable(e.kind) => settled.retry.push((job, e)),
                         Err(e) => {
-                            errors.push(e.clone());
                             let f = Failure::from_backend(e, job.attempts);
                             finish(&self.instruments, job.reply, job.attempts, Err(f));
                         }
                     }
                 }
-                (Settled::Answered { answered, errors }, retry, None)
+                settled
             }
         }
     }

@@ -37,9 +37,11 @@ impl Default for ConcurrencyConfig {
 /// How a finished call went, as far as the concurrency controller cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleOutcome {
-    /// The call returned (items may still have failed individually).
+    /// The call returned (items may still have failed individually, though not all
+    /// of them with overload: that is `Overloaded`).
     Ok,
-    /// The backend said it is overloaded.
+    /// The backend said it is overloaded: for the whole call, or for every record
+    /// it answered.
     Overloaded,
     /// The call was abandoned: it outlived every record's deadline.
     Dropped,

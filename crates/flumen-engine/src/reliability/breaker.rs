@@ -115,7 +115,9 @@ impl BreakerPhase {
 pub enum CallClass {
     /// It returned (items may have failed on their own merits).
     Success,
-    /// The backend failed: a transient error or an attempt timeout.
+    /// The backend failed: a transient refusal, a timeout, a panic, or every record
+    /// failing retryably for another reason than overload (see the judgement of a
+    /// call in `reliability/classify.rs`).
     Failure,
     /// Says nothing about the backend's health: overload (which shrinks concurrency
     /// instead), a bad request, a call abandoned because its records expired.

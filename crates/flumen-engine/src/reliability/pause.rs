@@ -114,13 +114,14 @@ mod tests {
         assert_eq!(p.until(now), None, "one failure is no streak");
         // Ignored calls (bad requests, overload) neither extend nor end the streak.
         p.on_call(now, &ignored, ms(20), &retry, &mut rng);
-        assert_eq!(p.until(now), None);
+        assert_eq!((p.streak, p.until(now)), (1, None));
         p.on_call(now, &fail, ms(20), &retry, &mut rng);
-        let first = p.until(now).map(|u| u - now);
-        // The backoff's ceiling for one failure is the initial backoff; jitter may
-        // draw zero, so look a little past now for the pause.
+        assert_eq!(p.streak, 2);
+        // The second failure in a row pauses for a jittered backoff under the
+        // initial ceiling (a draw of zero pauses for no time at all).
+        let first = p.until.map(|u| u - now);
         assert!(
-            first.is_none_or(|d| d <= retry.initial_backoff),
+            first.is_some_and(|d| d <= retry.initial_backoff),
             "{first:?}"
         );
         // The ceiling grows with the streak: over many failures, some pause is long.
@@ -134,7 +135,8 @@ mod tests {
         // One success ends the streak: the next failure alone does not pause.
         let later = now + retry.max_backoff;
         p.on_call(later, &ok, ms(20), &retry, &mut rng);
+        assert_eq!(p.streak, 0);
         p.on_call(later, &fail, ms(20), &retry, &mut rng);
-        assert_eq!(p.until(later), None);
+        assert_eq!((p.streak, p.until(later)), (1, None));
     }
 }

@@ -84,7 +84,8 @@ impl RetryConfig {
     }
 
     /// What becomes of a record whose attempt failed with the retryable `error`,
-    /// after `attempts` attempts of which `free` did not count: its final failure,
+    /// after `attempts` attempts of which `free` did not count (those
+    /// [`free_attempt`](RetryConfig::free_attempt) says are free, and breaker probes): its final failure,
     /// a timeout when its next attempt could not start before `deadline`, or another
     /// attempt at the instant returned (the backoff, never before the backend's
     /// `retry_after`).
