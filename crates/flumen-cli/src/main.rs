@@ -169,7 +169,7 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<flumen_gateway::BadConfig>().is_some() => {
+        Err(e) if e.downcast_ref::<flumen_config::BadConfig>().is_some() => {
             eprintln!("flumen: {e}");
             ExitCode::from(2)
         }

@@ -185,7 +185,7 @@ fn bad_flags_exit_with_status_2_and_name_the_flag() {
         &[
             "--capacity",
             "--sim-slots",
-            "--order keyed",
+            "--key-field",
             "--sim-error-rate",
         ],
     );

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use flumen_config::engine::{concurrency, concurrency_flag};
+use flumen_config::{AnyBackend, BackendConfig, SimSection};
 use flumen_connect::{AckToken, FileMode, Sink, Source};
 use flumen_core::ErrorKind;
-use flumen_engine::{
-    AimdConfig, ConcurrencyConfig, Engine, GradientConfig, InferExt, OrderMode, Outcome,
-};
-use flumen_gateway::backends::{AnyBackend, BackendConfig, SimSection};
+use flumen_engine::{Engine, InferExt, OrderMode, Outcome};
 use flumen_gateway::signals::{Signal, Signals};
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -72,9 +71,10 @@ pub struct RunArgs {
     /// Abandon (and retry) a backend call that takes longer than this, in ms.
     #[arg(long)]
     attempt_timeout_ms: Option<u64>,
-    /// Concurrency control: `adaptive` (latency gradient), `aimd`, or a fixed number.
+    /// Concurrency control: `adaptive` (latency gradient; also `gradient`), `aimd`,
+    /// or a fixed number — as `concurrency` in a pipeline file's `[engine]`.
     #[arg(long, default_value = "adaptive", value_parser = parse_concurrency)]
-    concurrency: ConcurrencyConfig,
+    concurrency: String,
     /// A TOML file choosing and configuring the backend (`[backend]`), the engine
     /// (`[engine]`) and the operator (`[operator]`); it replaces the engine,
     /// operator and simulator flags.
@@ -182,43 +182,20 @@ enum Order {
     Keyed,
 }
 
-fn parse_concurrency(s: &str) -> Result<ConcurrencyConfig, String> {
-    match s {
-        "adaptive" | "gradient" => Ok(ConcurrencyConfig::Gradient(GradientConfig::default())),
-        "aimd" => Ok(ConcurrencyConfig::Aimd(AimdConfig::default())),
-        n => match n.parse::<usize>() {
-            Ok(n) if n > 0 => Ok(ConcurrencyConfig::Fixed(n)),
-            _ => Err(format!(
-                "`{n}` is not `adaptive`, `aimd` or a positive number"
-            )),
-        },
-    }
+/// Checks `--concurrency` with the pipeline file's parser, so that a bad value is
+/// refused as clap refuses bad flags.
+fn parse_concurrency(s: &str) -> Result<String, String> {
+    concurrency(&concurrency_flag(s)).map(|_| s.to_owned())
 }
 
-pub use flumen_gateway::BadConfig;
+pub use flumen_config::BadConfig;
 
 impl SimArgs {
-    fn section(&self, problems: &mut Vec<String>) -> SimSection {
-        for (v, name) in [(self.sim_a_ms, "sim-a-ms"), (self.sim_b_ms, "sim-b-ms")] {
-            if !(v.is_finite() && v >= 0.0) {
-                problems.push(format!("--{name}: must be a number ≥ 0, got {v}"));
-            }
-        }
-        if self.sim_slots == 0 {
-            problems.push("--sim-slots: must be > 0".into());
-        }
-        if self.sim_max_batch == 0 {
-            problems.push("--sim-max-batch: must be > 0".into());
-        }
-        if !(0.0..=1.0).contains(&self.sim_error_rate) {
-            problems.push(format!(
-                "--sim-error-rate: must be within 0..=1, got {}",
-                self.sim_error_rate
-            ));
-        }
+    /// The `[backend]` section these flags fill (validated with the pipeline files').
+    fn section(&self) -> SimSection {
         SimSection {
-            a_ms: self.sim_a_ms.max(0.0),
-            b_ms: self.sim_b_ms.max(0.0),
+            a_ms: self.sim_a_ms,
+            b_ms: self.sim_b_ms,
             slots: self.sim_slots,
             max_batch: self.sim_max_batch,
             error_rate: self.sim_error_rate,

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use flumen_config::engine::concurrency_flag;
+use flumen_config::{BackendConfig, EmbeddedSection, FileConfig};
+use flumen_config::{EngineSection, OperatorSection};
 use flumen_connect::{Patience, SinkConfig, SourceConfig};
-use flumen_engine::{BatchConfig, EngineConfig, OperatorConfig, OrderMode, RetryConfig};
-use flumen_gateway::backends::{BackendConfig, EmbeddedSection, FileConfig};
-use flumen_gateway::backends::{EngineSection, OperatorSection};
+use flumen_engine::{EngineConfig, OperatorConfig};
 use serde::Deserialize;
 
 use super::{BackendKind, BadConfig, Order, RunArgs};
@@ -222,24 +223,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
     if !problems.is_empty() {
         return Err(BadConfig(problems).into());
     }
-    let o = &file.operator;
-    let key = match o.order.as_deref() {
-        Some("keyed") => o.key_field.clone().map(KeyBy::Field),
-        Some("partition") => Some(KeyBy::Partition),
-        _ => None,
-    };
-    let operator = OperatorConfig {
-        order: match o.order.as_deref() {
-            Some("ordered") => OrderMode::Ordered,
-            Some("keyed") | Some("partition") => OrderMode::Keyed,
-            _ => OrderMode::Unordered,
-        },
-        capacity: o.capacity.unwrap_or(1_000),
-        timeout: match o.timeout_ms {
-            Some(0) => None,
-            t => Some(Duration::from_millis(t.unwrap_or(60_000))),
-        },
-    };
+    let (key, operator) = (key_of(&file.operator), file.operator());
     Ok(Setup {
         engine: file.engine("backend"),
         key,
@@ -299,29 +283,66 @@ pub(super) fn source_of_flags(args: &RunArgs) -> SourceConfig {
     }
 }
 
+/// What orders outcomes, by an operator section's `order`.
+fn key_of(o: &OperatorSection) -> Option<KeyBy> {
+    match o.order.as_deref() {
+        Some("keyed") => o.key_field.clone().map(KeyBy::Field),
+        Some("partition") => Some(KeyBy::Partition),
+        _ => None,
+    }
+}
+
+/// The flag that sets each section field `flumen run` has a flag for.
+const FLAG_OF: &[(&str, &str)] = &[
+    ("backend.kind", "--backend"),
+    ("backend.a_ms", "--sim-a-ms"),
+    ("backend.b_ms", "--sim-b-ms"),
+    ("backend.slots", "--sim-slots"),
+    ("backend.max_batch", "--sim-max-batch"),
+    ("backend.error_rate", "--sim-error-rate"),
+    ("backend.dir", "--model-dir"),
+    ("backend.threads", "--model-threads"),
+    ("engine.max_batch", "--max-batch"),
+    ("engine.max_wait_ms", "--max-wait-ms"),
+    ("engine.max_attempts", "--max-attempts"),
+    ("engine.attempt_timeout_ms", "--attempt-timeout-ms"),
+    ("engine.concurrency", "--concurrency"),
+    ("operator.capacity", "--capacity"),
+    ("operator.timeout_ms", "--timeout-ms"),
+    ("operator.key_field", "--key-field"),
+    ("operator.order", "--order"),
+];
+
+/// A problem found in the sections the flags filled, told with the flags' names:
+/// each whole section path that has a flag is replaced by it.
+fn in_flags(problem: &str) -> String {
+    let mut out = String::with_capacity(problem.len());
+    let mut rest = problem;
+    'scan: while !rest.is_empty() {
+        for (path, flag) in FLAG_OF {
+            if let Some(after) = rest.strip_prefix(path) {
+                let whole = !after.starts_with(|c: char| c.is_alphanumeric() || c == '_');
+                let starts_word =
+                    !out.ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '.');
+                if whole && starts_word {
+                    out.push_str(flag);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// The flags fill the same sections a pipeline file does, and go through the same
+/// validation and the same conversion into the engine's and operator's settings.
 pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
-    let mut problems = Vec::new();
-    if args.capacity == 0 {
-        problems.push("--capacity: must be > 0".to_owned());
-    }
-    if args.max_attempts == 0 {
-        problems.push("--max-attempts: must be > 0".to_owned());
-    }
-    if args.attempt_timeout_ms == Some(0) {
-        problems.push("--attempt-timeout-ms: must be > 0".to_owned());
-    }
-    if args.max_batch == Some(0) {
-        problems.push("--max-batch: must be > 0".to_owned());
-    }
-    if matches!(args.order, Order::Keyed) && args.key_field.is_none() {
-        problems.push("--order keyed: needs --key-field".to_owned());
-    }
-    if args.max_record_bytes == 0 {
-        problems.push("--max-record-bytes: must be > 0".to_owned());
-    }
-    problems.extend(delivery_problems(args));
     let backend = match args.backend {
-        BackendKind::Sim => BackendConfig::Sim(args.sim.section(&mut problems)),
+        BackendKind::Sim => BackendConfig::Sim(args.sim.section()),
         BackendKind::Embedded => BackendConfig::Embedded(EmbeddedSection {
             dir: args.embedded.model_dir.clone(),
             threads: args.embedded.model_threads,
@@ -329,50 +350,49 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
             ..EmbeddedSection::default()
         }),
     };
-    problems.extend(
-        backend
-            .validate("backend")
-            .into_iter()
-            .map(|p| p.replace("backend.kind", "--backend")),
-    );
-    if !problems.is_empty() {
-        return Err(BadConfig(problems).into());
-    }
-    let engine = EngineConfig {
-        name: match args.backend {
-            BackendKind::Sim => "sim".into(),
-            BackendKind::Embedded => "embedded".into(),
-        },
-        batch: BatchConfig {
-            max_items: args.max_batch,
-            max_wait: args.max_wait_ms.map(Duration::from_millis),
-            ..BatchConfig::default()
-        },
-        concurrency: args.concurrency.clone(),
-        retry: RetryConfig {
-            max_attempts: args.max_attempts,
-            ..RetryConfig::default()
-        },
-        attempt_timeout: args.attempt_timeout_ms.map(Duration::from_millis),
-        ..EngineConfig::default()
+    let engine = EngineSection {
+        max_batch: args.max_batch,
+        max_wait_ms: args.max_wait_ms,
+        concurrency: Some(concurrency_flag(&args.concurrency)),
+        max_attempts: Some(args.max_attempts),
+        attempt_timeout_ms: args.attempt_timeout_ms,
+        ..EngineSection::default()
     };
-    let operator = OperatorConfig {
-        order: match args.order {
-            Order::Unordered => OrderMode::Unordered,
-            Order::Ordered => OrderMode::Ordered,
-            Order::Keyed => OrderMode::Keyed,
-        },
-        capacity: args.capacity,
-        timeout: (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms)),
+    let operator = OperatorSection {
+        order: Some(
+            match args.order {
+                Order::Unordered => "unordered",
+                Order::Ordered => "ordered",
+                Order::Keyed => "keyed",
+            }
+            .to_owned(),
+        ),
+        capacity: Some(args.capacity),
+        timeout_ms: Some(args.timeout_ms),
+        key_field: args.key_field.clone(),
     };
-    Ok(Setup {
+    let file = FileConfig {
         backend,
         engine,
         operator,
-        key: match args.order {
-            Order::Keyed => args.key_field.clone().map(KeyBy::Field),
-            _ => None,
-        },
+    };
+    let mut problems: Vec<String> = file.validate().iter().map(|p| in_flags(p)).collect();
+    if args.max_record_bytes == 0 {
+        problems.push("--max-record-bytes: must be > 0".to_owned());
+    }
+    problems.extend(delivery_problems(args));
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let name = match args.backend {
+        BackendKind::Sim => "sim",
+        BackendKind::Embedded => "embedded",
+    };
+    Ok(Setup {
+        engine: file.engine(name),
+        operator: file.operator(),
+        key: key_of(&file.operator),
+        backend: file.backend,
         source: source_of_flags(args),
         sink: args.output.as_deref().map_or(SinkConfig::Stdout, file_sink),
         dead_letter: args.dead_letter.as_deref().map(file_sink),
@@ -420,4 +440,34 @@ pub(super) fn pipeline_path(args: &RunArgs) -> Option<PathBuf> {
         .get("backend")
         .is_some_and(toml::Value::is_table)
         .then(|| input.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn section_paths_read_as_flags() {
+        assert_eq!(
+            in_flags("engine.max_attempts: must be > 0"),
+            "--max-attempts: must be > 0"
+        );
+        assert_eq!(
+            in_flags("backend.max_batch: must be > 0"),
+            "--sim-max-batch: must be > 0"
+        );
+        assert_eq!(
+            in_flags("operator.key_field: required when operator.order is \"keyed\""),
+            "--key-field: required when --order is \"keyed\""
+        );
+        assert_eq!(
+            in_flags("engine.max_batch_tokens: must be > 0"),
+            "engine.max_batch_tokens: must be > 0",
+            "only whole paths are renamed"
+        );
+        assert_eq!(
+            in_flags("backend.a_ms: must be a number ≥ 0, got -1"),
+            "--sim-a-ms: must be a number ≥ 0, got -1"
+        );
+    }
 }

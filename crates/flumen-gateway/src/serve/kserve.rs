@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::serve::{error, Shared};
+use super::gateway::Shared;
+use super::http::error;
+use super::tensors::{output_tensor, tensor_records};
 
 pub(crate) async fn kserve_metadata(
     State(g): State<Shared>,
@@ -30,48 +32,6 @@ pub(crate) async fn kserve_ready(State(g): State<Shared>, Path(model): Path<Stri
     } else {
         StatusCode::NOT_FOUND
     }
-}
-
-/// The rows of a tensor's flat `data` with `rows` rows, one record each (a scalar
-/// for one element per row, else an array).
-pub(crate) fn tensor_records(data: &[Value], rows: usize) -> Result<Vec<Value>, String> {
-    let rows = rows.max(1);
-    if data.is_empty() || !data.len().is_multiple_of(rows) {
-        return Err(format!("{} elements do not fill {rows} rows", data.len()));
-    }
-    let per_row = data.len() / rows;
-    Ok(data
-        .chunks(per_row)
-        .map(|c| {
-            if per_row == 1 {
-                c[0].clone()
-            } else {
-                Value::Array(c.to_vec())
-            }
-        })
-        .collect())
-}
-
-/// Predictions as one output tensor: its datatype (FP32 when every element is a
-/// number, else BYTES), its flat elements and its columns per row.
-pub(crate) fn output_tensor(out: &[Value]) -> (&'static str, Vec<Value>, usize) {
-    let flat: Vec<Value> = out
-        .iter()
-        .flat_map(|v| match v {
-            Value::Array(a) => a.clone(),
-            other => vec![other.clone()],
-        })
-        .collect();
-    let numeric = flat.iter().all(Value::is_number);
-    let flat: Vec<Value> = if numeric {
-        flat
-    } else {
-        flat.iter()
-            .map(|v| Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
-            .collect()
-    };
-    let cols = flat.len() / out.len().max(1);
-    (if numeric { "FP32" } else { "BYTES" }, flat, cols)
 }
 
 /// The binary tensor extension's header: how many leading body bytes are JSON.

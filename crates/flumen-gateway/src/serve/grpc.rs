@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use flumen_core::ErrorKind;
 use flumen_kserve::grpc::proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
@@ -16,8 +16,8 @@ use flumen_kserve::grpc::typed;
 use flumen_kserve::raw::{decode_raw, encode_raw};
 use tonic::{Request, Response, Status};
 
-use crate::serve::{Gateway, Reject};
-use crate::serve_kserve::{output_tensor, tensor_records};
+use super::gateway::{Gateway, Reason, Reject};
+use super::tensors::{output_tensor, tensor_records};
 
 /// The gRPC face of the gateway.
 pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
@@ -43,19 +43,19 @@ fn grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// The one mapping from a rejection to a gRPC status.
+/// The one mapping from a rejection's reason to a gRPC status.
 fn status(r: Reject) -> Status {
     let message = r.message;
-    match r.status {
-        StatusCode::TOO_MANY_REQUESTS => Status::resource_exhausted(message),
-        StatusCode::UNAUTHORIZED => Status::unauthenticated(message),
-        StatusCode::NOT_FOUND => Status::not_found(message),
-        StatusCode::BAD_REQUEST
-        | StatusCode::PAYLOAD_TOO_LARGE
-        | StatusCode::UNPROCESSABLE_ENTITY => Status::invalid_argument(message),
-        StatusCode::GATEWAY_TIMEOUT => Status::deadline_exceeded(message),
-        StatusCode::SERVICE_UNAVAILABLE => Status::unavailable(message),
-        _ => Status::internal(message),
+    match r.reason {
+        Reason::Busy | Reason::Failed(ErrorKind::Overloaded) => Status::resource_exhausted(message),
+        Reason::Unauthorized => Status::unauthenticated(message),
+        Reason::UnknownModel => Status::not_found(message),
+        Reason::NoInput | Reason::TooManyItems | Reason::Failed(ErrorKind::InvalidInput) => {
+            Status::invalid_argument(message)
+        }
+        Reason::Failed(ErrorKind::Timeout) => Status::deadline_exceeded(message),
+        Reason::Failed(ErrorKind::Transient | ErrorKind::Shutdown) => Status::unavailable(message),
+        Reason::Failed(_) => Status::internal(message),
     }
 }
 
@@ -80,7 +80,9 @@ impl GrpcInferenceService for GrpcGateway {
         &self,
         _: Request<proto::ServerReadyRequest>,
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
-        Ok(Response::new(proto::ServerReadyResponse { ready: true }))
+        // As `/health/ready`: not while a model's circuit breaker is open.
+        let ready = self.0.open_circuits().is_empty();
+        Ok(Response::new(proto::ServerReadyResponse { ready }))
     }
 
     async fn model_ready(
@@ -174,6 +176,40 @@ impl GrpcInferenceService for GrpcGateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_reason_has_one_grpc_code() {
+        use tonic::Code;
+        let code = |reason| status(Reject::new(reason, "x")).code();
+        let cases = [
+            (Reason::Unauthorized, Code::Unauthenticated),
+            (Reason::UnknownModel, Code::NotFound),
+            (Reason::NoInput, Code::InvalidArgument),
+            (Reason::TooManyItems, Code::InvalidArgument),
+            (Reason::Busy, Code::ResourceExhausted),
+            (
+                Reason::Failed(ErrorKind::Overloaded),
+                Code::ResourceExhausted,
+            ),
+            (
+                Reason::Failed(ErrorKind::InvalidInput),
+                Code::InvalidArgument,
+            ),
+            (Reason::Failed(ErrorKind::Timeout), Code::DeadlineExceeded),
+            (Reason::Failed(ErrorKind::Transient), Code::Unavailable),
+            (Reason::Failed(ErrorKind::Shutdown), Code::Unavailable),
+            (Reason::Failed(ErrorKind::Permanent), Code::Internal),
+        ];
+        for (reason, expected) in cases {
+            assert_eq!(code(reason), expected, "{reason:?}");
+        }
+        assert!(
+            ErrorKind::ALL
+                .iter()
+                .all(|k| cases.iter().any(|(r, _)| *r == Reason::Failed(*k))),
+            "every error kind has a case"
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_every_unit() {

@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::serve::{error, Shared};
+use super::gateway::Shared;
+use super::http::error;
 
 pub(crate) async fn embeddings(
     State(g): State<Shared>,

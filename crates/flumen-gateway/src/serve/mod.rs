@@ -1,0 +1,286 @@
+//! `flumen serve`: a gateway in front of the engines, so that engines that send one
+//! request per row (Flink, Spark, RisingWave) get batching, adaptive concurrency,
+//! retries and breakers without changing. Every caller's records go into one
+//! shared engine per model and are batched together.
+//!
+//! Front protocols: OpenAI `/v1/embeddings`, `/v1/chat/completions` (with
+//! `stream: true`, the reply arrives as one SSE chunk: no backend streams yet),
+//! `/v1/models`; KServe v2 over HTTP with JSON or binary tensors (`/v2/health/*`,
+//! `/v2/models/{m}`, `/v2/models/{m}/ready`, `/v2/models/{m}/infer`). Admission
+//! control answers 429 with `Retry-After` once a model has `max_pending` records in
+//! the engine; bearer-token auth (constant-time comparison) when configured; body
+//! size and items per request bounded; a request deadline from `x-request-timeout-ms`
+//! (or the server's default); Prometheus `/metrics` with every engine's metrics.
+//! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature; HTTPS with
+//! `tls_cert`/`tls_key` and the `tls` feature. On SIGINT/SIGTERM (or
+//! [`Stopper::stop`]) every listener stops accepting, requests in flight are
+//! answered, idle connections close, and `flumen serve` exits 0.
+//!
+//! The gateway's modules, each depending only on those below it:
+//! - this module: `flumen serve`, the listeners, the routes and `/metrics`;
+//! - `openai`, `kserve` (HTTP) and `grpc`: the fronts, each translating a protocol
+//!   into records and back;
+//! - `http` (what the HTTP fronts share: statuses, error bodies, readiness, the
+//!   access log) and `tensors` (rows to records and back, for both KServe fronts);
+//! - `gateway`: the protocol-neutral gateway: one engine per model, auth, limits,
+//!   admission, deadlines, and a rejection's reason;
+//! - `config`: the configuration file; `tls`: HTTPS.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use flumen_config::{AnyBackend, BadConfig};
+use flumen_engine::Engine;
+
+mod config;
+mod gateway;
+#[cfg(feature = "grpc")]
+mod grpc;
+mod http;
+mod kserve;
+mod openai;
+mod tensors;
+#[cfg(feature = "tls")]
+mod tls;
+
+pub use config::{ModelSection, ServeConfig, ServerSection};
+use gateway::{Gateway, Model, Shared};
+
+/// Runs `flumen serve CONFIG` until interrupted.
+pub async fn serve(path: &std::path::Path) -> Result<()> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BadConfig(vec![format!("{shown}: cannot read: {e}")]))?;
+    let config: ServeConfig = toml::from_str(&text)
+        .map_err(|e| BadConfig(vec![format!("{shown}: {}", e.to_string().trim_end())]))?;
+    let problems: Vec<String> = config
+        .validate()
+        .into_iter()
+        .map(|p| format!("{shown}: {p}"))
+        .collect();
+    if !problems.is_empty() {
+        return Err(BadConfig(problems).into());
+    }
+    let running = start(&config).await?;
+    let scheme = if config.server.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    eprintln!("flumen serve: listening on {scheme}://{}", running.addr);
+    let stop = running.stopper();
+    let mut signals = crate::signals::Signals::listen();
+    tokio::spawn(async move {
+        signals.recv().await;
+        eprintln!("flumen serve: stopping: answering the requests in flight");
+        stop.stop();
+    });
+    running.finished().await
+}
+
+/// A gateway running in the background.
+pub struct Running {
+    /// The HTTP address it listens on.
+    pub addr: std::net::SocketAddr,
+    /// The gRPC address it listens on, when `grpc_listen` is set (a port of 0 picks
+    /// a free one).
+    pub grpc_addr: Option<std::net::SocketAddr>,
+    servers: Vec<tokio::task::JoinHandle<Result<()>>>,
+    stop: Stopper,
+}
+
+/// Stops a [`Running`] gateway from anywhere: it stops accepting connections, answers
+/// the requests in flight, closes idle connections, then its servers end.
+#[derive(Clone)]
+pub struct Stopper(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Stopper {
+    /// Asks the gateway to stop (idempotent).
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once a stop was asked for.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+impl Running {
+    /// A handle that stops this gateway.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
+    }
+
+    /// Waits until every server (HTTP, and gRPC when configured) has ended: after a
+    /// stop, once in-flight requests are answered; or at the first that fails.
+    pub async fn finished(self) -> Result<()> {
+        for server in self.servers {
+            server.await.context("a server task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+/// The process's Prometheus recorder, installed on first use: every engine of the
+/// process (labelled `engine`) reports to it, and every `/metrics` endpoint renders it.
+/// If another recorder was installed first, the handle renders nothing.
+fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                flumen_engine::telemetry::describe();
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Installs the process's Prometheus recorder (engine metrics, names in
+/// `flumen_engine::telemetry`) and serves `GET /metrics` on `addr` in the background,
+/// for `flumen run --metrics-addr`. Returns the bound address (port 0 picks one).
+pub async fn serve_metrics(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+    let handle = prometheus();
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(bound)
+}
+
+/// Starts a gateway for a validated configuration: connects every model's backend,
+/// then listens. A `listen` port of 0 picks a free one (see [`Running::addr`]).
+pub async fn start(config: &ServeConfig) -> Result<Running> {
+    // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`.
+    let handle = prometheus();
+    let mut models = BTreeMap::new();
+    for m in &config.models {
+        let backend = AnyBackend::build(&m.backend).await.map_err(|p| {
+            anyhow::anyhow!(
+                "model `{}`: cannot start its backend: {}",
+                m.name,
+                p.join("; ")
+            )
+        })?;
+        let engine = Engine::new(backend, m.engine.config(&m.name));
+        models.insert(
+            m.name.clone(),
+            Model {
+                engine,
+                pending: AtomicUsize::new(0),
+            },
+        );
+    }
+    let s = &config.server;
+    let token = match &s.api_key_env {
+        Some(var) => Some(std::env::var(var).context("server.api_key_env")?),
+        None => None,
+    };
+    let stop = Stopper(Arc::new(tokio::sync::watch::channel(false).0));
+    let mut servers = Vec::new();
+    let gateway = Arc::new(Gateway {
+        models,
+        metrics: handle,
+        token,
+        max_items: s.max_items,
+        max_pending: s.max_pending,
+        timeout: Duration::from_millis(s.timeout_ms),
+    });
+    let app = Router::new()
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(http::ready))
+        .route(
+            "/metrics",
+            get(|State(g): State<Shared>| async move { g.metrics.render() }),
+        )
+        .route("/health/live", get(|| async { StatusCode::OK }))
+        .route("/health/ready", get(http::ready))
+        .route("/v2/models/{model}", get(kserve::kserve_metadata))
+        .route("/v2/models/{model}/ready", get(kserve::kserve_ready))
+        .route("/v2/models/{model}/infer", post(kserve::kserve_infer))
+        .layer(DefaultBodyLimit::max(s.max_body_bytes))
+        .with_state(Arc::clone(&gateway));
+    let app = if s.log_requests {
+        app.layer(axum::middleware::from_fn(http::access_log))
+    } else {
+        app
+    };
+    #[allow(unused_mut)] // set only with the grpc feature
+    let mut grpc_addr = None;
+    #[cfg(feature = "grpc")]
+    if let Some(addr) = &s.grpc_listen {
+        let addr: std::net::SocketAddr = addr.parse().context("server.grpc_listen")?;
+        let service = grpc::GrpcGateway(Arc::clone(&gateway)).service();
+        // Bound here, so that the gateway takes gRPC calls once `start` returns.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (server.grpc_listen)"))?;
+        let bound = listener.local_addr()?;
+        eprintln!("flumen serve: KServe v2 gRPC on {bound}");
+        grpc_addr = Some(bound);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let stopped = stop.stopped();
+        servers.push(tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await
+                .context("the gRPC server failed")
+        }));
+    }
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", s.listen))?;
+    let addr = listener.local_addr()?;
+    let stopped = stop.stopped();
+    #[cfg(feature = "tls")]
+    if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
+        let acceptor = tls::acceptor(cert, key)?;
+        servers.push(tokio::spawn(async move {
+            tls::serve(listener, acceptor, app, stopped)
+                .await
+                .context("the HTTPS server failed")
+        }));
+        return Ok(Running {
+            addr,
+            grpc_addr,
+            servers,
+            stop,
+        });
+    }
+    servers.push(tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+            .context("the HTTP server failed")
+    }));
+    Ok(Running {
+        addr,
+        grpc_addr,
+        servers,
+        stop,
+    })
+}
