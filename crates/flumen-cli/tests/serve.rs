@@ -12,18 +12,7 @@ use std::time::Duration;
 
 mod common;
 use common::{free_port, Killed as Gateway};
-
-fn pyclients() -> PathBuf {
-    let dir = std::env::var_os("FLUMEN_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps"))
-        .join("py");
-    assert!(
-        dir.join(".installed-2").exists(),
-        "the Python clients are not installed: run `bash scripts/pyclients.sh` (scripts/test.sh does)"
-    );
-    dir
-}
+use flumen_kserve::server::python_clients as pyclients;
 
 /// Waits (bounded) until something listens on `port`.
 // Waiting for a child process is not timing logic under test.

@@ -4,22 +4,9 @@
 //! real Triton server behind the gateway, `echo` by the simulator, and `minilm` (with
 //! the `embedded` feature) by the in-process model.
 
-use std::path::{Path, PathBuf};
 
 use flumen_gateway::serve::{start, ServeConfig};
-use flumen_kserve::server::{PythonModel, TritonServer};
-
-fn pyclients() -> PathBuf {
-    let dir = std::env::var_os("FLUMEN_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps"))
-        .join("py");
-    assert!(
-        dir.join(".installed-2").exists(),
-        "the Python clients are not installed: run `bash scripts/pyclients.sh` (scripts/test.sh does)"
-    );
-    dir
-}
+use flumen_kserve::server::{python_clients as pyclients, PythonModel, TritonServer};
 
 fn embed_model() -> PythonModel {
     PythonModel {

@@ -89,13 +89,32 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Where `scripts/triton.sh` installed Triton: `$FLUMEN_DEPS/triton`, by default
-/// `.deps/triton` in the repository.
-pub fn install_dir() -> PathBuf {
+/// Where the project's scripts install test peers: `$FLUMEN_DEPS`, by default
+/// `.deps` in the repository.
+fn deps_dir() -> PathBuf {
     std::env::var_os("FLUMEN_DEPS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps"))
-        .join("triton")
+}
+
+/// Where `scripts/triton.sh` installed Triton: `$FLUMEN_DEPS/triton`, by default
+/// `.deps/triton` in the repository.
+pub fn install_dir() -> PathBuf {
+    deps_dir().join("triton")
+}
+
+/// Where `scripts/pyclients.sh` installed the official Python clients (`openai`,
+/// `tritonclient`), for `PYTHONPATH`.
+///
+/// # Panics
+/// When they are not installed, saying how to install them.
+pub fn python_clients() -> PathBuf {
+    let dir = deps_dir().join("py");
+    assert!(
+        dir.join(".installed-2").exists(),
+        "the Python clients are not installed: run `bash scripts/pyclients.sh` (scripts/test.sh does)"
+    );
+    dir
 }
 
 impl TritonServer {
