@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the tests need, installed once (idempotent):
 #   nats-server  — a real NATS JetStream server for the NATS connector's tests
+#   a JDK (javac, jar, java; 17) — to build the Flink provider and run Flink 2.3
 # Runs apt-get only when something is missing (as root, or through sudo).
 set -euo pipefail
 missing=()
 command -v nats-server >/dev/null || missing+=(nats-server)
+command -v javac >/dev/null || missing+=(openjdk-17-jdk-headless)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}" >&2
     sudo=""

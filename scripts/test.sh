@@ -7,8 +7,10 @@
 # a real Triton server (scripts/triton.sh) for the KServe v2 backend's tests, the
 # official `openai` and `tritonclient` Python clients (scripts/pyclients.sh) for the
 # gateway's, a Kafka-protocol broker (tansu, scripts/kafka.sh) and NATS JetStream
-# (Debian's nats-server, scripts/system.sh) for the connectors'. The embedded model's
-# tests fetch all-MiniLM-L6-v2 from PyPI into ~/.cache/flumen on first use.
+# (Debian's nats-server, scripts/system.sh) for the connectors', and Flink 2.3's
+# jars with the provider compiled by javac (scripts/flink.sh; the JDK from Debian,
+# scripts/system.sh) for the Flink integration's. The embedded model's tests fetch
+# all-MiniLM-L6-v2 from PyPI into ~/.cache/flumen on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,7 @@ bash scripts/system.sh
 bash scripts/triton.sh >/dev/null
 bash scripts/pyclients.sh >/dev/null
 bash scripts/kafka.sh >/dev/null
+bash scripts/flink.sh >/dev/null
 
 cargo test --workspace --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked

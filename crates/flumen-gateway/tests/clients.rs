@@ -4,7 +4,6 @@
 //! real Triton server behind the gateway, `echo` by the simulator, and `minilm` (with
 //! the `embedded` feature) by the in-process model.
 
-
 use flumen_gateway::serve::{start, ServeConfig};
 use flumen_kserve::server::{python_clients as pyclients, PythonModel, TritonServer};
 

@@ -1,0 +1,177 @@
+package io.flumen.flink;
+
+import java.net.ConnectException;
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+import java.net.http.HttpTimeoutException;
+import java.time.Duration;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.CompletionException;
+import java.util.concurrent.ThreadLocalRandom;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * Sends one request and retries it until it has an answer, a failure not worth another
+ * try, or the retry timeout has passed: overload (429, 503) waits for {@code Retry-After}
+ * (or the backoff), other 5xx, 408 and a gateway that cannot be reached (down at start,
+ * restarted mid-run) back off with full jitter. A row never waits longer than
+ * {@code retry-timeout}, which stays below Flink's own async timeout so that a failing
+ * row gets its error rather than failing the job.
+ */
+final class Client {
+    /** An answer: the parsed JSON, or why there is none. */
+    static final class Answer {
+        final Object json;
+        final String kind;
+        final String message;
+
+        private Answer(Object json, String kind, String message) {
+            this.json = json;
+            this.kind = kind;
+            this.message = message;
+        }
+
+        static Answer ok(Object json) {
+            return new Answer(json, null, null);
+        }
+
+        static Answer failed(String kind, String message) {
+            return new Answer(null, kind, message);
+        }
+
+        boolean ok() {
+            return kind == null;
+        }
+    }
+
+    /** One attempt's failure. */
+    private static final class Failure {
+        final String kind;
+        final String message;
+        final boolean retryable;
+        final long retryAfterMs;
+
+        Failure(String kind, String message, boolean retryable, long retryAfterMs) {
+            this.kind = kind;
+            this.message = message;
+            this.retryable = retryable;
+            this.retryAfterMs = retryAfterMs;
+        }
+    }
+
+    private final Settings settings;
+    private final HttpClient http;
+
+    Client(Settings settings) {
+        this.settings = settings;
+        this.http = HttpClient.newBuilder()
+                .connectTimeout(Duration.ofMillis(Math.min(settings.requestTimeoutMs, 10_000)))
+                .build();
+    }
+
+    /** Posts {@code body} to the model's path, retrying as the settings say. */
+    CompletableFuture<Answer> post(String body) {
+        return attempt(body, System.nanoTime(), 1, null);
+    }
+
+    private CompletableFuture<Answer> attempt(String body, long started, int n, Failure last) {
+        HttpRequest.Builder req = HttpRequest.newBuilder(URI.create(settings.endpoint + settings.path()))
+                .timeout(Duration.ofMillis(settings.requestTimeoutMs))
+                .header("content-type", "application/json")
+                .header("x-request-timeout-ms", Long.toString(settings.requestTimeoutMs))
+                .POST(HttpRequest.BodyPublishers.ofString(body));
+        if (settings.apiKey != null) {
+            req.header("authorization", "Bearer " + settings.apiKey);
+        }
+        CompletableFuture<HttpResponse<String>> sent;
+        try {
+            sent = http.sendAsync(req.build(), HttpResponse.BodyHandlers.ofString());
+        } catch (RuntimeException e) {
+            sent = CompletableFuture.failedFuture(e);
+        }
+        return sent.handle((resp, err) -> {
+                    Failure f = classify(resp, err);
+                    if (f == null) {
+                        try {
+                            return CompletableFuture.completedFuture(Answer.ok(Json.parse(resp.body())));
+                        } catch (IllegalArgumentException e) {
+                            return CompletableFuture.completedFuture(
+                                    Answer.failed("permanent", "unreadable answer: " + e.getMessage()));
+                        }
+                    }
+                    if (!f.retryable) {
+                        return CompletableFuture.completedFuture(Answer.failed(f.kind, f.message));
+                    }
+                    long ceiling = Math.min(
+                            settings.backoffMaxMs,
+                            settings.backoffInitialMs << Math.min(n - 1, 20));
+                    long wait = Math.max(f.retryAfterMs, ThreadLocalRandom.current().nextLong(ceiling + 1));
+                    long elapsed = TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - started);
+                    if (elapsed + wait > settings.retryTimeoutMs) {
+                        return CompletableFuture.completedFuture(Answer.failed(
+                                "timeout",
+                                "gave up after " + n + " attempt(s) in " + elapsed + " ms (retry-timeout "
+                                        + settings.retryTimeoutMs + " ms); last error: " + f.kind + ": "
+                                        + f.message));
+                    }
+                    return CompletableFuture.supplyAsync(
+                                    () -> null, CompletableFuture.delayedExecutor(wait, TimeUnit.MILLISECONDS))
+                            .thenCompose(x -> attempt(body, started, n + 1, f));
+                })
+                .thenCompose(x -> x);
+    }
+
+    /** Null for a success; otherwise what failed and whether it is worth another try. */
+    private static Failure classify(HttpResponse<String> resp, Throwable err) {
+        if (err != null) {
+            Throwable cause = err instanceof CompletionException && err.getCause() != null ? err.getCause() : err;
+            if (cause instanceof HttpTimeoutException) {
+                return new Failure("timeout", "request timed out: " + cause.getMessage(), true, 0);
+            }
+            String what = cause instanceof ConnectException ? "cannot connect" : "request failed";
+            return new Failure("transient", what + ": " + cause, true, 0);
+        }
+        int status = resp.statusCode();
+        if (status >= 200 && status < 300) {
+            return null;
+        }
+        String message = "HTTP " + status + ": " + errorMessage(resp.body());
+        if (status == 429 || status == 503) {
+            long ra = resp.headers().firstValue("retry-after").map(Client::seconds).orElse(0L);
+            return new Failure("overloaded", message, true, ra);
+        }
+        if (status == 408 || status == 504) {
+            return new Failure("timeout", message, true, 0);
+        }
+        if (status >= 500) {
+            return new Failure("transient", message, true, 0);
+        }
+        return new Failure(status == 422 || status == 413 ? "invalid_input" : "permanent", message, false, 0);
+    }
+
+    private static long seconds(String v) {
+        try {
+            return Math.max(0, Math.round(Double.parseDouble(v.trim()) * 1000));
+        } catch (NumberFormatException e) {
+            return 0;
+        }
+    }
+
+    /** The message of an OpenAI-style error body, else the body, cut to 300 characters. */
+    static String errorMessage(String body) {
+        String m = body;
+        try {
+            Object e = Json.get(Json.parse(body), "error");
+            if (e instanceof String) {
+                m = (String) e;
+            } else if (Json.get(e, "message") instanceof String) {
+                m = (String) Json.get(e, "message");
+            }
+        } catch (IllegalArgumentException ignored) {
+            // not JSON: the body itself
+        }
+        return m.length() > 300 ? m.substring(0, 300) : m;
+    }
+}
