@@ -239,10 +239,12 @@ fn ml_predict_embeds_every_row_as_the_gateway_does() {
         assert!(c >= 0.99999, "row {}: cosine {c}", row["id"]);
     }
 
-    // The sync function ('async' = 'false') and the ordered mode, each on its own.
-    for (mode, value) in [("async", "false"), ("output-mode", "ORDERED")] {
+    // The sync function ('async' = 'false'), and the ordered mode on one subtask
+    // (whose input comes in id order, so its output must too).
+    for (mode, value, parallelism) in [("async", "false", "2"), ("output-mode", "ORDERED", "1")] {
         let mut a = common(300);
         a.push((mode, value.to_owned()));
+        a.push(("parallelism", parallelism.to_owned()));
         let (rows, out) = run(&args(&a));
         assert!(
             out.status.success(),
@@ -253,6 +255,10 @@ fn ml_predict_embeds_every_row_as_the_gateway_does() {
         assert!(rows
             .iter()
             .all(|r| r["error"].is_null() && r["prediction"].is_array()));
+        if value == "ORDERED" {
+            let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
+        }
     }
 
     // Every 50th row is over the size limit: it alone gets the error column; the job
@@ -446,6 +452,52 @@ fn a_gateway_restarted_mid_run_loses_no_row() {
         let id = r["id"].as_u64().unwrap();
         assert!(r["error"].is_null(), "{r}");
         assert_eq!(r["prediction"].as_str(), Some(text(id).as_str()), "{r}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The DataStream function: every record answered once, its vector what
+/// `/v1/embeddings` answers for its text; ordered (one subtask: ids in input order)
+/// and unordered (two subtasks).
+#[test]
+fn the_datastream_function_answers_every_record_ordered_and_unordered() {
+    let dir = temp_dir("stream");
+    let port = free_port();
+    let _gateway = serve(&dir, port, "", MINILM, None);
+    let n = 400;
+    let texts: Vec<String> = (1..=n).map(text).collect();
+    let direct = embeddings(port, &texts);
+    for (ordered, parallelism) in [(true, 1), (false, 2)] {
+        let out = Command::new("java")
+            .arg("-cp")
+            .arg(classpath())
+            .arg("io.flumen.flink.StreamJob")
+            .args(args(&[
+                ("endpoint", format!("http://127.0.0.1:{port}")),
+                ("model", "minilm".into()),
+                ("rows", n.to_string()),
+                ("ordered", ordered.to_string()),
+                ("parallelism", parallelism.to_string()),
+            ]))
+            .output()
+            .expect("java runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows = outcomes(String::from_utf8_lossy(&out.stdout).lines());
+        assert_every_row_once(&rows, n);
+        let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        if ordered {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "out of order");
+        }
+        for r in &rows {
+            let id = r["id"].as_u64().unwrap();
+            assert!(r["error"].is_null(), "{r}");
+            let c = cosine(&vector(&r["prediction"]), &direct[id as usize - 1]);
+            assert!(c >= 0.99999, "record {id}: cosine {c}");
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }
