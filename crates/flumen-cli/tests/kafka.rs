@@ -231,10 +231,16 @@ fn assigned(log: &Log) -> HashSet<i32> {
 }
 
 /// A pipeline: Kafka `in` → sim backend → Kafka `out`, failures to `dead`.
+///
+/// A worker SIGKILLed during a rebalance is waited for by the group coordinator up to
+/// its rebalance timeout, which is the consumer's `max.poll.interval.ms` (5 min by
+/// default): the soak once saw tansu assign nothing for minutes while every restart
+/// added another dead member to wait for. 30 s bounds that wait and still outlasts the
+/// tests' 5 s broker outages, during which the pipeline does not poll.
 fn config(brokers: &str, group: &str, out: &str, sim: &str, operator: &str) -> String {
     format!(
         "[source]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"in\"\ngroup = \"{group}\"\ncommit_interval_ms = 100\n\
-         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }}\n\n\
+         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"30000\" }}\n\n\
          [sink]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{out}\"\n\n\
          [dead_letter]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"dead\"\n\n\
          [mapping]\ninput = \"text\"\nmax_record_bytes = 4096\n\n\
@@ -471,11 +477,12 @@ fn file_lines(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
-/// A pipeline: Kafka `in` → sim backend → a JSONL file (and dead letters to a file).
+/// A pipeline: Kafka `in` → sim backend → a JSONL file (and dead letters to a file);
+/// the consumer's timeouts as in [`config`].
 fn file_config(brokers: &str, group: &str, out: &std::path::Path, operator: &str) -> String {
     format!(
         "[source]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"in\"\ngroup = \"{group}\"\ncommit_interval_ms = 100\n\
-         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\" }}\n\n\
+         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"30000\" }}\n\n\
          [sink]\nkind = \"file\"\npath = \"{}\"\n\n\
          [mapping]\ninput = \"text\"\n\n\
          [backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 0.5\nslots = 1\nmax_batch = 32\n\n[operator]\n{operator}\n",

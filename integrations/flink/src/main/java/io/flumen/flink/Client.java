@@ -66,7 +66,10 @@ final class Client {
 
     Client(Settings settings) {
         this.settings = settings;
+        // HTTP/1.1: no h2c upgrade attempt on every new connection (neither the gateway
+        // nor Triton speaks cleartext HTTP/2 over an upgrade).
         this.http = HttpClient.newBuilder()
+                .version(HttpClient.Version.HTTP_1_1)
                 .connectTimeout(Duration.ofMillis(Math.min(settings.requestTimeoutMs, 10_000)))
                 .build();
     }

@@ -165,7 +165,7 @@ public final class FlumenAsyncFunction extends RichAsyncFunction<String, FlumenR
             return this;
         }
 
-        /** How long one record is retried before it fails (default 150 s). */
+        /** How long one record is retried before it fails (default 120 s). */
         public Builder retryTimeout(Duration d) {
             this.retryTimeout = d;
             return this;

@@ -60,13 +60,15 @@ public final class FlumenModelProviderFactory implements ModelProviderFactory {
 
     /**
      * How long one row may be retried (overload, 5xx, timeouts, an endpoint that cannot
-     * be reached) before it fails; keep it below the query's async timeout (Flink's
-     * default 3 min), or Flink fails the job first.
+     * be reached) before it fails. A last attempt may start just before it and take up
+     * to {@link #REQUEST_TIMEOUT}: keep the two together below the query's async timeout
+     * (Flink's default 3 min; the defaults here add up to 2.5 min), or Flink fails the
+     * job first.
      */
     public static final ConfigOption<Duration> RETRY_TIMEOUT = ConfigOptions.key("retry-timeout")
             .durationType()
-            .defaultValue(Duration.ofSeconds(150))
-            .withDescription("How long one row is retried before it fails; below the async timeout.");
+            .defaultValue(Duration.ofSeconds(120))
+            .withDescription("How long one row is retried before it fails; with request-timeout, below the async timeout.");
 
     /** The first backoff's ceiling; it doubles per attempt up to {@link #BACKOFF_MAX}. */
     public static final ConfigOption<Duration> BACKOFF_INITIAL = ConfigOptions.key("backoff.initial")
