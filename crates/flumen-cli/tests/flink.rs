@@ -44,19 +44,25 @@ fn classpath() -> String {
     std::env::join_paths(parts).unwrap().into_string().unwrap()
 }
 
-/// The SQL job (`SqlJob.java`) with these `key=value` arguments.
-fn job(args: &[String]) -> Command {
+/// A test job (`SqlJob` or `StreamJob`, in integrations/flink/src/test) with these
+/// `key=value` arguments.
+fn job(main: &str, args: &[String]) -> Command {
     let mut c = Command::new("java");
     c.arg("-cp")
         .arg(classpath())
-        .arg("io.flumen.flink.SqlJob")
+        .arg(format!("io.flumen.flink.{main}"))
         .args(args);
     c
 }
 
-/// Runs the job to its end: its outcome lines, and its stderr.
+/// Runs the SQL job to its end: its outcome lines, and its output.
 fn run(args: &[String]) -> (Vec<Value>, Output) {
-    let out = job(args).output().expect("java runs");
+    run_main("SqlJob", args)
+}
+
+/// Runs a test job to its end: its outcome lines, and its output.
+fn run_main(main: &str, args: &[String]) -> (Vec<Value>, Output) {
+    let out = job(main, args).output().expect("java runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let rows = outcomes(stdout.lines());
     (rows, out)
@@ -418,14 +424,17 @@ fn a_gateway_restarted_mid_run_loses_no_row() {
     let port = free_port();
     let gateway = serve(&dir, port, "", ECHO, None);
     let n = 3_000;
-    let mut child: Child = job(&args(&[
-        ("endpoint", format!("http://127.0.0.1:{port}")),
-        ("model", "echo".into()),
-        ("protocol", "openai-chat".into()),
-        ("output", "STRING".into()),
-        ("rows", n.to_string()),
-        ("backoff.max", "500ms".into()),
-    ]))
+    let mut child: Child = job(
+        "SqlJob",
+        &args(&[
+            ("endpoint", format!("http://127.0.0.1:{port}")),
+            ("model", "echo".into()),
+            ("protocol", "openai-chat".into()),
+            ("output", "STRING".into()),
+            ("rows", n.to_string()),
+            ("backoff.max", "500ms".into()),
+        ]),
+    )
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit())
     .spawn()
@@ -468,25 +477,21 @@ fn the_datastream_function_answers_every_record_ordered_and_unordered() {
     let texts: Vec<String> = (1..=n).map(text).collect();
     let direct = embeddings(port, &texts);
     for (ordered, parallelism) in [(true, 1), (false, 2)] {
-        let out = Command::new("java")
-            .arg("-cp")
-            .arg(classpath())
-            .arg("io.flumen.flink.StreamJob")
-            .args(args(&[
+        let (rows, out) = run_main(
+            "StreamJob",
+            &args(&[
                 ("endpoint", format!("http://127.0.0.1:{port}")),
                 ("model", "minilm".into()),
                 ("rows", n.to_string()),
                 ("ordered", ordered.to_string()),
                 ("parallelism", parallelism.to_string()),
-            ]))
-            .output()
-            .expect("java runs");
+            ]),
+        );
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let rows = outcomes(String::from_utf8_lossy(&out.stdout).lines());
         assert_every_row_once(&rows, n);
         let ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
         if ordered {

@@ -45,7 +45,7 @@ public final class FlumenAsyncFunction extends RichAsyncFunction<String, FlumenR
 
     @Override
     public void asyncInvoke(String input, ResultFuture<FlumenResult> out) {
-        client.post(body(input)).whenComplete((a, err) -> {
+        client.post(Requests.text(settings, input)).whenComplete((a, err) -> {
             if (err != null) {
                 finish(out, input, "permanent", err.toString());
             } else if (a.ok()) {
@@ -73,44 +73,11 @@ public final class FlumenAsyncFunction extends RichAsyncFunction<String, FlumenR
         }
     }
 
-    private String body(String input) {
-        StringBuilder b = new StringBuilder();
-        switch (settings.protocol) {
-            case OPENAI_EMBEDDINGS:
-                b.append("{\"model\":");
-                Json.string(b, settings.model);
-                b.append(",\"input\":[");
-                Json.string(b, input);
-                return b.append("]}").toString();
-            case OPENAI_CHAT:
-                b.append("{\"model\":");
-                Json.string(b, settings.model);
-                b.append(",\"messages\":[{\"role\":\"user\",\"content\":");
-                Json.string(b, input);
-                return b.append("}]}").toString();
-            default:
-                b.append("{\"inputs\":[{\"name\":");
-                Json.string(b, settings.kserveInput);
-                b.append(",\"shape\":[1,1],\"datatype\":\"BYTES\",\"data\":[");
-                Json.string(b, input);
-                return b.append("]}]}").toString();
-        }
-    }
-
     private FlumenResult read(String input, Object json) {
-        Object p;
-        switch (settings.protocol) {
-            case OPENAI_EMBEDDINGS:
-                p = Json.get(Json.at(Json.get(json, "data"), 0), "embedding");
-                break;
-            case OPENAI_CHAT:
-                p = Json.get(Json.get(Json.at(Json.get(json, "choices"), 0), "message"), "content");
-                break;
-            default:
-                p = Json.get(Json.at(Json.get(json, "outputs"), 0), "data");
-                if (p instanceof List && ((List<?>) p).size() == 1 && ((List<?>) p).get(0) instanceof String) {
-                    p = ((List<?>) p).get(0);
-                }
+        Object p = Requests.prediction(settings, json);
+        // A one-element KServe BYTES output is that string.
+        if (p instanceof List && ((List<?>) p).size() == 1 && ((List<?>) p).get(0) instanceof String) {
+            p = ((List<?>) p).get(0);
         }
         if (p instanceof String) {
             return new FlumenResult(input, null, (String) p, null);

@@ -124,33 +124,20 @@ final class Rows implements Serializable {
 
     /** The request body for one input row. */
     String body(RowData row) {
-        StringBuilder b = new StringBuilder();
-        switch (settings.protocol) {
-            case OPENAI_EMBEDDINGS:
-                b.append("{\"model\":");
-                Json.string(b, settings.model);
-                b.append(",\"input\":[");
-                Json.string(b, text(row, 0));
-                return b.append("]}").toString();
-            case OPENAI_CHAT:
-                b.append("{\"model\":");
-                Json.string(b, settings.model);
-                b.append(",\"messages\":[{\"role\":\"user\",\"content\":");
-                Json.string(b, text(row, 0));
-                return b.append("}]}").toString();
-            default:
-                b.append("{\"inputs\":[{\"name\":");
-                Json.string(b, settings.kserveInput);
-                b.append(",\"shape\":[1,").append(inputs.length).append("],\"datatype\":\"")
-                        .append(datatype(inputs[0])).append("\",\"data\":[");
-                for (int i = 0; i < inputs.length; i++) {
-                    if (i > 0) {
-                        b.append(',');
-                    }
-                    value(b, row, i);
-                }
-                return b.append("]}]}").toString();
+        if (settings.protocol != Settings.Protocol.KSERVE) {
+            return Requests.text(settings, text(row, 0));
         }
+        StringBuilder b = new StringBuilder("{\"inputs\":[{\"name\":");
+        Json.string(b, settings.kserveInput);
+        b.append(",\"shape\":[1,").append(inputs.length).append("],\"datatype\":\"")
+                .append(datatype(inputs[0])).append("\",\"data\":[");
+        for (int i = 0; i < inputs.length; i++) {
+            if (i > 0) {
+                b.append(',');
+            }
+            value(b, row, i);
+        }
+        return b.append("]}]}").toString();
     }
 
     private static String text(RowData row, int i) {
@@ -173,17 +160,7 @@ final class Rows implements Serializable {
 
     /** The OUTPUT row of an answer; {@link IllegalArgumentException} when it holds no prediction of the declared type. */
     RowData answered(Object json) {
-        Object p;
-        switch (settings.protocol) {
-            case OPENAI_EMBEDDINGS:
-                p = Json.get(Json.at(Json.get(json, "data"), 0), "embedding");
-                break;
-            case OPENAI_CHAT:
-                p = Json.get(Json.get(Json.at(Json.get(json, "choices"), 0), "message"), "content");
-                break;
-            default:
-                p = Json.get(Json.at(Json.get(json, "outputs"), 0), "data");
-        }
+        Object p = Requests.prediction(settings, json);
         GenericRowData row = new GenericRowData(outputs);
         row.setField(prediction, convert(p));
         return row;
