@@ -54,17 +54,6 @@ struct Waiting<O> {
     last_error: Option<BackendError>,
 }
 
-impl<B: Backend> Settled<B> {
-    /// Nothing set aside.
-    fn ended(end: CallEnd) -> Self {
-        Settled {
-            end,
-            retry: Vec::new(),
-            split: None,
-        }
-    }
-}
-
 /// The records still waiting for their outcome.
 fn flat<J>(slots: Vec<Option<J>>) -> Vec<J> {
     slots.into_iter().flatten().collect()
@@ -77,6 +66,17 @@ struct Settled<B: Backend> {
     retry: Vec<(Job<B>, BackendError)>,
     /// A batch that failed as a whole with a non-retryable error, to bisect.
     split: Option<(Vec<Job<B>>, BackendError)>,
+}
+
+impl<B: Backend> Settled<B> {
+    /// Nothing set aside.
+    fn ended(end: CallEnd) -> Self {
+        Settled {
+            end,
+            retry: Vec::new(),
+            split: None,
+        }
+    }
 }
 
 /// How the call itself ended.
@@ -199,12 +199,7 @@ impl<B: Backend> Call<B> {
                 Settled::ended(CallEnd::Miscounted)
             }
             Ended::Returned(Ok(results)) => {
-                let mut settled = Settled::ended(CallEnd::Answered {
-                    answered: 0,
-                    retryable: 0,
-                    overloaded: 0,
-                    retry_after: None,
-                });
+                let mut settled = Settled::ended(CallEnd::answered());
                 for (slot, result) in slots.into_iter().zip(results) {
                     let Some(job) = slot else { continue };
                     settled.end.count(result.as_ref().err());

@@ -38,6 +38,16 @@ pub(crate) enum CallEnd {
 }
 
 impl CallEnd {
+    /// An `Answered` end with nothing counted yet (see [`CallEnd::count`]).
+    pub(crate) fn answered() -> Self {
+        CallEnd::Answered {
+            answered: 0,
+            retryable: 0,
+            overloaded: 0,
+            retry_after: None,
+        }
+    }
+
     /// A call refused as a whole with `e`.
     pub(crate) fn refused(e: &BackendError) -> Self {
         CallEnd::Refused {
@@ -136,12 +146,7 @@ mod tests {
 
     /// An `Answered` end counted from each answered record's error (`None`: ok).
     fn answered(results: &[Option<BackendError>]) -> CallEnd {
-        let mut end = CallEnd::Answered {
-            answered: 0,
-            retryable: 0,
-            overloaded: 0,
-            retry_after: None,
-        };
+        let mut end = CallEnd::answered();
         for r in results {
             end.count(r.as_ref());
         }

@@ -58,16 +58,14 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| BadConfig(vec![format!("{shown}: cannot read: {e}")]))?;
-    let config: ServeConfig = toml::from_str(&text)
-        .map_err(|e| BadConfig(vec![format!("{shown}: {}", e.to_string().trim_end())]))?;
-    let problems: Vec<String> = config
-        .validate()
-        .into_iter()
-        .map(|p| format!("{shown}: {p}"))
-        .collect();
-    if !problems.is_empty() {
-        return Err(BadConfig(problems).into());
-    }
+    let config = ServeConfig::from_toml(&text).map_err(|problems| {
+        BadConfig(
+            problems
+                .into_iter()
+                .map(|p| format!("{shown}: {p}"))
+                .collect(),
+        )
+    })?;
     let running = start(&config).await?;
     let scheme = if config.server.tls_cert.is_some() {
         "https"

@@ -13,22 +13,19 @@ import org.apache.flink.table.functions.FunctionContext;
  */
 public final class FlumenAsyncPredictFunction extends AsyncPredictFunction {
     private static final long serialVersionUID = 1L;
-    private final Settings settings;
-    private final Rows rows;
-    private transient Client client;
+    private final Predictor predictor;
 
-    FlumenAsyncPredictFunction(Settings settings, Rows rows) {
-        this.settings = settings;
-        this.rows = rows;
+    FlumenAsyncPredictFunction(Predictor predictor) {
+        this.predictor = predictor;
     }
 
     @Override
     public void open(FunctionContext context) {
-        client = new Client(settings);
+        predictor.open();
     }
 
     @Override
     public CompletableFuture<Collection<RowData>> asyncPredict(RowData input) {
-        return client.post(rows.body(input)).thenApply(a -> FlumenModelProvider.outcome(settings, rows, a));
+        return predictor.predict(input);
     }
 }

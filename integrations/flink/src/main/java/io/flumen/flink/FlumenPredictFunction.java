@@ -9,22 +9,19 @@ import org.apache.flink.table.functions.PredictFunction;
 /** {@code ML_PREDICT}'s sync function for a {@code flumen} model ({@code 'async' = 'false'}). */
 public final class FlumenPredictFunction extends PredictFunction {
     private static final long serialVersionUID = 1L;
-    private final Settings settings;
-    private final Rows rows;
-    private transient Client client;
+    private final Predictor predictor;
 
-    FlumenPredictFunction(Settings settings, Rows rows) {
-        this.settings = settings;
-        this.rows = rows;
+    FlumenPredictFunction(Predictor predictor) {
+        this.predictor = predictor;
     }
 
     @Override
     public void open(FunctionContext context) {
-        client = new Client(settings);
+        predictor.open();
     }
 
     @Override
     public Collection<RowData> predict(RowData input) {
-        return FlumenModelProvider.outcome(settings, rows, client.post(rows.body(input)).join());
+        return predictor.predict(input).join();
     }
 }

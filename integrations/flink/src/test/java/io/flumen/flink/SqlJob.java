@@ -34,14 +34,7 @@ public final class SqlJob {
         run.put("output-mode", "ORDERED");
         run.put("max-concurrent-operations", "10");
         run.put("long-every", "0");
-        for (String a : args) {
-            String[] kv = a.split("=", 2);
-            if (run.containsKey(kv[0])) {
-                run.put(kv[0], kv[1]);
-            } else {
-                with.put(kv[0], kv[1]);
-            }
-        }
+        arguments(args, run, with);
         TableEnvironment t = TableEnvironment.create(EnvironmentSettings.inStreamingMode());
         t.getConfig().set("parallelism.default", run.get("parallelism"));
         t.executeSql("CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', "
@@ -83,6 +76,21 @@ public final class SqlJob {
             }
         }
         System.out.println("DONE " + n);
+    }
+
+    /**
+     * Reads {@code key=value} arguments into {@code known} where it has the key (its
+     * values are the defaults), else into {@code rest}, or into {@code known} too when
+     * {@code rest} is null.
+     */
+    static void arguments(String[] args, Map<String, String> known, Map<String, String> rest) {
+        for (String a : args) {
+            String[] kv = a.split("=", 2);
+            if (kv.length != 2) {
+                throw new IllegalArgumentException("not key=value: " + a);
+            }
+            (rest == null || known.containsKey(kv[0]) ? known : rest).put(kv[0], kv[1]);
+        }
     }
 
     private static void json(StringBuilder out, Object v) {

@@ -20,10 +20,7 @@ public final class StreamJob {
         a.put("rows", "100");
         a.put("parallelism", "2");
         a.put("ordered", "false");
-        for (String arg : args) {
-            String[] kv = arg.split("=", 2);
-            a.put(kv[0], kv[1]);
-        }
+        SqlJob.arguments(args, a, null);
         StreamExecutionEnvironment env = StreamExecutionEnvironment.getExecutionEnvironment();
         env.setParallelism(Integer.parseInt(a.get("parallelism")));
         DataStream<String> texts = env.fromSequence(1, Long.parseLong(a.get("rows"))).map(StreamJob::text);
