@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use flumen_bench::load::Summary;
 use flumen_bench::report::{ms, result_line, Table};
+use flumen_bench::served::Served;
 use flumen_core::Backend;
 use flumen_gateway::serve::{start, ServeConfig};
-use flumen_kserve::server::{cost_model, TritonServer};
+use flumen_kserve::server::{cost_model, Counts, TritonServer};
 use flumen_kserve::{KserveConfig, KserveHttp};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -75,16 +76,8 @@ where
     m
 }
 
-async fn stats(triton: &TritonServer) -> (u64, u64) {
-    let url = format!("{}/v2/models/cost/stats", triton.http_url());
-    let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-    let s = &v["model_stats"][0];
-    (
-        s["inference_stats"]["success"]["count"]
-            .as_u64()
-            .unwrap_or(0),
-        s["inference_count"].as_u64().unwrap_or(0),
-    )
+async fn stats(triton: &TritonServer) -> Counts {
+    triton.counts("cost").await.expect("Triton's statistics")
 }
 
 /// Resident memory of a process, KiB.
@@ -119,37 +112,6 @@ const OVERLOAD_ROWS: [&str; 7] = [
     "flumen serve resident memory: start → during → end (MiB)",
 ];
 
-/// The `flumen` binary of this checkout, built if missing.
-fn flumen_binary() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let bin = root.join("target/release/flumen");
-    let status = std::process::Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "flumen-cli",
-            "--bin",
-            "flumen",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success() && bin.exists(), "building flumen failed");
-    bin
-}
-
-/// `flumen serve` in its own process, killed when dropped.
-struct Served(std::process::Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Open-loop single-row requests at twice the capacity of a simulated model
 /// (a = 20 ms, b = 2 ms, k = 2, N = 64: 865 rows/s) behind `flumen serve` — in its own
 /// process, so its memory is measured alone — admitting `max_pending` records with a
@@ -168,23 +130,8 @@ async fn overload(max_pending: usize) -> Overload {
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax_pending = {max_pending}\ntimeout_ms = 1000\n\n[[models]]\nname = \"sim\"\n[models.backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 2.0\n"),
     )
     .unwrap();
-    let child = Served(
-        std::process::Command::new(flumen_binary())
-            .arg("serve")
-            .arg(&cfg)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("flumen serve starts"),
-    );
-    let pid = child.0.id();
-    let up = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < up, "flumen serve did not listen");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let child = Served::start(&cfg, port);
+    let pid = child.pid();
     let url = format!("http://127.0.0.1:{port}/v2/models/sim/infer");
     let http = reqwest::Client::new();
     let rate = 2.0 * limit;
@@ -382,7 +329,7 @@ async fn main() {
         .await
     };
     let after = stats(&triton).await;
-    let direct_per_row = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+    let direct_per_row = after.requests_per_row_since(before).unwrap_or(0.0);
 
     // (b) The same callers through the gateway, which batches their rows together.
     let config = ServeConfig::from_toml(&format!(
@@ -409,7 +356,7 @@ async fn main() {
     })
     .await;
     let after = stats(&triton).await;
-    let gateway_per_row = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+    let gateway_per_row = after.requests_per_row_since(before).unwrap_or(0.0);
 
     gateway.stopper().stop();
     let emb = embedded().await;

@@ -14,7 +14,7 @@ use flumen_bench::baselines::per_record;
 use flumen_bench::load::{backlog, drive, Run};
 use flumen_bench::report::{ms, result_line, Table};
 use flumen_engine::{Engine, EngineConfig, InferExt, OperatorConfig};
-use flumen_kserve::server::{cost_model, TritonServer};
+use flumen_kserve::server::{cost_model, Counts, TritonServer};
 use flumen_kserve::{KserveConfig, KserveHttp};
 use futures::StreamExt;
 use serde_json::json;
@@ -33,7 +33,7 @@ async fn connect(triton: &TritonServer, model: &str) -> KserveHttp {
         .expect("the model is ready")
 }
 
-async fn executions(triton: &TritonServer, model: &str) -> (u64, u64) {
+async fn counts(triton: &TritonServer, model: &str) -> Counts {
     triton.counts(model).await.expect("Triton's statistics")
 }
 
@@ -58,14 +58,14 @@ async fn main() {
     let row = |s: &flumen_bench::load::Scheduled| json!(s.id as f64);
 
     // (a) Flink's Triton provider: one request per record, 10 in flight, server batching.
-    let before = executions(&triton, "cost_db").await;
+    let before = counts(&triton, "cost_db").await;
     let run_a = drive(
         per_record(backlog(records), Arc::clone(&batched), 10, row),
         total,
     )
     .await;
-    let after = executions(&triton, "cost_db").await;
-    let batch_a = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+    let after = counts(&triton, "cost_db").await;
+    let batch_a = after.rows_per_execution_since(before).unwrap_or(0.0);
 
     // (b) Flumen: client-side adaptive batching, adaptive concurrency, no server batching.
     let engine = Engine::from_arc(Arc::clone(&plain), EngineConfig::default());
@@ -74,23 +74,23 @@ async fn main() {
         capacity: 512,
         ..OperatorConfig::default()
     };
-    let before = executions(&triton, "cost").await;
+    let before = counts(&triton, "cost").await;
     let flumen = backlog(records)
         .infer(&engine, config, |s| Ok(json!(s.id as f64)))
         .map(|o| (o.record, o.result));
     let run_b = drive(flumen, total).await;
-    let after = executions(&triton, "cost").await;
-    let batch_b = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+    let after = counts(&triton, "cost").await;
+    let batch_b = after.rows_per_execution_since(before).unwrap_or(0.0);
 
     // (c) Flink Async I/O's default capacity: 100 requests in flight, server batching.
-    let before = executions(&triton, "cost_db").await;
+    let before = counts(&triton, "cost_db").await;
     let run_c = drive(
         per_record(backlog(records), Arc::clone(&batched), 100, row),
         total,
     )
     .await;
-    let after = executions(&triton, "cost_db").await;
-    let batch_c = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+    let after = counts(&triton, "cost_db").await;
+    let batch_c = after.rows_per_execution_since(before).unwrap_or(0.0);
 
     let (ra, rb, rc) = (rate(&run_a), rate(&run_b), rate(&run_c));
     let mut table = Table::new(&[

@@ -4,7 +4,9 @@
 //! instances of the same backend, through the same load generator.
 
 pub mod baselines;
+pub mod flink;
 pub mod load;
 pub mod report;
+pub mod served;
 pub mod suite;
 pub mod svg;

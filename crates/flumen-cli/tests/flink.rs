@@ -12,48 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use flumen_bench::flink::job;
 use flumen_kserve::server::{cost_model, TritonServer};
 use serde_json::Value;
 
 mod common;
 use common::{free_port, Killed};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Flink's jars, the provider's jar and the test jobs, as one classpath.
-fn classpath() -> String {
-    let deps = std::env::var_os("FLUMEN_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".deps"));
-    let lib = deps.join("flink/lib");
-    let jar = root().join("target/flink/flumen-flink.jar");
-    assert!(
-        lib.is_dir() && jar.exists(),
-        "Flink or the provider is missing: run `bash scripts/flink.sh` (scripts/test.sh does)"
-    );
-    let mut parts: Vec<PathBuf> = std::fs::read_dir(&lib)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jar"))
-        .collect();
-    parts.sort();
-    parts.push(jar);
-    parts.push(root().join("target/flink/test-classes"));
-    std::env::join_paths(parts).unwrap().into_string().unwrap()
-}
-
-/// A test job (`SqlJob` or `StreamJob`, in integrations/flink/src/test) with these
-/// `key=value` arguments.
-fn job(main: &str, args: &[String]) -> Command {
-    let mut c = Command::new("java");
-    c.arg("-cp")
-        .arg(classpath())
-        .arg(format!("io.flumen.flink.{main}"))
-        .args(args);
-    c
-}
 
 /// Runs the SQL job to its end: its outcome lines, and its output.
 fn run(args: &[String]) -> (Vec<Value>, Output) {

@@ -27,24 +27,17 @@ pub struct PythonModel {
 /// A running tritonserver, killed on drop.
 pub struct TritonServer {
     child: Child,
+    binary: PathBuf,
+    server: PathBuf,
     http: u16,
     grpc: u16,
+    metrics: u16,
     repo: PathBuf,
 }
 
 impl Drop for TritonServer {
     fn drop(&mut self) {
-        // The whole process group: tritonserver and its Python backend stubs, which a
-        // kill of the server alone would leave orphaned.
-        #[cfg(unix)]
-        {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.child.id())])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.repo);
     }
 }
@@ -154,30 +147,44 @@ impl TritonServer {
             std::fs::write(version.join("model.py"), code)?;
         }
         let (http, grpc, metrics) = (free_port()?, free_port()?, free_port()?);
-        let child = Command::new(binary)
-            .arg(format!("--model-repository={}", repo.display()))
-            .arg(format!(
-                "--backend-directory={}",
-                server.join("backends").display()
-            ))
-            .args(["--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1"])
-            .args([
-                "--http-port",
-                &http.to_string(),
-                "--grpc-port",
-                &grpc.to_string(),
-            ])
-            .args(["--metrics-port", &metrics.to_string()])
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let child = spawn(&binary, &server, &repo, [http, grpc, metrics])?;
         Ok(TritonServer {
             child,
+            binary,
+            server,
             http,
             grpc,
+            metrics,
             repo,
         })
+    }
+
+    /// Kills the server (SIGKILL, as a crash) and starts it again on the same ports
+    /// with the same models; like [`TritonServer::start`], it returns before the new
+    /// server is ready.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.child = spawn(
+            &self.binary,
+            &self.server,
+            &self.repo,
+            [self.http, self.grpc, self.metrics],
+        )?;
+        Ok(())
+    }
+
+    /// Kills the whole process group: tritonserver and its Python backend stubs, which
+    /// a kill of the server alone would leave orphaned.
+    fn kill(&mut self) {
+        #[cfg(unix)]
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The HTTP root, e.g. `http://127.0.0.1:PORT`.
@@ -190,17 +197,62 @@ impl TritonServer {
         self.grpc
     }
 
-    /// Rows and executions Triton has counted for `model` so far (from its
-    /// statistics endpoint), or `None` when it does not say.
-    pub async fn counts(&self, model: &str) -> Option<(u64, u64)> {
+    /// What Triton has counted for `model` so far (from its statistics endpoint), or
+    /// `None` when it does not say.
+    pub async fn counts(&self, model: &str) -> Option<Counts> {
         let url = format!("{}/v2/models/{model}/stats", self.http_url());
         let v: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
         let s = &v["model_stats"][0];
-        Some((
-            s["inference_count"].as_u64()?,
-            s["execution_count"].as_u64()?,
-        ))
+        Some(Counts {
+            requests: s["inference_stats"]["success"]["count"].as_u64()?,
+            rows: s["inference_count"].as_u64()?,
+            executions: s["execution_count"].as_u64()?,
+        })
     }
+}
+
+/// A model's statistics in Triton: since the server started, cumulative.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Requests answered successfully.
+    pub requests: u64,
+    /// Rows inferred (a batched request counts each of its rows).
+    pub rows: u64,
+    /// Model executions (one per batch the server formed).
+    pub executions: u64,
+}
+
+impl Counts {
+    /// Rows per execution between `earlier` and `self`, if any ran.
+    pub fn rows_per_execution_since(&self, earlier: Counts) -> Option<f64> {
+        let e = self.executions.checked_sub(earlier.executions)?;
+        (e > 0).then(|| self.rows.saturating_sub(earlier.rows) as f64 / e as f64)
+    }
+
+    /// Requests per row between `earlier` and `self`, if any row was inferred.
+    pub fn requests_per_row_since(&self, earlier: Counts) -> Option<f64> {
+        let r = self.rows.checked_sub(earlier.rows)?;
+        (r > 0).then(|| self.requests.saturating_sub(earlier.requests) as f64 / r as f64)
+    }
+}
+
+/// tritonserver over `repo` on loopback `ports` (HTTP, gRPC, metrics), in its own
+/// process group.
+fn spawn(binary: &Path, server: &Path, repo: &Path, ports: [u16; 3]) -> std::io::Result<Child> {
+    let [http, grpc, metrics] = ports.map(|p| p.to_string());
+    Command::new(binary)
+        .arg(format!("--model-repository={}", repo.display()))
+        .arg(format!(
+            "--backend-directory={}",
+            server.join("backends").display()
+        ))
+        .args(["--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1"])
+        .args(["--http-port", &http, "--grpc-port", &grpc])
+        .args(["--metrics-port", &metrics])
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 /// The cost model: `FP32 X[1] → FP32 Y[1] = 2·X`; each execution sleeps

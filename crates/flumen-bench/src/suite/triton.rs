@@ -146,9 +146,9 @@ async fn triton_table(
         };
         let after = triton.counts(counted).await;
         let per_execution = match (before, after) {
-            (Some((r0, e0)), Some((r1, e1))) if e1 > e0 => {
-                format!("{:.1}", (r1 - r0) as f64 / (e1 - e0) as f64)
-            }
+            (Some(b), Some(a)) => a
+                .rows_per_execution_since(b)
+                .map_or("—".into(), |x| format!("{x:.1}")),
             _ => "—".into(),
         };
         let from = run.start + warmup;
