@@ -1,22 +1,41 @@
 //! Requests-per-minute and tokens-per-minute limits as token buckets.
+//!
+//! Providers enforce a per-minute limit over shorter periods too (OpenAI: "60,000
+//! requests/minute may be enforced as 1,000 requests/second"), so requests are
+//! spread evenly: their bucket holds one second's worth (at least one request),
+//! never a minute's burst at the start. Tokens vary so much per request that
+//! their bucket holds the whole minute.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// One bucket: `capacity` per minute, refilled continuously, starting full.
+/// One bucket: refilled continuously at `per_minute`, holding at most `capacity`,
+/// starting full.
 #[derive(Debug, Clone)]
 struct Bucket {
+    per_minute: f64,
     capacity: f64,
     level: f64,
     last: Option<Instant>,
 }
 
 impl Bucket {
+    /// Holds a whole minute's worth.
     fn new(per_minute: u32) -> Self {
+        Self::holding(per_minute, f64::from(per_minute))
+    }
+
+    /// Holds one second's worth, at least one.
+    fn per_second(per_minute: u32) -> Self {
+        Self::holding(per_minute, (f64::from(per_minute) / 60.0).max(1.0))
+    }
+
+    fn holding(per_minute: u32, capacity: f64) -> Self {
         Bucket {
-            capacity: f64::from(per_minute),
-            level: f64::from(per_minute),
+            per_minute: f64::from(per_minute),
+            capacity,
+            level: capacity,
             last: None,
         }
     }
@@ -24,7 +43,7 @@ impl Bucket {
     fn refill(&mut self, now: Instant) {
         if let Some(last) = self.last {
             let secs = now.saturating_duration_since(last).as_secs_f64();
-            self.level = (self.level + secs * self.capacity / 60.0).min(self.capacity);
+            self.level = (self.level + secs * self.per_minute / 60.0).min(self.capacity);
         }
         self.last = Some(now);
     }
@@ -37,7 +56,7 @@ impl Bucket {
         if self.level >= need {
             return now;
         }
-        now + Duration::from_secs_f64((need - self.level) * 60.0 / self.capacity)
+        now + Duration::from_secs_f64((need - self.level) * 60.0 / self.per_minute)
     }
 
     fn take(&mut self, amount: f64) {
@@ -56,7 +75,7 @@ impl RateLimits {
     /// Limits of `rpm` requests and `tpm` tokens per minute (`None`: unlimited).
     pub fn new(rpm: Option<u32>, tpm: Option<u32>) -> Self {
         RateLimits {
-            requests: rpm.map(Bucket::new),
+            requests: rpm.map(Bucket::per_second),
             tokens: tpm.map(Bucket::new),
         }
     }
@@ -91,15 +110,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_per_minute_pace_requests() {
+    fn requests_per_minute_pace_requests_evenly() {
         let t0 = Instant::now();
+        // 60 a minute: one at once, then one a second.
         let mut l = RateLimits::new(Some(60), None);
-        for _ in 0..60 {
-            assert_eq!(l.try_acquire(t0, 10), Ok(()));
-        }
-        // The bucket is empty: one more request in a second.
+        assert_eq!(l.try_acquire(t0, 10), Ok(()));
         assert_eq!(l.try_acquire(t0, 10), Err(t0 + Duration::from_secs(1)));
         assert_eq!(l.try_acquire(t0 + Duration::from_secs(1), 10), Ok(()));
+        // 600 a minute: a second's worth (10) at once, never the minute's 600.
+        let mut l = RateLimits::new(Some(600), None);
+        for _ in 0..10 {
+            assert_eq!(l.try_acquire(t0, 1), Ok(()));
+        }
+        assert_eq!(l.try_acquire(t0, 1), Err(t0 + Duration::from_millis(100)));
+        // Over a minute, 600 and no more.
+        let granted = (0..=6_000u64)
+            .map(|i| t0 + Duration::from_millis(10 * i))
+            .filter(|&t| l.try_acquire(t, 1).is_ok())
+            .count();
+        assert_eq!(granted, 600);
     }
 
     #[test]
