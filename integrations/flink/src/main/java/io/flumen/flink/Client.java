@@ -9,18 +9,31 @@ import java.net.http.HttpTimeoutException;
 import java.time.Duration;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.CompletionException;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.ScheduledExecutorService;
+import java.util.concurrent.ThreadFactory;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicInteger;
 
 /**
  * Sends one request and retries it until it has an answer, a failure not worth another
- * try, or the retry timeout has passed: overload (429, 503) waits for {@code Retry-After}
- * (or the backoff), other 5xx, 408 and a gateway that cannot be reached (down at start,
- * restarted mid-run) back off with full jitter. A row never waits longer than
+ * try, or the retry timeout has passed: overload (429, 503) waits for OpenAI's
+ * {@code retry-after-ms} or {@code Retry-After} (or the backoff), other 5xx, 408 and
+ * a gateway that cannot be reached (down at start, restarted mid-run) back off with
+ * full jitter. A row never waits longer than
  * {@code retry-timeout}, which stays below Flink's own async timeout so that a failing
  * row gets its error rather than failing the job.
+ *
+ * <p>Each attempt is a blocking {@code send} on a thread of this client's own pool
+ * (one thread per request in flight, reused), and backoff waits run on one shared
+ * timer thread. Not {@code sendAsync}: the JDK hands each of its answers to
+ * {@code CompletableFuture}'s default executor, which on a machine with two CPUs or
+ * fewer (a small TaskManager container) starts a new thread per task — measured
+ * here, that doubled the job's CPU per row.
  */
-final class Client {
+final class Client implements AutoCloseable {
     /** An answer: the parsed JSON, or why there is none. */
     static final class Answer {
         final Object json;
@@ -61,17 +74,39 @@ final class Client {
         }
     }
 
+    /** Backoff waits of every client in this JVM: one daemon thread. */
+    private static final ScheduledExecutorService TIMER =
+            Executors.newSingleThreadScheduledExecutor(daemon("flumen-backoff"));
+
     private final Settings settings;
     private final HttpClient http;
+    private final ExecutorService senders;
 
     Client(Settings settings) {
         this.settings = settings;
+        this.senders = Executors.newCachedThreadPool(daemon("flumen-http"));
         // HTTP/1.1: no h2c upgrade attempt on every new connection (neither the gateway
         // nor Triton speaks cleartext HTTP/2 over an upgrade).
         this.http = HttpClient.newBuilder()
                 .version(HttpClient.Version.HTTP_1_1)
                 .connectTimeout(Duration.ofMillis(Math.min(settings.requestTimeoutMs, 10_000)))
+                .executor(senders)
                 .build();
+    }
+
+    /** Stops this client's threads; requests still in flight are abandoned. */
+    @Override
+    public void close() {
+        senders.shutdownNow();
+    }
+
+    private static ThreadFactory daemon(String prefix) {
+        AtomicInteger n = new AtomicInteger();
+        return r -> {
+            Thread t = new Thread(r, prefix + "-" + n.incrementAndGet());
+            t.setDaemon(true);
+            return t;
+        };
     }
 
     /** Posts {@code body} to the model's path, retrying as the settings say. */
@@ -88,10 +123,21 @@ final class Client {
         if (settings.apiKey != null) {
             req.header("authorization", "Bearer " + settings.apiKey);
         }
+        HttpRequest request = req.build();
         CompletableFuture<HttpResponse<String>> sent;
         try {
-            sent = http.sendAsync(req.build(), HttpResponse.BodyHandlers.ofString());
+            sent = CompletableFuture.supplyAsync(() -> {
+                try {
+                    return http.send(request, HttpResponse.BodyHandlers.ofString());
+                } catch (java.io.IOException e) {
+                    throw new CompletionException(e);
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                    throw new CompletionException(e);
+                }
+            }, senders);
         } catch (RuntimeException e) {
+            // the pool is shut down: the function is closing
             sent = CompletableFuture.failedFuture(e);
         }
         return sent.handle((resp, err) -> {
@@ -119,9 +165,9 @@ final class Client {
                                         + settings.retryTimeoutMs + " ms); last error: " + f.kind + ": "
                                         + f.message));
                     }
-                    return CompletableFuture.supplyAsync(
-                                    () -> null, CompletableFuture.delayedExecutor(wait, TimeUnit.MILLISECONDS))
-                            .thenCompose(x -> attempt(body, started, n + 1, f));
+                    CompletableFuture<Void> waited = new CompletableFuture<>();
+                    TIMER.schedule(() -> waited.complete(null), wait, TimeUnit.MILLISECONDS);
+                    return waited.thenCompose(x -> attempt(body, started, n + 1, f));
                 })
                 .thenCompose(x -> x);
     }
@@ -142,7 +188,10 @@ final class Client {
         }
         String message = "HTTP " + status + ": " + errorMessage(resp.body());
         if (status == 429 || status == 503) {
-            long ra = resp.headers().firstValue("retry-after").map(Client::seconds).orElse(0L);
+            // OpenAI's retry-after-ms, more precise than Retry-After's seconds, first.
+            long ra = resp.headers().firstValue("retry-after-ms").map(Client::millis)
+                    .or(() -> resp.headers().firstValue("retry-after").map(Client::seconds))
+                    .orElse(0L);
             return new Failure("overloaded", message, true, ra);
         }
         if (status == 408 || status == 504) {
@@ -154,9 +203,19 @@ final class Client {
         return new Failure(status == 422 || status == 413 ? "invalid_input" : "permanent", message, false, 0);
     }
 
+    /** {@code retry-after-ms}: milliseconds. */
+    private static long millis(String v) {
+        return scaled(v, 1);
+    }
+
+    /** {@code Retry-After}: seconds (a date is not parsed: the backoff applies). */
     private static long seconds(String v) {
+        return scaled(v, 1000);
+    }
+
+    private static long scaled(String v, double toMillis) {
         try {
-            return Math.max(0, Math.round(Double.parseDouble(v.trim()) * 1000));
+            return Math.max(0, Math.round(Double.parseDouble(v.trim()) * toMillis));
         } catch (NumberFormatException e) {
             return 0;
         }

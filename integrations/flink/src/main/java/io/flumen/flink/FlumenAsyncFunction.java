@@ -44,6 +44,13 @@ public final class FlumenAsyncFunction extends RichAsyncFunction<String, FlumenR
     }
 
     @Override
+    public void close() {
+        if (client != null) {
+            client.close();
+        }
+    }
+
+    @Override
     public void asyncInvoke(String input, ResultFuture<FlumenResult> out) {
         client.post(Requests.text(settings, input)).whenComplete((a, err) -> {
             if (err != null) {

@@ -25,6 +25,11 @@ public final class FlumenAsyncPredictFunction extends AsyncPredictFunction {
     }
 
     @Override
+    public void close() {
+        predictor.close();
+    }
+
+    @Override
     public CompletableFuture<Collection<RowData>> asyncPredict(RowData input) {
         return predictor.predict(input);
     }

@@ -21,6 +21,11 @@ public final class FlumenPredictFunction extends PredictFunction {
     }
 
     @Override
+    public void close() {
+        predictor.close();
+    }
+
+    @Override
     public Collection<RowData> predict(RowData input) {
         return predictor.predict(input).join();
     }

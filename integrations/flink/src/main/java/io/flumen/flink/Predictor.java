@@ -29,6 +29,13 @@ final class Predictor implements Serializable {
         client = new Client(settings);
     }
 
+    /** Closes the HTTP client. */
+    void close() {
+        if (client != null) {
+            client.close();
+        }
+    }
+
     /** The OUTPUT row of one input row, to come. */
     CompletableFuture<Collection<RowData>> predict(RowData input) {
         return client.post(rows.body(input)).thenApply(this::outcome);
