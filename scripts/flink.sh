@@ -38,4 +38,5 @@ cp -r "$src/main/resources/." "$out/classes/"
 jar --create --file "$out/flumen-flink.jar" -C "$out/classes" . >&2
 javac --release 11 -d "$out/test-classes" -cp "$cp$out/flumen-flink.jar" \
     $(find "$src/test/java" -name '*.java') >&2
+cp -r "$src/test/resources/." "$out/test-classes/"
 echo "$cp"
