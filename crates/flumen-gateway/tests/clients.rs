@@ -110,15 +110,16 @@ for th in threads:
 assert len(good_results) == 80 and all(good_results), good_results
 
 t = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
-assert t.is_server_live() and t.is_server_ready()
-assert t.is_model_ready("echo")
+auth = {"Authorization": "Bearer tok-123"}
+assert t.is_server_live(headers=auth) and t.is_server_ready(headers=auth)
+assert t.is_model_ready("echo", headers=auth)
+assert not t.is_model_ready("echo"), "model readiness without a token was answered"
 x = httpclient.InferInput("INPUT", [3, 1], "FP32")
 x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32), binary_data=False)
 res = t.infer("echo", [x], outputs=[httpclient.InferRequestedOutput("OUTPUT", binary_data=False)],
               headers={"Authorization": "Bearer tok-123"})
 assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
 # tritonclient's defaults: binary tensors both ways (inputs, and outputs whether named or not).
-auth = {"Authorization": "Bearer tok-123"}
 x = httpclient.InferInput("INPUT", [3, 1], "FP32")
 x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32))
 for outputs in [None, [httpclient.InferRequestedOutput("OUTPUT")]]:
@@ -135,7 +136,8 @@ if len(sys.argv) > 2:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
     g = grpcclient.InferenceServerClient(url=f"127.0.0.1:{sys.argv[2]}")
-    assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("echo")
+    gauth = {"authorization": "Bearer tok-123"}
+    assert g.is_server_live(headers=gauth) and g.is_server_ready(headers=gauth) and g.is_model_ready("echo", headers=gauth)
     x = grpcclient.InferInput("INPUT", [2, 1], "FP32")
     x.set_data_from_numpy(np.array([[4.0], [5.5]], dtype=np.float32))
     res = g.infer("echo", [x], headers={"authorization": "Bearer tok-123"}, client_timeout=10)
@@ -151,7 +153,7 @@ if len(sys.argv) > 2:
         assert "UNAUTHENTICATED" in str(e.status()), e.status()
     print("GRPC OK")
 
-with urllib.request.urlopen(base + "/metrics") as resp:
+with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=auth)) as resp:
     text = resp.read().decode()
 assert "flumen_batch_size" in text and 'outcome="ok"' in text, text[:2000]
 print("ALL OK")

@@ -42,6 +42,19 @@ pub struct ServerSection {
     /// One JSON line per request on stderr (time, method, path, status, duration);
     /// never a body, a query string or a header. Off by default.
     pub log_requests: bool,
+    /// How long a connection may take to send a request's headers, from when the
+    /// gateway waits for it — a new connection, or a kept-alive one after its last
+    /// answer, so this is also the idle keep-alive time — ms; then it is closed.
+    pub header_timeout_ms: u64,
+    /// How long a request's whole body may take to arrive once its headers have, ms
+    /// (408 and the connection closed after).
+    pub body_timeout_ms: u64,
+    /// HTTP connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// With `api_key_env`, endpoints answered without the token: `"health"`
+    /// (`/health/*`, `/v2/health/*`, gRPC ServerLive/ServerReady) and `"metrics"`
+    /// (`/metrics`). Empty by default: the token guards everything.
+    pub unauthenticated: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -57,6 +70,10 @@ impl Default for ServerSection {
             max_pending: 10_000,
             timeout_ms: 30_000,
             log_requests: false,
+            header_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
+            max_connections: 10_000,
+            unauthenticated: Vec::new(),
         }
     }
 }
@@ -113,6 +130,9 @@ impl ServeConfig {
             ("max_body_bytes", s.max_body_bytes),
             ("max_items", s.max_items),
             ("max_pending", s.max_pending),
+            ("max_connections", s.max_connections),
+            ("header_timeout_ms", s.header_timeout_ms as usize),
+            ("body_timeout_ms", s.body_timeout_ms as usize),
         ] {
             if v == 0 {
                 p.push(format!("server.{field}: must be > 0"));
@@ -138,6 +158,13 @@ impl ServeConfig {
             } else if g.parse::<std::net::SocketAddr>().is_err() {
                 p.push(format!(
                     "server.grpc_listen: `{g}` is not an address like 127.0.0.1:8081"
+                ));
+            }
+        }
+        for (i, e) in s.unauthenticated.iter().enumerate() {
+            if e != "health" && e != "metrics" {
+                p.push(format!(
+                    "server.unauthenticated[{i}]: `{e}` is not \"health\" or \"metrics\""
                 ));
             }
         }

@@ -26,9 +26,43 @@ pub(crate) struct Gateway {
     pub(crate) models: BTreeMap<String, Model>,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) token: Option<String>,
+    /// Endpoints answered without the token when one is set.
+    pub(crate) open: Open,
     pub(crate) max_items: usize,
     pub(crate) max_pending: usize,
     pub(crate) timeout: Duration,
+}
+
+/// What a request is for, as far as the bearer token goes: every endpoint needs it
+/// when one is set, except health and metrics when `server.unauthenticated` names
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// Liveness and readiness of the server (HTTP `/health/*`, `/v2/health/*`; gRPC
+    /// `ServerLive`, `ServerReady`).
+    Health,
+    /// Prometheus `/metrics`.
+    Metrics,
+    /// Everything else: models, their metadata and readiness, inference, the server's
+    /// metadata.
+    Model,
+}
+
+/// `server.unauthenticated`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Open {
+    pub(crate) health: bool,
+    pub(crate) metrics: bool,
+}
+
+impl Open {
+    fn admits(self, endpoint: Endpoint) -> bool {
+        match endpoint {
+            Endpoint::Health => self.health,
+            Endpoint::Metrics => self.metrics,
+            Endpoint::Model => false,
+        }
+    }
 }
 
 /// The gateway as every front's handlers share it.
@@ -108,6 +142,19 @@ impl Gateway {
             .filter(|(_, m)| m.engine.stats().breaker == BreakerPhase::Open)
             .map(|(name, _)| name.as_str())
             .collect()
+    }
+
+    /// Checks an `Authorization` value (`Bearer …`) against the configured token, for
+    /// a request to `endpoint`.
+    pub(crate) fn check_access(
+        &self,
+        endpoint: Endpoint,
+        authorization: Option<&str>,
+    ) -> Result<(), Reject> {
+        if self.open.admits(endpoint) {
+            return Ok(());
+        }
+        self.check_token(authorization)
     }
 
     /// Checks an `Authorization` value (`Bearer …`) against the configured token.

@@ -16,7 +16,7 @@ use flumen_kserve::grpc::typed;
 use flumen_kserve::raw::{decode_raw, encode_raw};
 use tonic::{Request, Response, Status};
 
-use super::gateway::{Gateway, Reason, Reject};
+use super::gateway::{Endpoint, Gateway, Reason, Reject};
 use super::tensors::{output_tensor, tensor_records};
 
 /// The gRPC face of the gateway.
@@ -25,6 +25,15 @@ pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
 impl GrpcGateway {
     pub(crate) fn service(self) -> GrpcInferenceServiceServer<GrpcGateway> {
         GrpcInferenceServiceServer::new(self)
+    }
+
+    /// The bearer token from the call's `authorization` metadata, for `endpoint`.
+    fn authorize<T>(&self, endpoint: Endpoint, r: &Request<T>) -> Result<(), Status> {
+        let sent = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.0.check_access(endpoint, sent).map_err(status)
     }
 }
 
@@ -71,15 +80,17 @@ fn meta(name: &str, datatype: &str) -> TensorMetadata {
 impl GrpcInferenceService for GrpcGateway {
     async fn server_live(
         &self,
-        _: Request<proto::ServerLiveRequest>,
+        r: Request<proto::ServerLiveRequest>,
     ) -> Result<Response<proto::ServerLiveResponse>, Status> {
+        self.authorize(Endpoint::Health, &r)?;
         Ok(Response::new(proto::ServerLiveResponse { live: true }))
     }
 
     async fn server_ready(
         &self,
-        _: Request<proto::ServerReadyRequest>,
+        r: Request<proto::ServerReadyRequest>,
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
+        self.authorize(Endpoint::Health, &r)?;
         // As `/health/ready`: not while a model's circuit breaker is open.
         let ready = self.0.open_circuits().is_empty();
         Ok(Response::new(proto::ServerReadyResponse { ready }))
@@ -89,14 +100,16 @@ impl GrpcInferenceService for GrpcGateway {
         &self,
         r: Request<proto::ModelReadyRequest>,
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
+        self.authorize(Endpoint::Model, &r)?;
         let ready = self.0.has_model(&r.get_ref().name);
         Ok(Response::new(proto::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
         &self,
-        _: Request<proto::ServerMetadataRequest>,
+        r: Request<proto::ServerMetadataRequest>,
     ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
+        self.authorize(Endpoint::Model, &r)?;
         Ok(Response::new(proto::ServerMetadataResponse {
             name: "flumen".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -108,6 +121,7 @@ impl GrpcInferenceService for GrpcGateway {
         &self,
         r: Request<proto::ModelMetadataRequest>,
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
+        self.authorize(Endpoint::Model, &r)?;
         let name = r.into_inner().name;
         if !self.0.has_model(&name) {
             return Err(Status::not_found(format!("unknown model `{name}`")));
@@ -125,12 +139,7 @@ impl GrpcInferenceService for GrpcGateway {
         &self,
         r: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
-        let auth = r
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        self.0.check_token(auth.as_deref()).map_err(status)?;
+        self.authorize(Endpoint::Model, &r)?;
         let timeout = r
             .metadata()
             .get("grpc-timeout")

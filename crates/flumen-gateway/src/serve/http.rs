@@ -12,12 +12,47 @@ use flumen_core::ErrorKind;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::gateway::{Gateway, Reason, Reject, Shared};
+use super::gateway::{Endpoint, Gateway, Reason, Reject, Shared};
 
-/// An error answer: status, and an OpenAI-style body.
+/// Which front a path belongs to, for the shape of its errors: KServe v2 (`/v2/…`,
+/// Triton's `{"error": "…"}`) or the rest (OpenAI's `{"error": {"message", "type",
+/// "param", "code"}}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Front {
+    OpenAi,
+    Kserve,
+}
+
+impl Front {
+    pub(crate) fn of(path: &str) -> Front {
+        if path == "/v2" || path.starts_with("/v2/") {
+            Front::Kserve
+        } else {
+            Front::OpenAi
+        }
+    }
+
+    /// An error answer in this front's shape.
+    pub(crate) fn error(self, status: StatusCode, message: impl Into<String>) -> Response {
+        match self {
+            Front::OpenAi => error(status, message),
+            Front::Kserve => (status, Json(json!({"error": message.into()}))).into_response(),
+        }
+    }
+}
+
+/// An error answer in OpenAI's shape: `type` and `code` as OpenAI's API gives them
+/// for that status.
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let message = message.into();
-    (status, Json(json!({"error": {"message": message, "type": status.canonical_reason().unwrap_or("error")}}))).into_response()
+    let (kind, code) = match status.as_u16() {
+        401 => ("invalid_request_error", json!("invalid_api_key")),
+        429 => ("requests", json!("rate_limit_exceeded")),
+        s if s >= 500 => ("server_error", Value::Null),
+        _ => ("invalid_request_error", Value::Null),
+    };
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
 }
 
 /// The one mapping from a rejection's reason to an HTTP status.
@@ -38,10 +73,11 @@ fn status(reason: Reason) -> StatusCode {
     }
 }
 
-impl IntoResponse for Reject {
-    fn into_response(self) -> Response {
+impl Reject {
+    /// The answer in `front`'s shape; a 429 says when to retry.
+    pub(crate) fn response(self, front: Front) -> Response {
         let status = status(self.reason);
-        let mut r = error(status, self.message);
+        let mut r = front.error(status, self.message);
         if status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut()
                 .insert("retry-after", "1".parse().expect("header value"));
@@ -50,22 +86,154 @@ impl IntoResponse for Reject {
     }
 }
 
-impl Gateway {
-    /// Checks the `Authorization` header.
-    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), Reject> {
-        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
-        self.check_token(sent)
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        self.response(Front::OpenAi)
     }
+}
 
-    /// Runs `records` through `model`'s engine, for an HTTP caller: the token from
-    /// `Authorization`, the deadline from `x-request-timeout-ms` (or the default).
+/// The request body's limits (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    /// The whole body must arrive within this (408 otherwise, and the connection
+    /// closes).
+    pub(crate) timeout: Duration,
+    /// Bytes (413 above).
+    pub(crate) max_bytes: usize,
+}
+
+/// Reads the whole request body within its limits before any route sees it, so that
+/// a client that never finishes its body is answered 408 and let go; then gives
+/// every error answer the shape of its front, the framework's own rejections (a
+/// body that is not JSON, an unknown path, a wrong method) included.
+pub(crate) async fn read_body(
+    State(limits): State<BodyLimits>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let front = Front::of(req.uri().path());
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Err(_) => {
+            let mut r = front.error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} ms (server.body_timeout_ms)",
+                    limits.timeout.as_millis()
+                ),
+            );
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            return r;
+        }
+        Ok(Err(e)) => {
+            let too_large = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return if too_large {
+                front.error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request body is over {} bytes (server.max_body_bytes)",
+                        limits.max_bytes
+                    ),
+                )
+            } else {
+                front.error(
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                )
+            };
+        }
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    shaped(front, next.run(req).await).await
+}
+
+/// An error answer that is not JSON (a rejection of the framework's: plain text or
+/// empty) rewritten in `front`'s shape, its status and headers kept.
+async fn shaped(front: Front, response: Response) -> Response {
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut r = front.error(status, message);
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            r.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    r
+}
+
+/// What a path is for, as far as the bearer token goes.
+fn endpoint(path: &str) -> Endpoint {
+    match path {
+        "/health/live" | "/health/ready" | "/v2/health/live" | "/v2/health/ready" => {
+            Endpoint::Health
+        }
+        "/metrics" => Endpoint::Metrics,
+        _ => Endpoint::Model,
+    }
+}
+
+/// The bearer token, checked once for every path (an unknown path too, so that
+/// none answers differently without it), before the body is read.
+pub(crate) async fn authorize(
+    State(g): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let sent = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(r) = g.check_access(endpoint(path), sent) {
+        return r.response(Front::of(path));
+    }
+    next.run(req).await
+}
+
+/// Any path no route has: 404 in the shape of the front its path belongs to.
+pub(crate) async fn no_route(req: axum::extract::Request) -> Response {
+    let path = req.uri().path();
+    Front::of(path).error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {} {path}", req.method()),
+    )
+}
+
+impl Gateway {
+    /// Runs `records` through `model`'s engine, for an HTTP caller (whose token
+    /// [`authorize`] checked): the deadline from `x-request-timeout-ms` (or the
+    /// default).
     pub(crate) async fn infer(
         &self,
         name: &str,
         records: Vec<Value>,
         headers: &HeaderMap,
     ) -> Result<Vec<Value>, Reject> {
-        self.authorize(headers)?;
         let timeout = headers
             .get("x-request-timeout-ms")
             .and_then(|v| v.to_str().ok())

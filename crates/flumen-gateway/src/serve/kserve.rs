@@ -8,7 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::gateway::Shared;
-use super::http::error;
+use super::http::Front;
 use super::tensors::{output_tensor, tensor_records};
 
 pub(crate) async fn kserve_metadata(
@@ -16,7 +16,7 @@ pub(crate) async fn kserve_metadata(
     Path(model): Path<String>,
 ) -> Response {
     if !g.has_model(&model) {
-        return error(StatusCode::NOT_FOUND, format!("unknown model `{model}`"));
+        return Front::Kserve.error(StatusCode::NOT_FOUND, format!("unknown model `{model}`"));
     }
     Json(json!({
         "name": model, "versions": ["1"], "platform": "flumen",
@@ -154,7 +154,7 @@ pub(crate) fn infer_response(model: &str, out: &[Value], binary: bool) -> Respon
     }
     let raw = match flumen_kserve::raw::encode_raw(datatype, &data) {
         Ok(raw) => raw,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
+        Err(e) => return Front::Kserve.error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
     };
     tensor["parameters"] = json!({"binary_data_size": raw.len()});
     let reply = reply(tensor);
@@ -190,10 +190,10 @@ pub(crate) async fn kserve_infer(
     // presence of the binary extension's header, whatever its content type.
     let request = match read_infer_request(&headers, &body) {
         Ok(r) => r,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+        Err(why) => return Front::Kserve.error(StatusCode::BAD_REQUEST, why),
     };
     match g.infer(&model, request.records, &headers).await {
-        Err(r) => r.into_response(),
+        Err(r) => r.response(Front::Kserve),
         Ok(out) => infer_response(&model, &out, request.binary_output),
     }
 }

@@ -8,8 +8,9 @@
 //! `/v1/models`; KServe v2 over HTTP with JSON or binary tensors (`/v2/health/*`,
 //! `/v2/models/{m}`, `/v2/models/{m}/ready`, `/v2/models/{m}/infer`). Admission
 //! control answers 429 with `Retry-After` once a model has `max_pending` records in
-//! the engine; bearer-token auth (constant-time comparison) when configured; body
-//! size and items per request bounded; a request deadline from `x-request-timeout-ms`
+//! the engine; bearer-token auth (constant-time comparison) on every endpoint when
+//! configured; body size, body time, header time, open connections and items per
+//! request bounded; errors in each protocol's shape; a request deadline from `x-request-timeout-ms`
 //! (or the server's default); Prometheus `/metrics` with every engine's metrics.
 //! KServe v2 over gRPC on `grpc_listen` with the `grpc` feature; HTTPS with
 //! `tls_cert`/`tls_key` and the `tls` feature. On SIGINT/SIGTERM (or
@@ -24,7 +25,8 @@
 //!   access log) and `tensors` (rows to records and back, for both KServe fronts);
 //! - `gateway`: the protocol-neutral gateway: one engine per model, auth, limits,
 //!   admission, deadlines, and a rejection's reason;
-//! - `config`: the configuration file; `tls`: HTTPS.
+//! - `config`: the configuration file; `conn`: the HTTP listener's connections (how
+//!   many, how long a request's headers may take); `tls`: HTTPS.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
@@ -40,6 +42,7 @@ use flumen_config::{AnyBackend, BadConfig};
 use flumen_engine::Engine;
 
 mod config;
+mod conn;
 mod gateway;
 #[cfg(feature = "grpc")]
 mod grpc;
@@ -200,6 +203,10 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         models,
         metrics: handle,
         token,
+        open: gateway::Open {
+            health: s.unauthenticated.iter().any(|e| e == "health"),
+            metrics: s.unauthenticated.iter().any(|e| e == "metrics"),
+        },
         max_items: s.max_items,
         max_pending: s.max_pending,
         timeout: Duration::from_millis(s.timeout_ms),
@@ -219,7 +226,19 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         .route("/v2/models/{model}", get(kserve::kserve_metadata))
         .route("/v2/models/{model}/ready", get(kserve::kserve_ready))
         .route("/v2/models/{model}/infer", post(kserve::kserve_infer))
+        .fallback(http::no_route)
         .layer(DefaultBodyLimit::max(s.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            http::BodyLimits {
+                timeout: Duration::from_millis(s.body_timeout_ms),
+                max_bytes: s.max_body_bytes,
+            },
+            http::read_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
+            http::authorize,
+        ))
         .with_state(Arc::clone(&gateway));
     let app = if s.log_requests {
         app.layer(axum::middleware::from_fn(http::access_log))
@@ -254,11 +273,24 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
     let stopped = stop.stopped();
+    let limits = conn::Limits {
+        header_timeout: Duration::from_millis(s.header_timeout_ms),
+        max_connections: s.max_connections,
+    };
+    if let Some(files) = open_files_limit() {
+        if s.max_connections as u64 + 64 > files {
+            eprintln!(
+                "flumen serve: warning: server.max_connections = {} is near or above this process's open-file limit ({files}): \
+                 past that limit connections fail to be accepted; raise `ulimit -n` or lower max_connections",
+                s.max_connections
+            );
+        }
+    }
     #[cfg(feature = "tls")]
     if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
-        let acceptor = tls::acceptor(cert, key)?;
+        let tls = tls::Tls(tls::acceptor(cert, key)?);
         servers.push(tokio::spawn(async move {
-            tls::serve(listener, acceptor, app, stopped)
+            conn::serve(listener, tls, app, limits, stopped)
                 .await
                 .context("the HTTPS server failed")
         }));
@@ -270,8 +302,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         });
     }
     servers.push(tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
+        conn::serve(listener, conn::Plain, app, limits, stopped)
             .await
             .context("the HTTP server failed")
     }));
@@ -281,4 +312,16 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         servers,
         stop,
     })
+}
+
+/// This process's soft limit on open files (Linux: from `/proc/self/limits`).
+fn open_files_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }

@@ -3,11 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
@@ -32,35 +27,14 @@ pub(super) fn acceptor(cert: &str, key: &str) -> Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Accepts TLS connections and serves `app` on each until `stopped`; then stops
-/// accepting, lets every connection answer its requests in flight (idle ones
-/// close), and returns once they have.
-pub(super) async fn serve(
-    listener: tokio::net::TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-    stopped: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(stopped);
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            () = &mut stopped => break,
-        };
-        let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
-        tokio::spawn(async move {
-            // A failed handshake concerns that connection only.
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let service = TowerToHyperService::new(app);
-            let builder = Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let _ = watcher.watch(connection).await;
-        });
+/// TLS before HTTP, for [`super::conn::serve`].
+#[derive(Clone)]
+pub(super) struct Tls(pub TlsAcceptor);
+
+impl super::conn::Handshake for Tls {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+    async fn handshake(&self, tcp: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
+        self.0.accept(tcp).await
     }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
 }

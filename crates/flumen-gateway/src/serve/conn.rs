@@ -1,0 +1,125 @@
+//! The HTTP listener's connections, plain or TLS: how many may be open at once, and
+//! how long one may take to send its request's headers — which is also how long an
+//! idle keep-alive connection is kept, hyper's header timer starting whenever a
+//! connection waits for a request. (The body's deadline is `http::read_body`'s.)
+//!
+//! A connection over `max_connections` is answered at once with a 503 that says so
+//! and closed, rather than left unanswered; accept errors (out of file descriptors,
+//! a connection reset before it was accepted) are waited out, never the listener's
+//! end. On stop, the listener closes, each connection answers the requests it has
+//! in flight (idle ones close), and [`serve`] returns once they have.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// The listener's limits (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// From waiting for a request (a new connection, or a kept-alive one after its
+    /// last answer) to having its whole header; also the TLS handshake's limit.
+    pub header_timeout: Duration,
+    /// Connections open at once; more are refused with a 503.
+    pub max_connections: usize,
+}
+
+/// What an accepted TCP connection goes through before HTTP: nothing, or TLS.
+pub(super) trait Handshake: Clone + Send + Sync + 'static {
+    /// The stream HTTP is served on.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The connection, ready for HTTP.
+    fn handshake(&self, tcp: TcpStream) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+/// Plain HTTP.
+#[derive(Clone, Copy)]
+pub(super) struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+
+    async fn handshake(&self, tcp: TcpStream) -> std::io::Result<TcpStream> {
+        Ok(tcp)
+    }
+}
+
+/// Accepts connections and serves `app` on each until `stopped`, within `limits`.
+pub(super) async fn serve<H: Handshake>(
+    listener: TcpListener,
+    handshake: H,
+    app: Router,
+    limits: Limits,
+    stopped: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(stopped);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // EMFILE, ENFILE, ECONNABORTED…: the listener itself is fine.
+                    eprintln!("flumen serve: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let permit = Arc::clone(&open).try_acquire_owned();
+        let (handshake, app, watcher) = (handshake.clone(), app.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let io =
+                match tokio::time::timeout(limits.header_timeout, handshake.handshake(tcp)).await {
+                    Ok(Ok(io)) => io,
+                    // A failed or stalled handshake concerns that connection only.
+                    _ => return,
+                };
+            let Ok(_permit) = permit else {
+                refuse(io, limits.max_connections).await;
+                return;
+            };
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let connection = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+            let _ = watcher.watch(connection).await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Answers a connection over the limit with a 503 before reading its request, then
+/// reads what the client sent (for at most a second) so that closing does not reset
+/// the connection before the client has read the answer.
+async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
+    let body = serde_json::json!({"error": {
+        "message": format!("too many connections: this gateway serves at most {max} at once (server.max_connections); retry later"),
+        "type": "server_error", "param": null, "code": "too_many_connections"}})
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(answer.as_bytes()).await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while io.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
