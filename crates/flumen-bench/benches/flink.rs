@@ -394,6 +394,8 @@ async fn main() {
          real Triton (CPU, Python backend) cost model a = {a} ms, b = {b} ms, k = {k}, max batch {n}, dynamic batcher on; \
          limit {limit:.0} rows/s\n"
     );
+    // The cost model's input is `X`, straight at Triton and through the gateway,
+    // which serves the model's own metadata.
     let numbers = |endpoint: &str, in_flight: usize, rows: u64, input: Option<&str>| {
         let mut a = args(&[
             ("endpoint", endpoint.to_string()),
@@ -434,7 +436,7 @@ async fn main() {
         ),
     );
     let run_c = run_job(
-        numbers(&endpoint, RECOMMENDED, rows_bc, None),
+        numbers(&endpoint, RECOMMENDED, rows_bc, Some("X")),
         Some((&mut triton, "cost", restart_at(rows_bc))),
         &dir.join("c.log"),
     )

@@ -344,7 +344,7 @@ async fn main() {
     let g = callers(move |i| {
         let (http, url) = (http.clone(), url.clone());
         async move {
-            let body = json!({"inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [i as f64]}]});
+            let body = json!({"inputs": [{"name": "X", "shape": [1, 1], "datatype": "FP32", "data": [i as f64]}]});
             match http.post(&url).json(&body).send().await {
                 Ok(r) if r.status().is_success() => {
                     let v: Value = r.json().await.unwrap_or_default();

@@ -306,6 +306,8 @@ fn ml_predict_reaches_triton_through_the_gateway() {
         ("endpoint", format!("http://127.0.0.1:{port}")),
         ("model", "cost".into()),
         ("protocol", "kserve".into()),
+        // The gateway serves the Triton model's own tensors: its input is `X`.
+        ("kserve.input", "X".into()),
         ("input", "number".into()),
         ("output", "DOUBLE".into()),
         ("rows", "500".into()),

@@ -161,10 +161,10 @@ pub struct KserveSection {
     /// A model version.
     #[serde(default)]
     pub version: Option<String>,
-    /// Input tensor name (default: the model's only input).
+    /// Input tensor name (default: every input; a record is then an object of them).
     #[serde(default)]
     pub input: Option<String>,
-    /// Output tensor name (default: the model's first output).
+    /// Output tensor name (default: every output; of several, a prediction is an object of them).
     #[serde(default)]
     pub output: Option<String>,
     /// Rows per request (default over HTTP: the model's max_batch_size; required over gRPC).

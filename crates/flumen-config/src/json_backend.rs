@@ -28,7 +28,37 @@ pub enum AnyBackend {
     Http(flumen_http::HttpJson),
 }
 
+/// What a KServe v2 backend read of its model: for a gateway that serves the model
+/// under the same protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct KserveModel<'a> {
+    /// The model's metadata as its server gave it (the KServe v2 HTTP shape).
+    pub metadata: &'a Value,
+    /// The tensors the backend fills from records and reads predictions from.
+    pub signature: &'a flumen_kserve::Signature,
+    /// The model's configuration (Triton's extension), when the server gave it.
+    pub config: Option<&'a Value>,
+}
+
 impl AnyBackend {
+    /// The model a KServe v2 backend serves; `None` for other backends.
+    pub fn kserve_model(&self) -> Option<KserveModel<'_>> {
+        match self {
+            AnyBackend::Kserve(k) => Some(KserveModel {
+                metadata: k.metadata(),
+                signature: k.signature(),
+                config: k.model_config(),
+            }),
+            #[cfg(feature = "grpc")]
+            AnyBackend::KserveGrpc(k) => Some(KserveModel {
+                metadata: k.metadata(),
+                signature: k.signature(),
+                config: None,
+            }),
+            _ => None,
+        }
+    }
+
     /// Builds (and for KServe, connects to) the backend of a validated configuration.
     pub async fn build(config: &BackendConfig) -> Result<AnyBackend, Vec<String>> {
         Ok(match config {

@@ -36,7 +36,7 @@ pub use backend::{
     BackendConfig, EmbeddedSection, HttpSection, KserveSection, OpenAiSection, SimSection,
 };
 pub use engine::{concurrency, concurrency_flag, EngineSection, OperatorSection};
-pub use json_backend::AnyBackend;
+pub use json_backend::{AnyBackend, KserveModel};
 
 use flumen_engine::{EngineConfig, OperatorConfig};
 use serde::Deserialize;

@@ -95,9 +95,11 @@ proptest! {
         path in prop::sample::select(vec![
             "/v1/embeddings", "/v1/chat/completions", "/v1/nothing",
             "/v2/models/echo/infer", "/v2/models/none/infer", "/v2/models/echo",
+            "/v2/models/echo/versions/1/infer", "/v2/models/echo/versions/7/infer",
         ]),
         content_type in prop::sample::select(vec!["application/json", "application/octet-stream", "text/plain", ""]),
         header_length in prop::option::of(0usize..700),
+        encoding in prop::sample::select(vec!["", "", "gzip", "deflate", "br"]),
     ) {
         let (rt, running, http) = gateway();
         let url = format!("http://{}{path}", running.addr);
@@ -105,6 +107,9 @@ proptest! {
             let mut req = http.post(&url).body(body.clone());
             if !content_type.is_empty() {
                 req = req.header("content-type", content_type);
+            }
+            if !encoding.is_empty() {
+                req = req.header("content-encoding", encoding);
             }
             if let Some(n) = header_length {
                 req = req.header("inference-header-content-length", n.to_string());

@@ -125,10 +125,16 @@ x.set_data_from_numpy(np.array([[1.5], [2.0], [3.0]], dtype=np.float32))
 for outputs in [None, [httpclient.InferRequestedOutput("OUTPUT")]]:
     res = t.infer("echo", [x], outputs=outputs, headers=auth)
     assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [1.5, 2.0, 3.0], res.as_numpy("OUTPUT")
+# The Triton model's own tensors, TEXT in and EMB out, as its metadata says.
+meta = t.get_model_metadata("embed", headers=auth)
+assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("TEXT", "BYTES")], meta
+assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("EMB", "FP32", [-1, 4])], meta
+text = httpclient.InferInput("TEXT", [2, 1], "BYTES")
+text.set_data_from_numpy(np.array([[b"hello"], [b"caf\xc3\xa9"]], dtype=np.object_))
+res = t.infer("embed", [text], headers=auth)
+assert res.as_numpy("EMB").tolist() == [[5.0, 2.0, 0.0, 1.0], [4.0, 1.0, 0.0, 1.0]], res.as_numpy("EMB")
 s = httpclient.InferInput("INPUT", [2, 1], "BYTES")
 s.set_data_from_numpy(np.array([[b"hello"], [b"caf\xc3\xa9"]], dtype=np.object_))
-res = t.infer("embed", [s], headers=auth)
-assert res.as_numpy("OUTPUT").tolist() == [[5.0, 2.0, 0.0, 1.0], [4.0, 1.0, 0.0, 1.0]], res.as_numpy("OUTPUT")
 res = t.infer("echo", [s], headers=auth)
 assert [v.decode() for v in res.as_numpy("OUTPUT").reshape(-1)] == ["hello", "café"], res.as_numpy("OUTPUT")
 print("TRITONCLIENT HTTP BINARY OK")
@@ -142,10 +148,10 @@ if len(sys.argv) > 2:
     x.set_data_from_numpy(np.array([[4.0], [5.5]], dtype=np.float32))
     res = g.infer("echo", [x], headers={"authorization": "Bearer tok-123"}, client_timeout=10)
     assert res.as_numpy("OUTPUT").reshape(-1).tolist() == [4.0, 5.5], res.as_numpy("OUTPUT")
-    t = grpcclient.InferInput("INPUT", [2, 1], "BYTES")
+    t = grpcclient.InferInput("TEXT", [2, 1], "BYTES")
     t.set_data_from_numpy(np.array([[b"hello"], [b"caf\xc3\xa9"]], dtype=np.object_))
     res = g.infer("embed", [t], headers={"authorization": "Bearer tok-123"})
-    assert res.as_numpy("OUTPUT").tolist() == [[5.0, 2.0, 0.0, 1.0], [4.0, 1.0, 0.0, 1.0]], res.as_numpy("OUTPUT")
+    assert res.as_numpy("EMB").tolist() == [[5.0, 2.0, 0.0, 1.0], [4.0, 1.0, 0.0, 1.0]], res.as_numpy("EMB")
     try:
         g.infer("echo", [x])
         raise SystemExit("gRPC without a token was accepted")

@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::raw::decode_raw;
-use crate::{finish, Batch, KserveConfig, KserveError, TensorSpec};
+use crate::{finish, Batch, KserveConfig, KserveError, Signature, TensorSpec};
 
 /// The generated protocol types and client.
 #[allow(missing_docs, clippy::all)]
@@ -117,10 +117,10 @@ pub fn typed(c: &InferTensorContents) -> Vec<Value> {
 pub struct KserveGrpc {
     client: Client<Channel>,
     config: KserveConfig,
-    input: TensorSpec,
-    output: TensorSpec,
+    sig: Signature,
     max_batch: usize,
-    batched: bool,
+    /// The model's metadata, in the shape of KServe v2's HTTP answer.
+    metadata: Value,
 }
 
 impl KserveGrpc {
@@ -180,24 +180,35 @@ impl KserveGrpc {
                 t.shape.clone()
             },
         };
-        let input = match &config.input {
-            Some(name) => meta.inputs.iter().find(|t| &t.name == name),
-            None if meta.inputs.len() == 1 => meta.inputs.first(),
-            None => {
-                return Err(KserveError(format!(
-                    "the model has {} inputs: name one with `input`",
-                    meta.inputs.len()
-                )))
+        // The named tensor, else every one of the list.
+        let pick = |list: &[proto::model_metadata_response::TensorMetadata],
+                    name: &Option<String>,
+                    what: &str|
+         -> Result<Vec<TensorSpec>, KserveError> {
+            let chosen: Vec<TensorSpec> = list
+                .iter()
+                .filter(|t| name.as_ref().is_none_or(|n| &t.name == n))
+                .map(spec)
+                .collect();
+            if chosen.is_empty() {
+                return Err(KserveError(format!("the model has no {what} {name:?}")));
             }
-        }
-        .map(spec)
-        .ok_or_else(|| KserveError(format!("the model has no input {:?}", config.input)))?;
-        let output = match &config.output {
-            Some(name) => meta.outputs.iter().find(|t| &t.name == name),
-            None => meta.outputs.first(),
-        }
-        .map(spec)
-        .ok_or_else(|| KserveError(format!("the model has no output {:?}", config.output)))?;
+            Ok(chosen)
+        };
+        let sig = Signature {
+            inputs: pick(&meta.inputs, &config.input, "input")?,
+            outputs: pick(&meta.outputs, &config.output, "output")?,
+            batched,
+        };
+        let tensors = |list: &[proto::model_metadata_response::TensorMetadata]| -> Vec<Value> {
+            list.iter()
+                .map(|t| serde_json::json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+                .collect()
+        };
+        let metadata = serde_json::json!({
+            "name": meta.name, "versions": meta.versions, "platform": meta.platform,
+            "inputs": tensors(&meta.inputs), "outputs": tensors(&meta.outputs),
+        });
         Ok(KserveGrpc {
             client,
             max_batch: if batched {
@@ -206,15 +217,19 @@ impl KserveGrpc {
                 1
             },
             config,
-            input,
-            output,
-            batched,
+            sig,
+            metadata,
         })
     }
 
-    /// The input tensor records fill.
-    pub fn input(&self) -> &TensorSpec {
-        &self.input
+    /// The tensors records fill and predictions come from.
+    pub fn signature(&self) -> &Signature {
+        &self.sig
+    }
+
+    /// The model's metadata, in the shape of KServe v2's HTTP answer.
+    pub fn metadata(&self) -> &Value {
+        &self.metadata
     }
 }
 
@@ -235,23 +250,37 @@ impl Backend for KserveGrpc {
 
     async fn call(&self, records: &[Value]) -> BatchResult<Value> {
         let mut results = vec![None; records.len()];
-        let Some(batch) = Batch::assemble(&self.input, self.batched, records, &mut results) else {
+        let Some(batch) = Batch::assemble(&self.sig, records, &mut results) else {
             return Ok(finish(results));
         };
+        let inputs = self
+            .sig
+            .inputs
+            .iter()
+            .zip(&batch.inputs)
+            .map(|(t, (data, shape))| {
+                Ok(InferInputTensor {
+                    name: t.name.clone(),
+                    datatype: t.datatype.clone(),
+                    shape: shape.clone(),
+                    contents: Some(contents(&t.datatype, data)?),
+                    ..Default::default()
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
         let mut request = ModelInferRequest {
             model_name: self.config.model.clone(),
             model_version: self.config.version.clone().unwrap_or_default(),
-            inputs: vec![InferInputTensor {
-                name: self.input.name.clone(),
-                datatype: self.input.datatype.clone(),
-                shape: batch.shape.clone(),
-                contents: Some(contents(&self.input.datatype, &batch.data)?),
-                ..Default::default()
-            }],
-            outputs: vec![InferRequestedOutputTensor {
-                name: self.output.name.clone(),
-                ..Default::default()
-            }],
+            inputs,
+            outputs: self
+                .sig
+                .outputs
+                .iter()
+                .map(|t| InferRequestedOutputTensor {
+                    name: t.name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         if let Some(p) = self.config.priority {
@@ -272,26 +301,30 @@ impl Backend for KserveGrpc {
             .await
             .map_err(|s| backend_error(&s))?
             .into_inner();
-        let (i, out) = response
+        let flats = self
+            .sig
             .outputs
             .iter()
-            .enumerate()
-            .find(|(_, t)| t.name == self.output.name)
-            .ok_or_else(|| {
-                BackendError::permanent(format!(
-                    "the response has no output `{}`",
-                    self.output.name
-                ))
-            })?;
-        let flat = match response.raw_output_contents.get(i) {
-            Some(raw) => decode_raw(&out.datatype, raw)?,
-            None => typed(
-                out.contents
-                    .as_ref()
-                    .unwrap_or(&InferTensorContents::default()),
-            ),
-        };
-        batch.split(&flat, &mut results)?;
+            .map(|t| {
+                let (i, out) = response
+                    .outputs
+                    .iter()
+                    .enumerate()
+                    .find(|(_, o)| o.name == t.name)
+                    .ok_or_else(|| {
+                        BackendError::permanent(format!("the response has no output `{}`", t.name))
+                    })?;
+                Ok(match response.raw_output_contents.get(i) {
+                    Some(raw) => decode_raw(&out.datatype, raw)?,
+                    None => typed(
+                        out.contents
+                            .as_ref()
+                            .unwrap_or(&InferTensorContents::default()),
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        batch.split(&self.sig, &flats, &mut results)?;
         Ok(finish(results))
     }
 }

@@ -3,8 +3,11 @@
 //! [`KserveHttp::connect`] waits for the server and the model to be ready, reads the
 //! model's metadata (its input and output tensors, their datatypes and shapes) and,
 //! from Triton's configuration extension, its `max_batch_size`. Each record is one
-//! row of the batch tensor: a JSON number, string (for `BYTES`) or array with the
-//! row's shape; the prediction is the matching row of the output tensor.
+//! row of the batch: for a model of one input (or with `input` named), a JSON
+//! number, string (for `BYTES`) or array with the row's shape; for several inputs,
+//! an object with such a row for each, by name. The prediction is the matching row
+//! of the output (or of `output` when named); of several outputs, an object with
+//! each output's row by name (see [`Signature`]).
 //!
 //! Errors map through [`flumen_core::http::classify_status`]: 429 and 503 (Triton's
 //! queue full) are overload, other 5xx transient, 4xx (unknown model, wrong shape or
@@ -35,9 +38,9 @@ pub struct KserveConfig {
     pub model: String,
     /// A model version, or the server's choice.
     pub version: Option<String>,
-    /// The input tensor to fill (default: the model's only input).
+    /// The one input tensor to fill (default: every input of the model).
     pub input: Option<String>,
-    /// The output tensor to read (default: the model's first output).
+    /// The one output tensor to read (default: every output of the model).
     pub output: Option<String>,
     /// Rows per request at most (default: the model's `max_batch_size`).
     pub max_batch_items: Option<usize>,
@@ -170,33 +173,103 @@ impl TensorSpec {
     }
 }
 
+/// The tensors a backend fills from records and reads predictions from.
+///
+/// A record is the row itself when there is one input, else an object with a row
+/// for every input, by name; a prediction is the row of the one output, else an
+/// object with the row of every output, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    /// The inputs, in the model's order.
+    pub inputs: Vec<TensorSpec>,
+    /// The outputs read, in the model's order.
+    pub outputs: Vec<TensorSpec>,
+    /// Whether the tensors take a batch dimension first.
+    pub batched: bool,
+}
+
+impl Signature {
+    /// A record's flat elements for each input, checked against its datatype and
+    /// row shape.
+    pub fn row(&self, record: &Value) -> Result<Vec<Vec<Value>>, String> {
+        if let [only] = self.inputs.as_slice() {
+            return Ok(vec![only.row_elements(record)?]);
+        }
+        let Some(fields) = record.as_object() else {
+            return Err(format!(
+                "the model has {} inputs ({}): a record must be an object with each",
+                self.inputs.len(),
+                self.input_names()
+            ));
+        };
+        if let Some(extra) = fields
+            .keys()
+            .find(|k| !self.inputs.iter().any(|t| &t.name == *k))
+        {
+            return Err(format!(
+                "`{extra}` is not an input of the model (its inputs: {})",
+                self.input_names()
+            ));
+        }
+        self.inputs
+            .iter()
+            .map(|t| match fields.get(&t.name) {
+                Some(v) => t.row_elements(v),
+                None => Err(format!("the record has no input `{}`", t.name)),
+            })
+            .collect()
+    }
+
+    /// One row's prediction from each output's row value, in `outputs` order.
+    pub fn prediction(&self, mut values: Vec<Value>) -> Value {
+        if values.len() == 1 {
+            return values.pop().expect("one value");
+        }
+        Value::Object(
+            self.outputs
+                .iter()
+                .map(|t| t.name.clone())
+                .zip(values)
+                .collect(),
+        )
+    }
+
+    fn input_names(&self) -> String {
+        self.inputs
+            .iter()
+            .map(|t| format!("`{}`", t.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// One result slot per record of a call.
 pub(crate) type Slots = Vec<Option<Result<Value, BackendError>>>;
 
-/// The records of a call that fit the input tensor, as one batch tensor.
+/// The records of a call that fit the inputs, as one batch tensor per input.
 pub(crate) struct Batch {
     /// Positions of the records in the call.
     pub(crate) rows: Vec<usize>,
-    /// Their elements, flattened.
-    pub(crate) data: Vec<Value>,
-    /// The batch tensor's shape.
-    pub(crate) shape: Vec<i64>,
+    /// Each input's elements, flattened, and its batch tensor's shape.
+    pub(crate) inputs: Vec<(Vec<Value>, Vec<i64>)>,
 }
 
 impl Batch {
-    /// Flattens the records that fit `input`; those that do not get an invalid-input
-    /// result in `results`. `None` when no record fits.
+    /// Flattens the records that fit the signature's inputs; those that do not get
+    /// an invalid-input result in `results`. `None` when no record fits.
     pub(crate) fn assemble(
-        input: &TensorSpec,
-        batched: bool,
+        sig: &Signature,
         records: &[Value],
         results: &mut Slots,
     ) -> Option<Batch> {
-        let (mut rows, mut data) = (Vec::new(), Vec::new());
-        for (i, row) in records.iter().enumerate() {
-            match input.row_elements(row) {
-                Ok(flat) => {
-                    data.extend(flat);
+        let mut rows = Vec::new();
+        let mut data: Vec<Vec<Value>> = vec![Vec::new(); sig.inputs.len()];
+        for (i, record) in records.iter().enumerate() {
+            match sig.row(record) {
+                Ok(flats) => {
+                    for (d, flat) in data.iter_mut().zip(flats) {
+                        d.extend(flat);
+                    }
                     rows.push(i);
                 }
                 Err(why) => results[i] = Some(Err(BackendError::invalid_input(why))),
@@ -205,39 +278,63 @@ impl Batch {
         if rows.is_empty() {
             return None;
         }
-        let mut shape = input.row_shape.clone();
-        if input.row_len().is_none() {
-            // A variable dimension: infer it from the elements.
-            let known: i64 = shape.iter().filter(|d| **d > 0).product();
-            let per_row = data.len() as i64 / rows.len() as i64;
-            for d in shape.iter_mut().filter(|d| **d < 0) {
-                *d = per_row / known.max(1);
-            }
-        }
-        if batched {
-            shape.insert(0, rows.len() as i64);
-        }
-        Some(Batch { rows, data, shape })
+        let inputs = sig
+            .inputs
+            .iter()
+            .zip(data)
+            .map(|(t, data)| {
+                let mut shape = t.row_shape.clone();
+                if t.row_len().is_none() {
+                    // A variable dimension: infer it from the elements.
+                    let known: i64 = shape.iter().filter(|d| **d > 0).product();
+                    let per_row = data.len() as i64 / rows.len() as i64;
+                    for d in shape.iter_mut().filter(|d| **d < 0) {
+                        *d = per_row / known.max(1);
+                    }
+                }
+                if sig.batched {
+                    shape.insert(0, rows.len() as i64);
+                }
+                (data, shape)
+            })
+            .collect();
+        Some(Batch { rows, inputs })
     }
 
-    /// Splits the output's flat elements back into one value per record.
-    pub(crate) fn split(self, flat: &[Value], results: &mut Slots) -> Result<(), BackendError> {
-        if !flat.len().is_multiple_of(self.rows.len()) {
-            return Err(BackendError::permanent(format!(
-                "{} output elements do not split into {} rows",
-                flat.len(),
-                self.rows.len()
-            )));
+    /// Splits each output's flat elements (in the signature's order) back into one
+    /// prediction per record.
+    pub(crate) fn split(
+        self,
+        sig: &Signature,
+        outputs: &[Vec<Value>],
+        results: &mut Slots,
+    ) -> Result<(), BackendError> {
+        let n = self.rows.len();
+        let mut per_output = Vec::with_capacity(outputs.len());
+        for (t, flat) in sig.outputs.iter().zip(outputs) {
+            if !flat.len().is_multiple_of(n) {
+                return Err(BackendError::permanent(format!(
+                    "{} elements of output `{}` do not split into {n} rows",
+                    flat.len(),
+                    t.name
+                )));
+            }
+            per_output.push(flat.len() / n);
         }
-        let per_row = flat.len() / self.rows.len();
         for (k, i) in self.rows.into_iter().enumerate() {
-            let chunk = &flat[k * per_row..(k + 1) * per_row];
-            let value = if per_row == 1 {
-                chunk[0].clone()
-            } else {
-                Value::Array(chunk.to_vec())
-            };
-            results[i] = Some(Ok(value));
+            let values = outputs
+                .iter()
+                .zip(&per_output)
+                .map(|(flat, &per_row)| {
+                    let chunk = &flat[k * per_row..(k + 1) * per_row];
+                    if per_row == 1 {
+                        chunk[0].clone()
+                    } else {
+                        Value::Array(chunk.to_vec())
+                    }
+                })
+                .collect();
+            results[i] = Some(Ok(sig.prediction(values)));
         }
         Ok(())
     }
@@ -255,11 +352,12 @@ pub(crate) fn finish(results: Slots) -> Vec<Result<Value, BackendError>> {
 pub struct KserveHttp {
     http: reqwest::Client,
     config: KserveConfig,
-    input: TensorSpec,
-    output: TensorSpec,
+    sig: Signature,
     max_batch: usize,
-    /// Whether the model takes a batch dimension (Triton: `max_batch_size` > 0).
-    batched: bool,
+    /// The model's metadata as the server gave it.
+    metadata: Value,
+    /// The model's configuration (Triton's extension), when the server has it.
+    model_config: Option<Value>,
 }
 
 impl KserveHttp {
@@ -336,32 +434,35 @@ impl KserveHttp {
             .flatten()
             .map(|m| m as usize);
         let batched = server_max.is_some_and(|m| m > 0);
-        let pick = |list: &str, name: &Option<String>| -> Result<TensorSpec, KserveError> {
+        // The named tensor, else every one of the list.
+        let pick = |list: &str, name: &Option<String>| -> Result<Vec<TensorSpec>, KserveError> {
             let tensors = meta
                 .get(list)
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            let found = match name {
-                Some(n) => tensors.iter().find(|t| t["name"] == n.as_str()),
-                None if list == "inputs" && tensors.len() != 1 => {
-                    return Err(KserveError(format!(
-                        "the model has {} inputs: name one with `input`",
-                        tensors.len()
-                    )))
-                }
-                None => tensors.first(),
+            let chosen: Vec<&Value> = match name {
+                Some(n) => tensors.iter().filter(|t| t["name"] == n.as_str()).collect(),
+                None => tensors.iter().collect(),
             };
-            let found = found.ok_or_else(|| {
-                KserveError(format!(
+            if chosen.is_empty() {
+                return Err(KserveError(format!(
                     "the model has no such tensor among its {list}: {name:?}"
-                ))
-            })?;
-            TensorSpec::from_metadata(found, batched)
-                .ok_or_else(|| KserveError(format!("unparseable tensor metadata: {found}")))
+                )));
+            }
+            chosen
+                .into_iter()
+                .map(|t| {
+                    TensorSpec::from_metadata(t, batched)
+                        .ok_or_else(|| KserveError(format!("unparseable tensor metadata: {t}")))
+                })
+                .collect()
         };
-        let input = pick("inputs", &config.input)?;
-        let output = pick("outputs", &config.output)?;
+        let sig = Signature {
+            inputs: pick("inputs", &config.input)?,
+            outputs: pick("outputs", &config.output)?,
+            batched,
+        };
         let max_batch = match (config.max_batch_items, server_max) {
             (Some(c), Some(s)) if s > 0 => c.min(s),
             (Some(c), _) => c,
@@ -377,16 +478,27 @@ impl KserveHttp {
         Ok(KserveHttp {
             http,
             config,
-            input,
-            output,
+            sig,
             max_batch: max_batch.max(1),
-            batched,
+            metadata: meta,
+            model_config: has_config.then_some(model_config),
         })
     }
 
-    /// The input tensor records fill.
-    pub fn input(&self) -> &TensorSpec {
-        &self.input
+    /// The tensors records fill and predictions come from.
+    pub fn signature(&self) -> &Signature {
+        &self.sig
+    }
+
+    /// The model's metadata as the server gave it (`GET /v2/models/{model}`).
+    pub fn metadata(&self) -> &Value {
+        &self.metadata
+    }
+
+    /// The model's configuration (Triton's `GET /v2/models/{model}/config`), when
+    /// the server has that extension.
+    pub fn model_config(&self) -> Option<&Value> {
+        self.model_config.as_ref()
     }
 
     /// Rows per request at most.
@@ -410,48 +522,59 @@ impl Backend for KserveHttp {
         json_cost(row)
     }
 
-    async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
-        let mut results = vec![None; batch.len()];
-        let Some(mut batch) = Batch::assemble(&self.input, self.batched, batch, &mut results)
-        else {
+    async fn call(&self, records: &[Value]) -> BatchResult<Value> {
+        let mut results = vec![None; records.len()];
+        let Some(mut batch) = Batch::assemble(&self.sig, records, &mut results) else {
             return Ok(finish(results));
         };
         // Large batches use the binary tensor extension both ways.
-        let binary = self
-            .config
-            .binary_threshold
-            .is_some_and(|t| batch.data.len() >= t);
-        let mut input =
-            json!({"name": self.input.name, "shape": batch.shape, "datatype": self.input.datatype});
-        let mut output = json!({"name": self.output.name});
-        let raw = if binary {
-            let raw = raw::encode_raw(&self.input.datatype, &batch.data)?;
-            input["parameters"] = json!({"binary_data_size": raw.len()});
-            output["parameters"] = json!({"binary_data": true});
-            Some(raw)
-        } else {
-            input["data"] = Value::Array(std::mem::take(&mut batch.data));
-            None
-        };
-        let mut header = json!({"inputs": [input], "outputs": [output]});
+        let elements: usize = batch.inputs.iter().map(|(d, _)| d.len()).sum();
+        let binary = self.config.binary_threshold.is_some_and(|t| elements >= t);
+        let mut inputs = Vec::with_capacity(self.sig.inputs.len());
+        let mut raws = Vec::new();
+        for (t, (data, shape)) in self.sig.inputs.iter().zip(&mut batch.inputs) {
+            let mut input = json!({"name": t.name, "shape": shape, "datatype": t.datatype});
+            if binary {
+                let raw = raw::encode_raw(&t.datatype, data)?;
+                input["parameters"] = json!({"binary_data_size": raw.len()});
+                raws.push(raw);
+            } else {
+                input["data"] = Value::Array(std::mem::take(data));
+            }
+            inputs.push(input);
+        }
+        let outputs: Vec<Value> = self
+            .sig
+            .outputs
+            .iter()
+            .map(|t| {
+                if binary {
+                    json!({"name": t.name, "parameters": {"binary_data": true}})
+                } else {
+                    json!({"name": t.name})
+                }
+            })
+            .collect();
+        let mut header = json!({"inputs": inputs, "outputs": outputs});
         // Triton's per-request timeout (µs): the server gives up when we do.
         header["parameters"] = json!({"timeout": self.config.request_timeout.as_micros() as u64});
         if let Some(p) = self.config.priority {
             header["parameters"]["priority"] = json!(p);
         }
         let url = format!("{}/infer", self.config.model_path());
-        let request = match raw {
-            Some(raw) => {
-                let mut body = serde_json::to_vec(&header).expect("JSON serializes");
-                let header_len = body.len();
+        let request = if binary {
+            let mut body = serde_json::to_vec(&header).expect("JSON serializes");
+            let header_len = body.len();
+            for raw in raws {
                 body.extend(raw);
-                self.http
-                    .post(&url)
-                    .header("Inference-Header-Content-Length", header_len)
-                    .header("Content-Type", "application/octet-stream")
-                    .body(body)
             }
-            None => self.http.post(&url).json(&header),
+            self.http
+                .post(&url)
+                .header("Inference-Header-Content-Length", header_len)
+                .header("Content-Type", "application/octet-stream")
+                .body(body)
+        } else {
+            self.http.post(&url).json(&header)
         };
         let response = send(request, "infer request").await?;
         let header_len = response
@@ -466,12 +589,12 @@ impl Backend for KserveHttp {
         let (json_part, mut binary_part) = bytes.split_at(split_at);
         let answer: Value = serde_json::from_slice(json_part)
             .map_err(|e| BackendError::permanent(format!("unparseable infer response: {e}")))?;
-        let outputs = answer
+        let answered = answer
             .get("outputs")
             .and_then(Value::as_array)
             .ok_or_else(|| BackendError::permanent("the response has no `outputs`"))?;
-        let mut flat = None;
-        for out in outputs {
+        let mut flats: Vec<Option<Vec<Value>>> = vec![None; self.sig.outputs.len()];
+        for out in answered {
             let size = out
                 .pointer("/parameters/binary_data_size")
                 .and_then(Value::as_u64);
@@ -484,14 +607,19 @@ impl Backend for KserveHttp {
                 Some(_) => return Err(BackendError::permanent("truncated binary output")),
                 None => None,
             };
-            if out["name"] != self.output.name.as_str() {
+            let Some(k) = self
+                .sig
+                .outputs
+                .iter()
+                .position(|t| out["name"] == t.name.as_str())
+            else {
                 continue;
-            }
-            flat = Some(match raw {
-                Some(raw) => raw::decode_raw(
-                    out["datatype"].as_str().unwrap_or(&self.output.datatype),
-                    raw,
-                )?,
+            };
+            let datatype = out["datatype"]
+                .as_str()
+                .unwrap_or(&self.sig.outputs[k].datatype);
+            flats[k] = Some(match raw {
+                Some(raw) => raw::decode_raw(datatype, raw)?,
                 None => out
                     .get("data")
                     .and_then(Value::as_array)
@@ -501,10 +629,16 @@ impl Backend for KserveHttp {
                     })?,
             });
         }
-        let flat = flat.ok_or_else(|| {
-            BackendError::permanent(format!("the response has no output `{}`", self.output.name))
-        })?;
-        batch.split(&flat, &mut results)?;
+        let flats = flats
+            .into_iter()
+            .zip(&self.sig.outputs)
+            .map(|(f, t)| {
+                f.ok_or_else(|| {
+                    BackendError::permanent(format!("the response has no output `{}`", t.name))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        batch.split(&self.sig, &flats, &mut results)?;
         Ok(finish(results))
     }
 }

@@ -285,6 +285,28 @@ pub fn cost_model(
     }
 }
 
+/// A two-input, two-output model, like Triton's own `add_sub` example:
+/// `FP32 INPUT0[4]`, `FP32 INPUT1[4]` → `FP32 OUTPUT0[4] = INPUT0 + INPUT1`,
+/// `FP32 OUTPUT1[4] = INPUT0 − INPUT1`; max batch 8.
+pub fn add_sub_model(name: &str) -> PythonModel {
+    PythonModel {
+        name: name.into(),
+        config: "max_batch_size: 8\n\
+                 input [ { name: \"INPUT0\", data_type: TYPE_FP32, dims: [ 4 ] },\n\
+                 \x20       { name: \"INPUT1\", data_type: TYPE_FP32, dims: [ 4 ] } ]\n\
+                 output [ { name: \"OUTPUT0\", data_type: TYPE_FP32, dims: [ 4 ] },\n\
+                 \x20        { name: \"OUTPUT1\", data_type: TYPE_FP32, dims: [ 4 ] } ]\n"
+            .into(),
+        execute: "        out = []\n\
+                  \x20       for r in requests:\n\
+                  \x20           a = pb_utils.get_input_tensor_by_name(r, 'INPUT0').as_numpy()\n\
+                  \x20           b = pb_utils.get_input_tensor_by_name(r, 'INPUT1').as_numpy()\n\
+                  \x20           out.append(pb_utils.InferenceResponse([pb_utils.Tensor('OUTPUT0', (a + b).astype(np.float32)), pb_utils.Tensor('OUTPUT1', (a - b).astype(np.float32))]))\n\
+                  \x20       return out"
+            .into(),
+    }
+}
+
 /// The text model: `BYTES TEXT[1] → INT32 LENGTH[1]`, each row's length in
 /// characters (UTF-8 decoded); `max_batch`; Triton's dynamic batcher when
 /// `dynamic_batching`. Its computation is negligible, so its cost is Triton's own

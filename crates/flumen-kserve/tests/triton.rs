@@ -48,7 +48,7 @@ async fn records_become_rows_of_a_batch_tensor_and_come_back_out() {
     let triton = start();
     let backend = connect(&triton, "cost").await;
     assert_eq!(backend.max_batch(), 64, "read from the model's config");
-    assert_eq!(backend.input().datatype, "FP32");
+    assert_eq!(backend.signature().inputs[0].datatype, "FP32");
     let engine = Engine::new(backend, EngineConfig::default());
     let config = OperatorConfig {
         capacity: 1_000,

@@ -30,8 +30,8 @@ pub struct ServerSection {
     pub grpc_listen: Option<String>,
     /// Environment variable holding the bearer token callers must send (none: open).
     pub api_key_env: Option<String>,
-    /// Largest HTTP request body, bytes (413 above); gRPC messages are bounded by
-    /// tonic's 4 MiB.
+    /// Largest request, bytes: an HTTP body (413 above; after decompression when
+    /// it comes gzip- or deflate-encoded) or a gRPC message (RESOURCE_EXHAUSTED).
     pub max_body_bytes: usize,
     /// Most items (inputs, rows) in one request (413 above).
     pub max_items: usize,

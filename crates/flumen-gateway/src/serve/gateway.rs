@@ -4,7 +4,7 @@
 //! maps to its own status. Nothing here knows HTTP or gRPC.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +14,18 @@ use flumen_engine::{BreakerPhase, Engine};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::tensors::Tensors;
+
 /// One served model.
 pub(crate) struct Model {
     pub(crate) engine: Engine<AnyBackend>,
     /// Records of this model in its engine now, for admission control.
     pub(crate) pending: AtomicUsize,
+    /// Its tensors, as the KServe fronts serve and check them.
+    pub(crate) tensors: Tensors,
+    /// Requests answered and failed (admitted ones), for statistics.
+    pub(crate) answered: AtomicU64,
+    pub(crate) failed: AtomicU64,
 }
 
 /// The gateway: its models and the limits every front applies alike.
@@ -135,6 +142,11 @@ impl Gateway {
         self.models.contains_key(name)
     }
 
+    /// A served model.
+    pub(crate) fn model(&self, name: &str) -> Option<&Model> {
+        self.models.get(name)
+    }
+
     /// The models whose circuit breaker is open: they cannot take requests now.
     pub(crate) fn open_circuits(&self) -> Vec<&str> {
         self.models
@@ -224,10 +236,15 @@ impl Gateway {
             .collect();
         let results = futures::future::join_all(pending).await;
         drop(admitted);
-        results
+        let out: Result<Vec<Value>, Reject> = results
             .into_iter()
             .map(|r| r.map_err(|f| Reject::failed(&f)))
-            .collect()
+            .collect();
+        match &out {
+            Ok(_) => model.answered.fetch_add(1, Relaxed),
+            Err(_) => model.failed.fetch_add(1, Relaxed),
+        };
+        out
     }
 }
 

@@ -16,15 +16,32 @@ use flumen_kserve::grpc::typed;
 use flumen_kserve::raw::{decode_raw, encode_raw};
 use tonic::{Request, Response, Status};
 
-use super::gateway::{Endpoint, Gateway, Reason, Reject};
-use super::tensors::{output_tensor, tensor_records};
+use super::gateway::{Endpoint, Gateway, Model, Reason, Reject};
+use super::tensors::Declared;
+use super::tensors::Input;
 
 /// The gRPC face of the gateway.
 pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
 
 impl GrpcGateway {
-    pub(crate) fn service(self) -> GrpcInferenceServiceServer<GrpcGateway> {
+    /// The service, its messages bounded like HTTP bodies (`max_body_bytes`).
+    pub(crate) fn service(self, max_bytes: usize) -> GrpcInferenceServiceServer<GrpcGateway> {
         GrpcInferenceServiceServer::new(self)
+            .max_decoding_message_size(max_bytes)
+            .max_encoding_message_size(max_bytes)
+    }
+
+    /// The model named (and version, when one is given), or NOT_FOUND.
+    fn served(&self, name: &str, version: &str) -> Result<&Model, Status> {
+        let m = self.0.model(name).ok_or_else(|| {
+            Status::not_found(format!("Request for unknown model: '{name}' is not found"))
+        })?;
+        if !version.is_empty() && !m.tensors.versions.iter().any(|v| v == version) {
+            return Err(Status::not_found(format!(
+                "Request for unknown model: '{name}' version {version} is not found"
+            )));
+        }
+        Ok(m)
     }
 
     /// The bearer token from the call's `authorization` metadata, for `endpoint`.
@@ -65,14 +82,6 @@ fn status(r: Reject) -> Status {
         Reason::Failed(ErrorKind::Timeout) => Status::deadline_exceeded(message),
         Reason::Failed(ErrorKind::Transient | ErrorKind::Shutdown) => Status::unavailable(message),
         Reason::Failed(_) => Status::internal(message),
-    }
-}
-
-fn meta(name: &str, datatype: &str) -> TensorMetadata {
-    TensorMetadata {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape: vec![-1, -1],
     }
 }
 
@@ -122,16 +131,23 @@ impl GrpcInferenceService for GrpcGateway {
         r: Request<proto::ModelMetadataRequest>,
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
         self.authorize(Endpoint::Model, &r)?;
-        let name = r.into_inner().name;
-        if !self.0.has_model(&name) {
-            return Err(Status::not_found(format!("unknown model `{name}`")));
-        }
+        let req = r.into_inner();
+        let m = self.served(&req.name, &req.version)?;
+        let tensors = |list: &[Declared]| -> Vec<TensorMetadata> {
+            list.iter()
+                .map(|t| TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: t.datatype.clone(),
+                    shape: t.shape.clone(),
+                })
+                .collect()
+        };
         Ok(Response::new(proto::ModelMetadataResponse {
-            name,
-            versions: vec!["1".into()],
-            platform: "flumen".into(),
-            inputs: vec![meta("INPUT", "BYTES")],
-            outputs: vec![meta("OUTPUT", "BYTES")],
+            name: req.name,
+            versions: m.tensors.versions.clone(),
+            platform: m.tensors.platform.clone(),
+            inputs: tensors(&m.tensors.inputs),
+            outputs: tensors(&m.tensors.outputs),
         }))
     }
 
@@ -146,37 +162,68 @@ impl GrpcInferenceService for GrpcGateway {
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout);
         let req = r.into_inner();
-        let input = req
-            .inputs
-            .first()
-            .ok_or_else(|| Status::invalid_argument("`inputs` must hold one tensor"))?;
-        let data = match req.raw_input_contents.first() {
-            Some(raw) => {
-                decode_raw(&input.datatype, raw).map_err(|e| Status::invalid_argument(e.message))?
+        let m = self.served(&req.model_name, &req.model_version)?;
+        let mut inputs = Vec::with_capacity(req.inputs.len());
+        for (i, t) in req.inputs.iter().enumerate() {
+            let data = match req.raw_input_contents.get(i) {
+                Some(raw) => decode_raw(&t.datatype, raw).map_err(|e| {
+                    Status::invalid_argument(format!("input '{}': {}", t.name, e.message))
+                })?,
+                None => typed(t.contents.as_ref().unwrap_or(&Default::default())),
+            };
+            if t.shape.iter().any(|d| *d < 0) {
+                return Err(Status::invalid_argument(format!(
+                    "input '{}': shape {:?} has a negative size",
+                    t.name, t.shape
+                )));
             }
-            None => typed(input.contents.as_ref().unwrap_or(&Default::default())),
-        };
-        let rows = input.shape.first().copied().unwrap_or(1).max(1) as usize;
-        let records = tensor_records(&data, rows)
-            .map_err(|why| Status::invalid_argument(format!("{why} (shape {:?})", input.shape)))?;
-        let out = self
+            inputs.push(Input {
+                name: t.name.clone(),
+                datatype: t.datatype.clone(),
+                shape: t.shape.clone(),
+                data,
+            });
+        }
+        let records = m
+            .tensors
+            .records(&req.model_name, &inputs)
+            .map_err(Status::invalid_argument)?;
+        let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
+        let selected = m
+            .tensors
+            .requested(&req.model_name, &names)
+            .map_err(Status::invalid_argument)?;
+        let predictions = self
             .0
             .run(&req.model_name, records, self.0.deadline(timeout))
             .await
             .map_err(status)?;
-        let (datatype, flat, cols) = output_tensor(&out);
-        let raw = encode_raw(datatype, &flat).map_err(|e| Status::internal(e.message))?;
+        let outputs = m
+            .tensors
+            .outputs(&selected, &predictions)
+            .map_err(Status::internal)?;
+        let mut raw = Vec::with_capacity(outputs.len());
+        let mut tensors = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            raw.push(encode_raw(&o.datatype, &o.data).map_err(|e| Status::internal(e.message))?);
+            tensors.push(InferOutputTensor {
+                name: o.name,
+                datatype: o.datatype,
+                shape: o.shape,
+                ..Default::default()
+            });
+        }
+        let version = if req.model_version.is_empty() {
+            m.tensors.versions[0].clone()
+        } else {
+            req.model_version
+        };
         Ok(Response::new(proto::ModelInferResponse {
             model_name: req.model_name,
-            model_version: "1".into(),
+            model_version: version,
             id: req.id,
-            outputs: vec![InferOutputTensor {
-                name: "OUTPUT".into(),
-                datatype: datatype.into(),
-                shape: vec![out.len() as i64, cols as i64],
-                ..Default::default()
-            }],
-            raw_output_contents: vec![raw],
+            outputs: tensors,
+            raw_output_contents: raw,
             ..Default::default()
         }))
     }

@@ -151,8 +151,155 @@ pub(crate) async fn read_body(
             };
         }
     };
+    let mut parts = parts;
+    let bytes = match decoded(&mut parts.headers, bytes, limits.max_bytes) {
+        Ok(bytes) => bytes,
+        Err(r) => return front.error(r.0, r.1),
+    };
+    let accepts = parts
+        .headers
+        .get(axum::http::header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Coding::accepted);
     let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
-    shaped(front, next.run(req).await).await
+    let response = shaped(front, next.run(req).await).await;
+    match accepts {
+        Some(coding) => encoded(response, coding).await,
+        None => response,
+    }
+}
+
+/// `gzip` or `deflate` (zlib), the `Content-Encoding`s taken and given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Gzip,
+    Deflate,
+}
+
+impl Coding {
+    fn named(name: &str) -> Option<Coding> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "gzip" | "x-gzip" => Some(Coding::Gzip),
+            "deflate" => Some(Coding::Deflate),
+            _ => None,
+        }
+    }
+
+    /// The first of an `Accept-Encoding` list this server gives (one with `q=0`
+    /// refused).
+    fn accepted(list: &str) -> Option<Coding> {
+        list.split(',').find_map(|item| {
+            let mut parts = item.split(';');
+            let coding = Coding::named(parts.next()?)?;
+            let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
+            (!refused).then_some(coding)
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Coding::Gzip => "gzip",
+            Coding::Deflate => "deflate",
+        }
+    }
+}
+
+/// A body sent with `Content-Encoding: gzip` or `deflate`, decompressed (at most
+/// `max_bytes`: a small body must not expand without bound), its headers made to
+/// say so; a body without one, as it is.
+fn decoded(
+    headers: &mut axum::http::HeaderMap,
+    bytes: axum::body::Bytes,
+    max_bytes: usize,
+) -> Result<axum::body::Bytes, (StatusCode, String)> {
+    use std::io::Read;
+    let Some(value) = headers.get(axum::http::header::CONTENT_ENCODING) else {
+        return Ok(bytes);
+    };
+    let name = value.to_str().unwrap_or("").to_owned();
+    if name.trim().eq_ignore_ascii_case("identity") {
+        return Ok(bytes);
+    }
+    let coding = Coding::named(&name).ok_or_else(|| {
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding `{name}` is not supported: send gzip, deflate or none"),
+        )
+    })?;
+    let reader: Box<dyn Read> = match coding {
+        Coding::Gzip => Box::new(flate2::read::GzDecoder::new(&bytes[..])),
+        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(&bytes[..])),
+    };
+    let mut out = Vec::new();
+    reader
+        .take(max_bytes as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("the {} body could not be decompressed: {e}", coding.name()),
+            )
+        })?;
+    if out.len() > max_bytes {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body decompresses to over {max_bytes} bytes (server.max_body_bytes)"
+            ),
+        ));
+    }
+    headers.remove(axum::http::header::CONTENT_ENCODING);
+    headers.insert(
+        axum::http::header::CONTENT_LENGTH,
+        axum::http::HeaderValue::from(out.len()),
+    );
+    Ok(axum::body::Bytes::from(out))
+}
+
+/// A response compressed as the caller accepts (as Triton does, whatever its size),
+/// unless it is already encoded or a stream.
+async fn encoded(response: Response, coding: Coding) -> Response {
+    use std::io::Write;
+    let streamed = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if streamed
+        || response
+            .headers()
+            .contains_key(axum::http::header::CONTENT_ENCODING)
+    {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let level = flate2::Compression::fast();
+    let compressed = match coding {
+        Coding::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+            e.write_all(&bytes).and_then(|()| e.finish())
+        }
+        Coding::Deflate => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            e.write_all(&bytes).and_then(|()| e.finish())
+        }
+    };
+    let Ok(compressed) = compressed else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    parts.headers.insert(
+        axum::http::header::CONTENT_ENCODING,
+        axum::http::HeaderValue::from_static(coding.name()),
+    );
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.append(
+        axum::http::header::VARY,
+        axum::http::HeaderValue::from_static("accept-encoding"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(compressed))
 }
 
 /// An error answer that is not JSON (a rejection of the framework's: plain text or
@@ -287,6 +434,48 @@ pub(crate) async fn access_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_encoding_picks_the_first_coding_given() {
+        assert_eq!(Coding::accepted("gzip, deflate"), Some(Coding::Gzip));
+        assert_eq!(Coding::accepted("br, deflate;q=0.5"), Some(Coding::Deflate));
+        assert_eq!(Coding::accepted("gzip;q=0, deflate"), Some(Coding::Deflate));
+        assert_eq!(Coding::accepted("identity, br"), None);
+    }
+
+    #[test]
+    fn compressed_bodies_are_read_within_the_size_limit() {
+        use std::io::Write;
+        let body = br#"{"model": "m", "input": "hello"}"#;
+        let gzip = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            axum::body::Bytes::from(e.finish().unwrap())
+        };
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("content-encoding", "gzip".parse().unwrap());
+        let plain = decoded(&mut headers, gzip(body), 1000).unwrap();
+        assert_eq!(&plain[..], &body[..]);
+        assert!(!headers.contains_key("content-encoding"));
+        // 1 MB of zeros is a few KB compressed: refused past the limit, not inflated.
+        headers.insert("content-encoding", "gzip".parse().unwrap());
+        let bomb = gzip(&vec![0u8; 1 << 20]);
+        assert!(bomb.len() < 5_000);
+        let (status, message) = decoded(&mut headers, bomb, 64 << 10).unwrap_err();
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(message.contains("server.max_body_bytes"), "{message}");
+        headers.insert("content-encoding", "br".parse().unwrap());
+        let (status, _) = decoded(&mut headers, gzip(body), 1000).unwrap_err();
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        headers.insert("content-encoding", "gzip".parse().unwrap());
+        let (status, _) = decoded(
+            &mut headers,
+            axum::body::Bytes::from_static(b"not gzip"),
+            1000,
+        )
+        .unwrap_err();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn each_reason_has_one_status() {

@@ -1,5 +1,10 @@
-//! The gateway's KServe v2 HTTP front: model metadata, readiness and `infer`, with
-//! tensors as JSON `data` or as Triton's binary tensor extension, both ways.
+//! The gateway's KServe v2 HTTP front, as `tritonclient` and Triton users call it:
+//! server metadata (`GET /v2`), model metadata, configuration, readiness and
+//! statistics, and `infer`, each also under `/versions/{v}`; tensors as JSON `data`
+//! or as Triton's binary tensor extension, both ways; every input checked against
+//! what the model declares, every requested output by name (see [`super::tensors`]).
+
+use std::sync::atomic::Ordering::Relaxed;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -7,41 +12,105 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::gateway::Shared;
+use super::gateway::{Model, Shared};
 use super::http::Front;
-use super::tensors::{output_tensor, tensor_records};
+use super::tensors::{Input, Output};
 
-pub(crate) async fn kserve_metadata(
-    State(g): State<Shared>,
-    Path(model): Path<String>,
-) -> Response {
-    if !g.has_model(&model) {
-        return Front::Kserve.error(StatusCode::NOT_FOUND, format!("unknown model `{model}`"));
-    }
+/// `GET /v2`: who serves, and which extensions of the protocol.
+pub(crate) async fn server_metadata() -> Json<Value> {
     Json(json!({
-        "name": model, "versions": ["1"], "platform": "flumen",
-        "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, -1]}],
-        "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, -1]}]
+        "name": "flumen", "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
     }))
-    .into_response()
 }
 
-pub(crate) async fn kserve_ready(State(g): State<Shared>, Path(model): Path<String>) -> StatusCode {
-    if g.has_model(&model) {
-        StatusCode::OK
-    } else {
-        StatusCode::NOT_FOUND
+/// The model at `/v2/models/{model}[/versions/{version}]`, or Triton's message for
+/// an unknown one (a 404: [`unknown`]).
+fn served<'a>(g: &'a Shared, model: &str, version: Option<&str>) -> Result<&'a Model, String> {
+    let m = g
+        .model(model)
+        .ok_or_else(|| format!("Request for unknown model: '{model}' is not found"))?;
+    match version {
+        Some(v) if !m.tensors.versions.iter().any(|x| x == v) => Err(format!(
+            "Request for unknown model: '{model}' version {v} is not found"
+        )),
+        _ => Ok(m),
     }
+}
+
+fn unknown(why: String) -> Response {
+    Front::Kserve.error(StatusCode::NOT_FOUND, why)
+}
+
+/// A path's model and version: `{model}` or `{model}/versions/{version}`.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+pub(crate) async fn kserve_metadata(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
+    match served(&g, &p.model, p.version.as_deref()) {
+        Ok(m) => Json(m.tensors.metadata(&p.model)).into_response(),
+        Err(why) => unknown(why),
+    }
+}
+
+/// Triton's configuration extension: the server's own configuration of the model
+/// behind a KServe backend, else one made from what the model declares.
+pub(crate) async fn kserve_config(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
+    match served(&g, &p.model, p.version.as_deref()) {
+        Ok(m) => {
+            let max_batch =
+                flumen_core::Backend::capabilities(m.engine.backend().as_ref()).max_batch_items;
+            Json(m.tensors.config(&p.model, max_batch)).into_response()
+        }
+        Err(why) => unknown(why),
+    }
+}
+
+pub(crate) async fn kserve_ready(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
+    match served(&g, &p.model, p.version.as_deref()) {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(why) => unknown(why),
+    }
+}
+
+/// Triton's statistics extension, with Flumen's own numbers: requests answered and
+/// failed, rows sent to the backend (`inference_count`) and backend calls
+/// (`execution_count`). Times are not measured here and read 0.
+pub(crate) async fn kserve_stats(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
+    let m = match served(&g, &p.model, p.version.as_deref()) {
+        Ok(m) => m,
+        Err(why) => return unknown(why),
+    };
+    let stats = m.engine.stats();
+    let count = |n: u64| json!({"count": n, "ns": 0});
+    Json(json!({"model_stats": [{
+        "name": p.model, "version": p.version.unwrap_or_else(|| m.tensors.versions[0].clone()),
+        "last_inference": 0,
+        "inference_count": stats.records_sent, "execution_count": stats.calls,
+        "inference_stats": {
+            "success": count(m.answered.load(Relaxed)), "fail": count(m.failed.load(Relaxed)),
+            "queue": count(0), "compute_input": count(0), "compute_infer": count(0),
+            "compute_output": count(0), "cache_hit": count(0), "cache_miss": count(0),
+        },
+        "batch_stats": [],
+    }]}))
+    .into_response()
 }
 
 /// The binary tensor extension's header: how many leading body bytes are JSON.
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
-/// A KServe v2 infer request, read: the first input's rows as records, and whether
-/// the caller wants the outputs as binary tensors.
+/// A KServe v2 infer request, read.
 #[derive(Debug, PartialEq)]
 pub(crate) struct InferRequest {
-    pub(crate) records: Vec<Value>,
+    pub(crate) id: Option<String>,
+    pub(crate) inputs: Vec<Input>,
+    /// The outputs asked for by name, each with whether it wants binary data.
+    pub(crate) outputs: Vec<(String, bool)>,
+    /// `parameters.binary_data_output`: every output as binary data.
     pub(crate) binary_output: bool,
 }
 
@@ -69,30 +138,55 @@ pub(crate) fn read_infer_request(headers: &HeaderMap, body: &[u8]) -> Result<Inf
     };
     let request: Value =
         serde_json::from_slice(json).map_err(|e| format!("malformed JSON: {e}"))?;
-    let inputs = request["inputs"]
+    let listed = request["inputs"]
         .as_array()
         .filter(|i| !i.is_empty())
-        .ok_or("`inputs` must hold one tensor")?;
-    // Every binary input's bytes, in order; the records come from the first input.
-    let mut first_raw = None;
-    for (i, input) in inputs.iter().enumerate() {
-        let Some(size) = input.pointer("/parameters/binary_data_size") else {
-            continue;
+        .ok_or("`inputs` must list at least one tensor")?;
+    let mut inputs = Vec::with_capacity(listed.len());
+    for (i, input) in listed.iter().enumerate() {
+        let text = |field: &str| {
+            input[field]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("inputs[{i}].{field} must be a string"))
         };
-        let size = size.as_u64().ok_or_else(|| {
-            format!("inputs[{i}].parameters.binary_data_size must be a byte count")
-        })? as usize;
-        if size > binary.len() {
-            return Err(format!(
-                "inputs[{i}].parameters.binary_data_size is {size} but {} binary bytes are left",
-                binary.len()
-            ));
-        }
-        let (mine, rest) = binary.split_at(size);
-        binary = rest;
-        if i == 0 {
-            first_raw = Some(mine);
-        }
+        let (name, datatype) = (text("name")?, text("datatype")?);
+        let shape = input["shape"]
+            .as_array()
+            .and_then(|s| s.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>())
+            .filter(|s| s.iter().all(|d| *d >= 0))
+            .ok_or_else(|| format!("inputs[{i}].shape must be a list of sizes"))?;
+        let data = match input.pointer("/parameters/binary_data_size") {
+            Some(size) => {
+                let size = size.as_u64().ok_or_else(|| {
+                    format!("inputs[{i}].parameters.binary_data_size must be a byte count")
+                })? as usize;
+                if size > binary.len() {
+                    return Err(format!(
+                        "inputs[{i}].parameters.binary_data_size is {size} but {} binary bytes are left",
+                        binary.len()
+                    ));
+                }
+                let (mine, rest) = binary.split_at(size);
+                binary = rest;
+                flumen_kserve::raw::decode_raw(&datatype, mine)
+                    .map_err(|e| format!("inputs[{i}]: {}", e.message))?
+            }
+            None => {
+                let data = input["data"].as_array().ok_or_else(|| {
+                    format!("inputs[{i}] has neither `data` nor `parameters.binary_data_size`")
+                })?;
+                let mut flat = Vec::new();
+                flatten_into(data, &mut flat);
+                flat
+            }
+        };
+        inputs.push(Input {
+            name,
+            datatype,
+            shape,
+            data,
+        });
     }
     if !binary.is_empty() {
         return Err(format!(
@@ -100,64 +194,76 @@ pub(crate) fn read_infer_request(headers: &HeaderMap, body: &[u8]) -> Result<Inf
             binary.len()
         ));
     }
-    let input = &inputs[0];
-    let shape: Vec<usize> = input["shape"]
-        .as_array()
-        .map(|s| {
-            s.iter()
-                .filter_map(Value::as_u64)
-                .map(|d| d as usize)
-                .collect()
-        })
-        .unwrap_or_default();
-    let decoded;
-    let data: &[Value] = match first_raw {
-        Some(raw) => {
-            let datatype = input["datatype"]
-                .as_str()
-                .ok_or("inputs[0].datatype is missing")?;
-            decoded = flumen_kserve::raw::decode_raw(datatype, raw)
-                .map_err(|e| format!("inputs[0]: {}", e.message))?;
-            &decoded
-        }
-        None => input["data"]
-            .as_array()
-            .ok_or("inputs[0] has neither `data` nor `parameters.binary_data_size`")?,
-    };
-    let records = tensor_records(data, shape.first().copied().unwrap_or(1))
-        .map_err(|why| format!("inputs[0]: {why} (shape {shape:?})"))?;
     let wants_binary = |v: &Value, key: &str| {
         v.pointer(&format!("/parameters/{key}"))
             .and_then(Value::as_bool)
             == Some(true)
     };
-    let binary_output = wants_binary(&request, "binary_data_output")
-        || request["outputs"]
-            .as_array()
-            .is_some_and(|o| o.iter().any(|o| wants_binary(o, "binary_data")));
+    let outputs = match request.get("outputs") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                o["name"]
+                    .as_str()
+                    .map(|n| (n.to_owned(), wants_binary(o, "binary_data")))
+                    .ok_or_else(|| format!("outputs[{i}].name must be a string"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("`outputs` must be a list".into()),
+    };
     Ok(InferRequest {
-        records,
-        binary_output,
+        id: request["id"].as_str().map(str::to_owned),
+        inputs,
+        outputs,
+        binary_output: wants_binary(&request, "binary_data_output"),
     })
 }
 
-/// The infer response: predictions as the rows of `OUTPUT`, as JSON `data` or, when
-/// asked, as a binary tensor after a JSON header.
-pub(crate) fn infer_response(model: &str, out: &[Value], binary: bool) -> Response {
-    let (datatype, data, cols) = output_tensor(out);
-    let mut tensor = json!({"name": "OUTPUT", "datatype": datatype, "shape": [out.len(), cols]});
-    let reply =
-        |tensor: Value| json!({"model_name": model, "model_version": "1", "outputs": [tensor]});
-    if !binary {
-        tensor["data"] = Value::Array(data);
-        return Json(reply(tensor)).into_response();
+/// JSON `data` may nest rows as arrays: their elements, in order.
+fn flatten_into(data: &[Value], out: &mut Vec<Value>) {
+    for v in data {
+        match v {
+            Value::Array(a) => flatten_into(a, out),
+            x => out.push(x.clone()),
+        }
     }
-    let raw = match flumen_kserve::raw::encode_raw(datatype, &data) {
-        Ok(raw) => raw,
-        Err(e) => return Front::Kserve.error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
-    };
-    tensor["parameters"] = json!({"binary_data_size": raw.len()});
-    let reply = reply(tensor);
+}
+
+/// The infer response: each output as JSON `data`, or as binary data after a JSON
+/// header when `binary(name)` says so.
+pub(crate) fn infer_response(
+    model: &str,
+    version: &str,
+    id: Option<&str>,
+    outputs: Vec<Output>,
+    binary: impl Fn(&str) -> bool,
+) -> Response {
+    let mut tensors = Vec::with_capacity(outputs.len());
+    let mut raw = Vec::new();
+    for o in outputs {
+        let mut t = json!({"name": o.name, "datatype": o.datatype, "shape": o.shape});
+        if binary(&o.name) {
+            match flumen_kserve::raw::encode_raw(&o.datatype, &o.data) {
+                Ok(bytes) => {
+                    t["parameters"] = json!({"binary_data_size": bytes.len()});
+                    raw.extend(bytes);
+                }
+                Err(e) => return Front::Kserve.error(StatusCode::INTERNAL_SERVER_ERROR, e.message),
+            }
+        } else {
+            t["data"] = Value::Array(o.data);
+        }
+        tensors.push(t);
+    }
+    let mut reply = json!({"model_name": model, "model_version": version, "outputs": tensors});
+    if let Some(id) = id {
+        reply["id"] = json!(id);
+    }
+    if raw.is_empty() {
+        return Json(reply).into_response();
+    }
     let mut body = serde_json::to_vec(&reply).expect("a JSON value serialises");
     let header_length = body.len();
     body.extend(raw);
@@ -177,25 +283,53 @@ pub(crate) fn infer_response(model: &str, out: &[Value], binary: bool) -> Respon
         .into_response()
 }
 
-/// KServe v2 infer: each row of the first input is a record; the predictions come
-/// back as the rows of `OUTPUT` (FP32 for numbers, BYTES else). JSON and binary
-/// tensors both ways (see [`read_infer_request`]).
+/// KServe v2 infer: each row of the batch is a record; the predictions come back as
+/// the outputs asked for (all by default), with the model's declared datatypes.
 pub(crate) async fn kserve_infer(
     State(g): State<Shared>,
-    Path(model): Path<String>,
+    Path(p): Path<ModelPath>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    let bad = |why: String| Front::Kserve.error(StatusCode::BAD_REQUEST, why);
+    let m = match served(&g, &p.model, p.version.as_deref()) {
+        Ok(m) => m,
+        Err(why) => return unknown(why),
+    };
     // KServe clients do not always say `application/json`: the body is read by the
     // presence of the binary extension's header, whatever its content type.
     let request = match read_infer_request(&headers, &body) {
         Ok(r) => r,
-        Err(why) => return Front::Kserve.error(StatusCode::BAD_REQUEST, why),
+        Err(why) => return bad(why),
     };
-    match g.infer(&model, request.records, &headers).await {
-        Err(r) => r.response(Front::Kserve),
-        Ok(out) => infer_response(&model, &out, request.binary_output),
-    }
+    let records = match m.tensors.records(&p.model, &request.inputs) {
+        Ok(r) => r,
+        Err(why) => return bad(why),
+    };
+    let names: Vec<String> = request.outputs.iter().map(|(n, _)| n.clone()).collect();
+    let selected = match m.tensors.requested(&p.model, &names) {
+        Ok(s) => s,
+        Err(why) => return bad(why),
+    };
+    let predictions = match g.infer(&p.model, records, &headers).await {
+        Ok(out) => out,
+        Err(r) => return r.response(Front::Kserve),
+    };
+    let outputs = match m.tensors.outputs(&selected, &predictions) {
+        Ok(o) => o,
+        Err(why) => return Front::Kserve.error(StatusCode::BAD_GATEWAY, why),
+    };
+    let version = p
+        .version
+        .clone()
+        .unwrap_or_else(|| m.tensors.versions[0].clone());
+    infer_response(&p.model, &version, request.id.as_deref(), outputs, |name| {
+        request.binary_output
+            || request
+                .outputs
+                .iter()
+                .any(|(n, binary)| n == name && *binary)
+    })
 }
 
 #[cfg(test)]
@@ -228,8 +362,15 @@ mod tests {
         assert_eq!(
             read_infer_request(&headers, &body),
             Ok(InferRequest {
-                records: vec![json!(1.5), json!(-2.0), json!(4.0)],
-                binary_output: true
+                id: None,
+                inputs: vec![Input {
+                    name: "X".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![3, 1],
+                    data: vec![json!(1.5), json!(-2.0), json!(4.0)],
+                }],
+                outputs: vec![("OUTPUT".into(), true)],
+                binary_output: false,
             })
         );
 
@@ -247,14 +388,19 @@ mod tests {
         });
         let (headers, body) = binary_request(&header, &[&text, &[0, 0, 128, 63]]);
         let read = read_infer_request(&headers, &body).unwrap();
-        assert_eq!(read.records, vec![json!("café"), json!("")]);
-        assert!(read.binary_output);
+        assert_eq!(read.inputs[0].data, vec![json!("café"), json!("")]);
+        assert_eq!(read.inputs[1].data, vec![json!(1.0)]);
+        assert!(read.binary_output && read.outputs.is_empty());
 
         // Plain JSON: rows of two elements, JSON outputs.
-        let body = json!({"inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32",
-                                      "data": [1, 2, 3, 4]}]});
+        let body = json!({"id": "r1", "inputs": [{"name": "X", "shape": [2, 2], "datatype": "FP32",
+                                      "data": [[1, 2], [3, 4]]}]});
         let read = read_infer_request(&HeaderMap::new(), body.to_string().as_bytes()).unwrap();
-        assert_eq!(read.records, vec![json!([1, 2]), json!([3, 4])]);
+        assert_eq!(
+            read.inputs[0].data,
+            vec![json!(1), json!(2), json!(3), json!(4)]
+        );
+        assert_eq!(read.id.as_deref(), Some("r1"));
         assert!(!read.binary_output);
     }
 
@@ -311,7 +457,7 @@ mod tests {
         }
 
         /// A JSON header with one binary input of random bytes and a random datatype
-        /// and size: read or refused, never a panic, and rows only when the bytes fit.
+        /// and size: read or refused, never a panic, and read only when the bytes fit.
         #[test]
         fn any_binary_input_is_read_or_refused(
             raw in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
@@ -324,15 +470,24 @@ mod tests {
             let (headers, body) = binary_request(&header, &[&raw]);
             if let Ok(read) = read_infer_request(&headers, &body) {
                 proptest::prop_assert_eq!(size, raw.len());
-                proptest::prop_assert_eq!(read.records.len() as u64, rows.max(1));
+                proptest::prop_assert_eq!(&read.inputs[0].shape, &vec![rows as i64, 1]);
+                let width = match datatype { "FP32" => 4, "INT64" => 8, "BOOL" => 1, _ => 0 };
+                if width > 0 {
+                    proptest::prop_assert_eq!(read.inputs[0].data.len() * width, size);
+                }
             }
         }
     }
 
     #[tokio::test]
     async fn binary_responses_carry_the_header_length_and_raw_rows() {
-        let out = [json!([0.5, 1.0]), json!([2.0, -1.0])];
-        let response = infer_response("m", &out, true);
+        let out = vec![Output {
+            name: "OUTPUT".into(),
+            datatype: "FP32".into(),
+            shape: vec![2, 2],
+            data: vec![json!(0.5), json!(1.0), json!(2.0), json!(-1.0)],
+        }];
+        let response = infer_response("m", "1", None, out, |_| true);
         let length: usize = response.headers()[HEADER_LENGTH]
             .to_str()
             .unwrap()

@@ -29,7 +29,7 @@
 //!   many, how long a request's headers may take); `tls`: HTTPS.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,12 +183,19 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
                 p.join("; ")
             )
         })?;
+        let tensors = match backend.kserve_model() {
+            Some(k) => tensors::Tensors::of_backend(k.metadata, k.signature, k.config),
+            None => tensors::Tensors::generic(),
+        };
         let engine = Engine::new(backend, m.engine.config(&m.name));
         models.insert(
             m.name.clone(),
             Model {
                 engine,
                 pending: AtomicUsize::new(0),
+                tensors,
+                answered: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
             },
         );
     }
@@ -223,9 +230,32 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         )
         .route("/health/live", get(|| async { StatusCode::OK }))
         .route("/health/ready", get(http::ready))
+        .route("/v2", get(kserve::server_metadata))
         .route("/v2/models/{model}", get(kserve::kserve_metadata))
         .route("/v2/models/{model}/ready", get(kserve::kserve_ready))
+        .route("/v2/models/{model}/config", get(kserve::kserve_config))
+        .route("/v2/models/{model}/stats", get(kserve::kserve_stats))
         .route("/v2/models/{model}/infer", post(kserve::kserve_infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(kserve::kserve_metadata),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(kserve::kserve_ready),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(kserve::kserve_config),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(kserve::kserve_stats),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(kserve::kserve_infer),
+        )
         .fallback(http::no_route)
         .layer(DefaultBodyLimit::max(s.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
@@ -250,7 +280,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     #[cfg(feature = "grpc")]
     if let Some(addr) = &s.grpc_listen {
         let addr: std::net::SocketAddr = addr.parse().context("server.grpc_listen")?;
-        let service = grpc::GrpcGateway(Arc::clone(&gateway)).service();
+        let service = grpc::GrpcGateway(Arc::clone(&gateway)).service(s.max_body_bytes);
         // Bound here, so that the gateway takes gRPC calls once `start` returns.
         let listener = tokio::net::TcpListener::bind(addr)
             .await

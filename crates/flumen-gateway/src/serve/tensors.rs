@@ -1,7 +1,378 @@
-//! Tensors to records and back, for both KServe v2 fronts (HTTP and gRPC): a flat
-//! tensor's rows become one record each, and predictions become one output tensor.
+//! Tensors to records and back, for both KServe v2 fronts (HTTP and gRPC), checked
+//! against what the model declares.
+//!
+//! A model behind a KServe v2 backend declares its own tensors (the backend read
+//! them from the server, Triton's metadata): a request must name every input, with
+//! the declared datatype and a shape that fits, and may ask for any of the outputs by
+//! name — refused otherwise with Triton's messages. Each row of the batch becomes a
+//! record: the row itself for one input, else an object with every input's row by
+//! name (what [`flumen_kserve::Signature`] takes); a prediction is the row of the one
+//! output, else an object by output name. Other backends declare one input `INPUT`
+//! and one output `OUTPUT` of any datatype: any single input is taken, and the
+//! output's datatype follows the predictions (FP32 for numbers, else BYTES).
 
-use serde_json::Value;
+use serde_json::{json, Value};
+
+/// One tensor a model declares: its full shape, batch dimension first when the
+/// model batches (-1: any size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Declared {
+    pub(crate) name: String,
+    pub(crate) datatype: String,
+    pub(crate) shape: Vec<i64>,
+}
+
+/// A model's tensors as the KServe fronts serve and check them.
+#[derive(Debug, Clone)]
+pub(crate) struct Tensors {
+    pub(crate) inputs: Vec<Declared>,
+    pub(crate) outputs: Vec<Declared>,
+    /// The first dimension is the batch.
+    pub(crate) batched: bool,
+    /// The backend declared them (KServe): names, datatypes and shapes are checked.
+    pub(crate) declared: bool,
+    /// `GET /v2/models/{m}`'s `platform` and `versions`.
+    pub(crate) platform: String,
+    pub(crate) versions: Vec<String>,
+    /// The model's configuration as its server gave it (Triton's extension).
+    pub(crate) config: Option<Value>,
+}
+
+/// An input tensor of a request, its elements flat.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Input {
+    pub(crate) name: String,
+    pub(crate) datatype: String,
+    pub(crate) shape: Vec<i64>,
+    pub(crate) data: Vec<Value>,
+}
+
+/// An output tensor of an answer, its elements flat.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Output {
+    pub(crate) name: String,
+    pub(crate) datatype: String,
+    pub(crate) shape: Vec<i64>,
+    pub(crate) data: Vec<Value>,
+}
+
+fn shape_text(shape: &[i64]) -> String {
+    let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+    format!("[{}]", dims.join(","))
+}
+
+impl Tensors {
+    /// What a backend that declares nothing is served as.
+    pub(crate) fn generic() -> Tensors {
+        let any = |name: &str| Declared {
+            name: name.into(),
+            datatype: "BYTES".into(),
+            shape: vec![-1, -1],
+        };
+        Tensors {
+            inputs: vec![any("INPUT")],
+            outputs: vec![any("OUTPUT")],
+            batched: true,
+            declared: false,
+            platform: "flumen".into(),
+            versions: vec!["1".into()],
+            config: None,
+        }
+    }
+
+    /// A KServe backend's tensors: `metadata` as its server gave it, the tensors
+    /// the backend fills and reads (`signature`), and its configuration if any.
+    pub(crate) fn of_backend(
+        metadata: &Value,
+        signature: &flumen_kserve::Signature,
+        config: Option<&Value>,
+    ) -> Tensors {
+        let declare = |t: &flumen_kserve::TensorSpec| Declared {
+            name: t.name.clone(),
+            datatype: t.datatype.clone(),
+            shape: if signature.batched {
+                std::iter::once(-1)
+                    .chain(t.row_shape.iter().copied())
+                    .collect()
+            } else {
+                t.row_shape.clone()
+            },
+        };
+        let strings = |v: &Value| -> Option<Vec<String>> {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+        };
+        Tensors {
+            inputs: signature.inputs.iter().map(declare).collect(),
+            outputs: signature.outputs.iter().map(declare).collect(),
+            batched: signature.batched,
+            declared: true,
+            platform: metadata["platform"].as_str().unwrap_or("flumen").to_owned(),
+            versions: strings(&metadata["versions"]).unwrap_or_else(|| vec!["1".into()]),
+            config: config.cloned(),
+        }
+    }
+
+    /// `GET /v2/models/{model}` (and gRPC ModelMetadata).
+    pub(crate) fn metadata(&self, model: &str) -> Value {
+        let tensors = |list: &[Declared]| -> Vec<Value> {
+            list.iter()
+                .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+                .collect()
+        };
+        json!({
+            "name": model, "versions": self.versions, "platform": self.platform,
+            "inputs": tensors(&self.inputs), "outputs": tensors(&self.outputs),
+        })
+    }
+
+    /// `GET /v2/models/{model}/config`: the server's own, else one in Triton's form
+    /// made from the declared tensors.
+    pub(crate) fn config(&self, model: &str, max_batch: usize) -> Value {
+        if let Some(c) = &self.config {
+            let mut c = c.clone();
+            c["name"] = json!(model);
+            return c;
+        }
+        let tensors = |list: &[Declared]| -> Vec<Value> {
+            list.iter()
+                .map(|t| {
+                    let dims = if self.batched { &t.shape[1..] } else { &t.shape[..] };
+                    json!({"name": t.name, "data_type": format!("TYPE_{}", if t.datatype == "BYTES" { "STRING" } else { &t.datatype }), "dims": dims})
+                })
+                .collect()
+        };
+        json!({
+            "name": model, "platform": self.platform, "backend": "flumen",
+            "max_batch_size": if self.batched { max_batch } else { 0 },
+            "input": tensors(&self.inputs), "output": tensors(&self.outputs),
+        })
+    }
+
+    /// The request's inputs as one record per row, checked against the declared
+    /// inputs (Triton's messages when they do not fit).
+    pub(crate) fn records(&self, model: &str, inputs: &[Input]) -> Result<Vec<Value>, String> {
+        if !self.declared {
+            return match inputs {
+                [one] => tensor_records(
+                    &one.data,
+                    one.shape.first().copied().unwrap_or(1).max(1) as usize,
+                )
+                .map_err(|why| {
+                    format!(
+                        "input '{}': {why} (shape {})",
+                        one.name,
+                        shape_text(&one.shape)
+                    )
+                }),
+                _ => Err(format!(
+                    "expected 1 inputs but got {} inputs for model '{model}'",
+                    inputs.len()
+                )),
+            };
+        }
+        for i in inputs {
+            if !self.inputs.iter().any(|d| d.name == i.name) {
+                return Err(format!(
+                    "unexpected inference input '{}' for model '{model}'",
+                    i.name
+                ));
+            }
+        }
+        if inputs.len() != self.inputs.len() {
+            let quoted = |names: Vec<&str>| {
+                let q: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+                format!("[{}]", q.join(", "))
+            };
+            let got = quoted(inputs.iter().map(|i| i.name.as_str()).collect());
+            let missing = quoted(
+                self.inputs
+                    .iter()
+                    .filter(|d| !inputs.iter().any(|i| i.name == d.name))
+                    .map(|d| d.name.as_str())
+                    .collect(),
+            );
+            return Err(format!(
+                "expected {} inputs but got {} inputs for model '{model}'. Got input(s) {got}, \
+                 but missing required input(s) {missing}. Please provide all required input(s).",
+                self.inputs.len(),
+                inputs.len(),
+            ));
+        }
+        let mut rows: Option<usize> = None;
+        let mut per_input = Vec::with_capacity(self.inputs.len());
+        for d in &self.inputs {
+            let i = inputs
+                .iter()
+                .find(|i| i.name == d.name)
+                .expect("checked above");
+            if i.datatype != d.datatype {
+                return Err(format!(
+                    "inference input '{}' data-type is '{}', but model '{model}' expects '{}'",
+                    i.name, i.datatype, d.datatype
+                ));
+            }
+            let fits = i.shape.len() == d.shape.len()
+                && i.shape
+                    .iter()
+                    .zip(&d.shape)
+                    .all(|(&got, &want)| got >= 0 && (want < 0 || got == want));
+            if !fits {
+                return Err(format!(
+                    "unexpected shape for input '{}' for model '{model}'. Expected {}, got {}",
+                    i.name,
+                    shape_text(&d.shape),
+                    shape_text(&i.shape)
+                ));
+            }
+            let elements: i64 = i.shape.iter().product();
+            if elements != i.data.len() as i64 {
+                return Err(format!(
+                    "input '{}': shape {} holds {elements} elements, the request has {}",
+                    i.name,
+                    shape_text(&i.shape),
+                    i.data.len()
+                ));
+            }
+            let n = if self.batched { i.shape[0] as usize } else { 1 };
+            if *rows.get_or_insert(n) != n {
+                return Err(format!(
+                    "inputs of model '{model}' have different batch sizes ({} and {n})",
+                    rows.unwrap_or_default()
+                ));
+            }
+            per_input.push(i);
+        }
+        let n = rows.unwrap_or(1);
+        if n == 0 {
+            return Err(format!("the request for model '{model}' has no rows"));
+        }
+        let columns: Vec<Vec<Value>> = per_input
+            .iter()
+            .map(|i| {
+                let per_row = i.data.len() / n;
+                (0..n)
+                    .map(|r| {
+                        let chunk = &i.data[r * per_row..(r + 1) * per_row];
+                        if per_row == 1 {
+                            chunk[0].clone()
+                        } else {
+                            Value::Array(chunk.to_vec())
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok((0..n)
+            .map(|r| {
+                if let [only] = columns.as_slice() {
+                    only[r].clone()
+                } else {
+                    Value::Object(
+                        self.inputs
+                            .iter()
+                            .zip(&columns)
+                            .map(|(d, c)| (d.name.clone(), c[r].clone()))
+                            .collect(),
+                    )
+                }
+            })
+            .collect())
+    }
+
+    /// The outputs a request asks for (all when it names none), by position.
+    pub(crate) fn requested(&self, model: &str, names: &[String]) -> Result<Vec<usize>, String> {
+        if names.is_empty() {
+            return Ok((0..self.outputs.len()).collect());
+        }
+        names
+            .iter()
+            .map(|n| {
+                self.outputs
+                    .iter()
+                    .position(|d| &d.name == n)
+                    .ok_or_else(|| format!("unexpected inference output '{n}' for model '{model}'"))
+            })
+            .collect()
+    }
+
+    /// The output tensors `selected` of `predictions`, one row each.
+    pub(crate) fn outputs(
+        &self,
+        selected: &[usize],
+        predictions: &[Value],
+    ) -> Result<Vec<Output>, String> {
+        selected
+            .iter()
+            .map(|&k| {
+                let d = &self.outputs[k];
+                let rows: Vec<&Value> = predictions
+                    .iter()
+                    .map(|p| {
+                        if self.outputs.len() == 1 {
+                            Ok(p)
+                        } else {
+                            p.get(&d.name)
+                                .ok_or_else(|| format!("the backend's answer has no output '{}'", d.name))
+                        }
+                    })
+                    .collect::<Result<_, String>>()?;
+                let owned: Vec<Value> = rows.into_iter().cloned().collect();
+                let (guessed, data, cols) = flatten(&owned);
+                if !self.declared {
+                    return Ok(Output {
+                        name: d.name.clone(),
+                        datatype: guessed.to_owned(),
+                        shape: vec![predictions.len() as i64, cols as i64],
+                        data,
+                    });
+                }
+                let shape = declared_shape(d, self.batched, predictions.len(), data.len())
+                    .ok_or_else(|| {
+                        format!(
+                            "the backend's output '{}' has {} elements for {} rows, which does not fit its shape {}",
+                            d.name,
+                            data.len(),
+                            predictions.len(),
+                            shape_text(&d.shape)
+                        )
+                    })?;
+                Ok(Output {
+                    name: d.name.clone(),
+                    datatype: d.datatype.clone(),
+                    shape,
+                    data,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A declared output's shape for `rows` rows of `elements` elements in all: the
+/// batch dimension first when batched, and a variable dimension inferred when there
+/// is one. `None` when the elements do not fit the declared shape.
+fn declared_shape(d: &Declared, batched: bool, rows: usize, elements: usize) -> Option<Vec<i64>> {
+    let mut shape = d.shape.clone();
+    if batched {
+        *shape.first_mut()? = rows as i64;
+    }
+    let known: i64 = shape.iter().filter(|&&x| x >= 0).product();
+    let unknown = shape.iter().filter(|&&x| x < 0).count();
+    match unknown {
+        0 => (known == elements as i64).then_some(shape),
+        1 if known > 0 && elements as i64 % known == 0 => {
+            let fill = elements as i64 / known;
+            for x in shape.iter_mut().filter(|x| **x < 0) {
+                *x = fill;
+            }
+            Some(shape)
+        }
+        _ => None,
+    }
+}
 
 /// The rows of a tensor's flat `data` with `rows` rows, one record each (a scalar
 /// for one element per row, else an array).
@@ -23,9 +394,10 @@ pub(crate) fn tensor_records(data: &[Value], rows: usize) -> Result<Vec<Value>, 
         .collect())
 }
 
-/// Predictions as one output tensor: its datatype (FP32 when every element is a
-/// number, else BYTES), its flat elements and its columns per row.
-pub(crate) fn output_tensor(out: &[Value]) -> (&'static str, Vec<Value>, usize) {
+/// Rows of predictions flattened: the datatype they suggest (FP32 when every
+/// element is a number, else BYTES, numbers written as text), the elements, and the
+/// elements per row.
+fn flatten(out: &[Value]) -> (&'static str, Vec<Value>, usize) {
     let flat: Vec<Value> = out
         .iter()
         .flat_map(|v| match v {
@@ -43,4 +415,137 @@ pub(crate) fn output_tensor(out: &[Value]) -> (&'static str, Vec<Value>, usize) 
     };
     let cols = flat.len() / out.len().max(1);
     (if numeric { "FP32" } else { "BYTES" }, flat, cols)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add_sub() -> Tensors {
+        let t = |name: &str| Declared {
+            name: name.into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 4],
+        };
+        Tensors {
+            inputs: vec![t("INPUT0"), t("INPUT1")],
+            outputs: vec![t("OUTPUT0"), t("OUTPUT1")],
+            batched: true,
+            declared: true,
+            platform: "python".into(),
+            versions: vec!["1".into()],
+            config: None,
+        }
+    }
+
+    fn input(name: &str, datatype: &str, shape: Vec<i64>, n: usize) -> Input {
+        Input {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            data: (0..n).map(|x| json!(x as f64)).collect(),
+        }
+    }
+
+    #[test]
+    fn two_inputs_make_one_object_record_per_row() {
+        let t = add_sub();
+        let records = t
+            .records(
+                "m",
+                &[
+                    input("INPUT1", "FP32", vec![2, 4], 8),
+                    input("INPUT0", "FP32", vec![2, 4], 8),
+                ],
+            )
+            .unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1]["INPUT0"], json!([4.0, 5.0, 6.0, 7.0]));
+        assert_eq!(records[1]["INPUT1"], json!([4.0, 5.0, 6.0, 7.0]));
+    }
+
+    #[test]
+    fn what_does_not_fit_is_refused_with_tritons_messages() {
+        let t = add_sub();
+        let ok = || input("INPUT0", "FP32", vec![1, 4], 4);
+        let cases = [
+            (
+                vec![ok()],
+                "expected 2 inputs but got 1 inputs for model 'm'",
+            ),
+            (
+                vec![ok(), input("X", "FP32", vec![1, 4], 4)],
+                "unexpected inference input 'X' for model 'm'",
+            ),
+            (
+                vec![ok(), input("INPUT1", "FP64", vec![1, 4], 4)],
+                "inference input 'INPUT1' data-type is 'FP64', but model 'm' expects 'FP32'",
+            ),
+            (
+                vec![ok(), input("INPUT1", "FP32", vec![1, 8], 8)],
+                "unexpected shape for input 'INPUT1' for model 'm'. Expected [-1,4], got [1,8]",
+            ),
+            (
+                vec![ok(), input("INPUT1", "FP32", vec![1, 4], 3)],
+                "holds 4 elements, the request has 3",
+            ),
+            (
+                vec![ok(), input("INPUT1", "FP32", vec![2, 4], 8)],
+                "different batch sizes",
+            ),
+        ];
+        for (inputs, expected) in cases {
+            let err = t.records("m", &inputs).unwrap_err();
+            assert!(err.contains(expected), "{err} lacks {expected}");
+        }
+        assert_eq!(
+            t.requested("m", &["OUTPUT9".into()]).unwrap_err(),
+            "unexpected inference output 'OUTPUT9' for model 'm'"
+        );
+    }
+
+    #[test]
+    fn requested_outputs_come_back_by_name_with_declared_types_and_shapes() {
+        let t = add_sub();
+        let predictions = vec![
+            json!({"OUTPUT0": [1.0, 2.0, 3.0, 4.0], "OUTPUT1": [0.0, 0.0, 0.0, 0.0]}),
+            json!({"OUTPUT0": [5.0, 6.0, 7.0, 8.0], "OUTPUT1": [1.0, 1.0, 1.0, 1.0]}),
+        ];
+        let selected = t.requested("m", &["OUTPUT1".into()]).unwrap();
+        let out = t.outputs(&selected, &predictions).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].name, "OUTPUT1");
+        assert_eq!(out[0].datatype, "FP32");
+        assert_eq!(out[0].shape, vec![2, 4]);
+        assert_eq!(out[0].data[4], json!(1.0));
+        assert_eq!(
+            t.outputs(&t.requested("m", &[]).unwrap(), &predictions)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn an_undeclared_model_takes_any_one_input_and_guesses_its_output() {
+        let t = Tensors::generic();
+        let records = t
+            .records("m", &[input("x", "FP64", vec![3, 1], 3)])
+            .unwrap();
+        assert_eq!(records, vec![json!(0.0), json!(1.0), json!(2.0)]);
+        let two = [
+            input("a", "FP32", vec![1, 1], 1),
+            input("b", "FP32", vec![1, 1], 1),
+        ];
+        assert!(t
+            .records("m", &two)
+            .unwrap_err()
+            .contains("expected 1 inputs but got 2"));
+        let out = t.outputs(&[0], &[json!("a"), json!("b")]).unwrap();
+        assert_eq!(
+            (out[0].datatype.as_str(), out[0].shape.clone()),
+            ("BYTES", vec![2, 1])
+        );
+        assert!(t.requested("m", &["y".into()]).is_err());
+    }
 }
