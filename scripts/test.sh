@@ -5,8 +5,8 @@
 #
 # Test peers are installed first, idempotently, by the project's own scripts:
 # a real Triton server (scripts/triton.sh) for the KServe v2 backend's tests, the
-# official `openai` and `tritonclient` Python clients (scripts/pyclients.sh) for the
-# gateway's, a Kafka-protocol broker (tansu, scripts/kafka.sh) and NATS JetStream
+# official `openai` and `tritonclient` Python clients (scripts/pyclients.sh) and the
+# `openai` npm package under Node (scripts/nodeclients.sh) for the gateway's, a Kafka-protocol broker (tansu, scripts/kafka.sh) and NATS JetStream
 # (Debian's nats-server, scripts/system.sh) for the connectors', and Flink 2.3's
 # jars with the provider compiled by javac (scripts/flink.sh; the JDK from Debian,
 # scripts/system.sh) for the Flink integration's. The embedded model's tests fetch
@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 bash scripts/system.sh
 bash scripts/triton.sh >/dev/null
 bash scripts/pyclients.sh >/dev/null
+bash scripts/nodeclients.sh >/dev/null
 bash scripts/kafka.sh >/dev/null
 bash scripts/flink.sh >/dev/null
 

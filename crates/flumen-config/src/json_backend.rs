@@ -41,6 +41,12 @@ pub struct KserveModel<'a> {
 }
 
 impl AnyBackend {
+    /// Whether this is an OpenAI-compatible chat backend, which takes whole chat
+    /// requests (objects) as records.
+    pub fn is_openai_chat(&self) -> bool {
+        matches!(self, AnyBackend::Chat(_))
+    }
+
     /// The model a KServe v2 backend serves; `None` for other backends.
     pub fn kserve_model(&self) -> Option<KserveModel<'_>> {
         match self {
@@ -201,7 +207,13 @@ impl Backend for AnyBackend {
             #[cfg(feature = "grpc")]
             AnyBackend::KserveGrpc(b) => b.cost(record),
             AnyBackend::Embeddings(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
-            AnyBackend::Chat(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
+            AnyBackend::Chat(b) => match record {
+                Value::Object(_) => ItemCost {
+                    bytes: record.to_string().len() as u64,
+                    tokens: flumen_openai::request_tokens(record),
+                },
+                _ => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
+            },
             AnyBackend::Http(b) => b.cost(record),
         }
     }
@@ -215,6 +227,25 @@ impl Backend for AnyBackend {
             #[cfg(feature = "grpc")]
             AnyBackend::KserveGrpc(b) => b.call(batch).await,
             AnyBackend::Embeddings(b) => on_text(b, batch, vector).await,
+            // A whole chat request (an object) goes as it is; text, as the user message.
+            // One record per call (as the engine sends them): its failure is the
+            // call's, so the engine sees overload and timeouts as such.
+            AnyBackend::Chat(b) if matches!(batch, [Value::Object(_)]) => {
+                Ok(vec![Ok(b.request(&batch[0]).await?)])
+            }
+            AnyBackend::Chat(b) if batch.iter().any(Value::is_object) => {
+                let mut out = Vec::with_capacity(batch.len());
+                for record in batch {
+                    out.push(match record {
+                        Value::Object(_) => b.request(record).await,
+                        _ => on_text(b, std::slice::from_ref(record), Value::String)
+                            .await?
+                            .pop()
+                            .expect("one result"),
+                    });
+                }
+                Ok(out)
+            }
             AnyBackend::Chat(b) => on_text(b, batch, Value::String).await,
             AnyBackend::Http(b) => b.call(batch).await,
         }

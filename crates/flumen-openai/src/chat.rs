@@ -56,6 +56,56 @@ impl Chat {
     }
 }
 
+impl Chat {
+    /// One whole chat request, as a caller of an OpenAI-compatible API wrote it
+    /// (`messages` with tools, `response_format`, `seed`, `n`, …): sent with this
+    /// backend's model in place of the caller's, `stream` off, and the configured
+    /// system prompt first when the request has no system message. The answer is the
+    /// API's whole JSON (`choices`, `usage`).
+    pub async fn request(&self, request: &Value) -> Result<Value, BackendError> {
+        let c = &self.client.config;
+        let Some(fields) = request.as_object() else {
+            return Err(BackendError::invalid_input(
+                "a chat request must be a JSON object",
+            ));
+        };
+        let mut body = fields.clone();
+        body.insert("model".into(), json!(c.model));
+        body.remove("stream");
+        body.remove("stream_options");
+        if let (Some(system), Some(Value::Array(messages))) =
+            (&c.system_prompt, body.get_mut("messages"))
+        {
+            if !messages.iter().any(|m| m["role"] == "system") {
+                messages.insert(0, json!({"role": "system", "content": system}));
+            }
+        }
+        for (key, value) in [
+            ("temperature", c.temperature.map(|t| json!(t))),
+            (
+                "max_completion_tokens",
+                c.max_completion_tokens.map(|m| json!(m)),
+            ),
+        ] {
+            if let Some(v) = value {
+                body.entry(key).or_insert(v);
+            }
+        }
+        let body = Value::Object(body);
+        let tokens = request_tokens(&body);
+        self.client.post("chat/completions", &body, tokens).await
+    }
+}
+
+/// A whole request's tokens, estimated from its text, and its completion budget.
+pub fn request_tokens(body: &Value) -> u64 {
+    let budget = body["max_completion_tokens"]
+        .as_u64()
+        .or_else(|| body["max_tokens"].as_u64())
+        .unwrap_or(0);
+    estimate_tokens(&body["messages"].to_string()) + budget
+}
+
 impl Backend for Chat {
     type Input = String;
     type Output = String;

@@ -89,6 +89,11 @@ pub struct ModelSection {
     /// Its engine.
     #[serde(default)]
     pub engine: EngineSection,
+    /// The model's embeddings may be shortened: `/v1/embeddings` takes `dimensions`
+    /// and answers the first that many, renormalised — right only for models trained
+    /// for it (Matryoshka embeddings, OpenAI's text-embedding-3-*). Off by default.
+    #[serde(default)]
+    pub truncate_dimensions: bool,
 }
 
 impl ServeConfig {

@@ -4,20 +4,25 @@
 //! connection waits for a request. (The body's deadline is `http::read_body`'s.)
 //!
 //! A connection over `max_connections` is answered at once with a 503 that says so
-//! and closed, rather than left unanswered; accept errors (out of file descriptors,
-//! a connection reset before it was accepted) are waited out, never the listener's
-//! end. On stop, the listener closes, each connection answers the requests it has
-//! in flight (idle ones close), and [`serve`] returns once they have.
+//! and closed (over TLS, closed at once: no handshake is spent on it), rather than
+//! left unanswered; accept errors (out of file descriptors, a connection reset
+//! before it was accepted) are waited out, never the listener's end. A client that
+//! stops reading its answers loses its connection after `write_timeout` without
+//! progress. On stop, the listener closes, each connection answers the requests it
+//! has in flight (idle ones close), and [`serve`] returns once they have, or after
+//! `grace`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -29,12 +34,23 @@ pub(super) struct Limits {
     pub header_timeout: Duration,
     /// Connections open at once; more are refused with a 503.
     pub max_connections: usize,
+    /// How long a write may wait for the client to read.
+    pub write_timeout: Duration,
+    /// How long a stop waits for the requests in flight.
+    pub grace: Duration,
 }
+
+/// Refusals written at once, at most: past that, connections over the limit are
+/// closed without an answer.
+const REFUSING: usize = 64;
 
 /// What an accepted TCP connection goes through before HTTP: nothing, or TLS.
 pub(super) trait Handshake: Clone + Send + Sync + 'static {
     /// The stream HTTP is served on.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Plain HTTP: a connection over the limit can be answered without a handshake.
+    const CLEAR: bool;
 
     /// The connection, ready for HTTP.
     fn handshake(&self, tcp: TcpStream) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
@@ -46,6 +62,8 @@ pub(super) struct Plain;
 
 impl Handshake for Plain {
     type Io = TcpStream;
+
+    const CLEAR: bool = true;
 
     async fn handshake(&self, tcp: TcpStream) -> std::io::Result<TcpStream> {
         Ok(tcp)
@@ -62,6 +80,7 @@ pub(super) async fn serve<H: Handshake>(
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(REFUSING));
     tokio::pin!(stopped);
     loop {
         let tcp = tokio::select! {
@@ -77,7 +96,16 @@ pub(super) async fn serve<H: Handshake>(
             () = &mut stopped => break,
         };
         let _ = tcp.set_nodelay(true);
-        let permit = Arc::clone(&open).try_acquire_owned();
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            // Over the limit: answered in the clear, and only so many at once.
+            if let (true, Ok(refusal)) = (H::CLEAR, Arc::clone(&refusing).try_acquire_owned()) {
+                tokio::spawn(async move {
+                    refuse(tcp, limits.max_connections).await;
+                    drop(refusal);
+                });
+            }
+            continue;
+        };
         let (handshake, app, watcher) = (handshake.clone(), app.clone(), graceful.watcher());
         tokio::spawn(async move {
             let io =
@@ -86,20 +114,106 @@ pub(super) async fn serve<H: Handshake>(
                     // A failed or stalled handshake concerns that connection only.
                     _ => return,
                 };
-            let Ok(_permit) = permit else {
-                refuse(io, limits.max_connections).await;
-                return;
+            let io = WriteTimeout {
+                io,
+                timeout: limits.write_timeout,
+                stalled: None,
             };
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout);
             let connection = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
             let _ = watcher.watch(connection).await;
+            drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(limits.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "flumen serve: stopped with requests still in flight after {:?}",
+            limits.grace
+        );
+    }
     Ok(())
+}
+
+/// A stream whose writes give up after `timeout` without progress, so that a client
+/// that stops reading its answers loses its connection instead of holding it.
+struct WriteTimeout<Io> {
+    io: Io,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<Io> WriteTimeout<Io> {
+    /// `poll`'s result, or a timeout error once writes have waited `timeout`.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its answer in time",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for WriteTimeout<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.timed(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.timed(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.timed(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Answers a connection over the limit with a 503 before reading its request, then

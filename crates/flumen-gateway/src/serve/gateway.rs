@@ -26,6 +26,10 @@ pub(crate) struct Model {
     /// Requests answered and failed (admitted ones), for statistics.
     pub(crate) answered: AtomicU64,
     pub(crate) failed: AtomicU64,
+    /// The backend is an OpenAI-compatible chat model: chat requests go through whole.
+    pub(crate) openai_chat: bool,
+    /// `truncate_dimensions`: embeddings may be shortened (`dimensions`).
+    pub(crate) truncate_dimensions: bool,
 }
 
 /// The gateway: its models and the limits every front applies alike.

@@ -24,11 +24,10 @@ use super::tensors::Input;
 pub(crate) struct GrpcGateway(pub(crate) Arc<Gateway>);
 
 impl GrpcGateway {
-    /// The service, its messages bounded like HTTP bodies (`max_body_bytes`).
+    /// The service, its requests bounded like HTTP bodies (`max_body_bytes`); its
+    /// answers, like HTTP's, are not.
     pub(crate) fn service(self, max_bytes: usize) -> GrpcInferenceServiceServer<GrpcGateway> {
-        GrpcInferenceServiceServer::new(self)
-            .max_decoding_message_size(max_bytes)
-            .max_encoding_message_size(max_bytes)
+        GrpcInferenceServiceServer::new(self).max_decoding_message_size(max_bytes)
     }
 
     /// The model named (and version, when one is given), or NOT_FOUND.
@@ -59,8 +58,8 @@ fn grpc_timeout(v: &str) -> Option<Duration> {
     let (n, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = n.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -110,7 +109,8 @@ impl GrpcInferenceService for GrpcGateway {
         r: Request<proto::ModelReadyRequest>,
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
         self.authorize(Endpoint::Model, &r)?;
-        let ready = self.0.has_model(&r.get_ref().name);
+        let req = r.get_ref();
+        let ready = self.served(&req.name, &req.version).is_ok();
         Ok(Response::new(proto::ModelReadyResponse { ready }))
     }
 
@@ -122,7 +122,7 @@ impl GrpcInferenceService for GrpcGateway {
         Ok(Response::new(proto::ServerMetadataResponse {
             name: "flumen".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec![],
+            extensions: vec!["binary_tensor_data".into()],
         }))
     }
 
@@ -186,8 +186,8 @@ impl GrpcInferenceService for GrpcGateway {
         }
         let records = m
             .tensors
-            .records(&req.model_name, &inputs)
-            .map_err(Status::invalid_argument)?;
+            .records(&req.model_name, &inputs, self.0.max_items)
+            .map_err(|e| Status::invalid_argument(e.message()))?;
         let names: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
         let selected = m
             .tensors
@@ -214,7 +214,7 @@ impl GrpcInferenceService for GrpcGateway {
             });
         }
         let version = if req.model_version.is_empty() {
-            m.tensors.versions[0].clone()
+            m.tensors.version().to_owned()
         } else {
             req.model_version
         };

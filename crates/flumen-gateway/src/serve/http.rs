@@ -55,6 +55,13 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     (status, Json(body)).into_response()
 }
 
+/// A 400 in OpenAI's shape naming the request field at fault (`param`).
+pub(crate) fn invalid(param: Option<&str>, message: impl Into<String>) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": "invalid_request_error",
+                                "param": param, "code": null}});
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
 /// The one mapping from a rejection's reason to an HTTP status.
 fn status(reason: Reason) -> StatusCode {
     match reason {
@@ -185,13 +192,17 @@ impl Coding {
         }
     }
 
-    /// The first of an `Accept-Encoding` list this server gives (one with `q=0`
-    /// refused).
+    /// The first of an `Accept-Encoding` list this server gives (one with a
+    /// q-value of 0 refused).
     fn accepted(list: &str) -> Option<Coding> {
         list.split(',').find_map(|item| {
             let mut parts = item.split(';');
             let coding = Coding::named(parts.next()?)?;
-            let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                (p.starts_with("q=") || p.starts_with("Q="))
+                    && p[2..].trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+            });
             (!refused).then_some(coding)
         })
     }
@@ -273,9 +284,16 @@ async fn encoded(response: Response, coding: Coding) -> Response {
         return response;
     }
     let (mut parts, body) = response.into_parts();
+    parts.headers.append(
+        axum::http::header::VARY,
+        axum::http::HeaderValue::from_static("accept-encoding"),
+    );
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
+    if bytes.is_empty() {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
     let level = flate2::Compression::fast();
     let compressed = match coding {
         Coding::Gzip => {
@@ -295,10 +313,6 @@ async fn encoded(response: Response, coding: Coding) -> Response {
         axum::http::HeaderValue::from_static(coding.name()),
     );
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    parts.headers.append(
-        axum::http::header::VARY,
-        axum::http::HeaderValue::from_static("accept-encoding"),
-    );
     Response::from_parts(parts, axum::body::Body::from(compressed))
 }
 
@@ -393,12 +407,12 @@ impl Gateway {
 /// Ready when every model can take requests: its backend was reached at start (the
 /// gateway listens only then) and its circuit breaker is not open. Otherwise 503,
 /// naming the models that are not.
-pub(crate) async fn ready(State(g): State<Shared>) -> Response {
+pub(crate) async fn ready(State(g): State<Shared>, uri: axum::http::Uri) -> Response {
     let open = g.open_circuits();
     if open.is_empty() {
         StatusCode::OK.into_response()
     } else {
-        error(
+        Front::of(uri.path()).error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("circuit open for: {}", open.join(", ")),
         )
@@ -441,6 +455,11 @@ mod tests {
         assert_eq!(Coding::accepted("br, deflate;q=0.5"), Some(Coding::Deflate));
         assert_eq!(Coding::accepted("gzip;q=0, deflate"), Some(Coding::Deflate));
         assert_eq!(Coding::accepted("identity, br"), None);
+        assert_eq!(
+            Coding::accepted("gzip;q=0.0, deflate;q=0.2"),
+            Some(Coding::Deflate)
+        );
+        assert_eq!(Coding::accepted("gzip; Q=0.000"), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::gateway::{Model, Shared};
 use super::http::Front;
-use super::tensors::{Input, Output};
+use super::tensors::{Input, Output, Unfit};
 
 /// `GET /v2`: who serves, and which extensions of the protocol.
 pub(crate) async fn server_metadata() -> Json<Value> {
@@ -87,7 +87,7 @@ pub(crate) async fn kserve_stats(State(g): State<Shared>, Path(p): Path<ModelPat
     let stats = m.engine.stats();
     let count = |n: u64| json!({"count": n, "ns": 0});
     Json(json!({"model_stats": [{
-        "name": p.model, "version": p.version.unwrap_or_else(|| m.tensors.versions[0].clone()),
+        "name": p.model, "version": p.version.unwrap_or_else(|| m.tensors.version().to_owned()),
         "last_inference": 0,
         "inference_count": stats.records_sent, "execution_count": stats.calls,
         "inference_stats": {
@@ -302,9 +302,10 @@ pub(crate) async fn kserve_infer(
         Ok(r) => r,
         Err(why) => return bad(why),
     };
-    let records = match m.tensors.records(&p.model, &request.inputs) {
+    let records = match m.tensors.records(&p.model, &request.inputs, g.max_items) {
         Ok(r) => r,
-        Err(why) => return bad(why),
+        Err(Unfit::Invalid(why)) => return bad(why),
+        Err(Unfit::TooMany(why)) => return Front::Kserve.error(StatusCode::PAYLOAD_TOO_LARGE, why),
     };
     let names: Vec<String> = request.outputs.iter().map(|(n, _)| n.clone()).collect();
     let selected = match m.tensors.requested(&p.model, &names) {
@@ -322,7 +323,7 @@ pub(crate) async fn kserve_infer(
     let version = p
         .version
         .clone()
-        .unwrap_or_else(|| m.tensors.versions[0].clone());
+        .unwrap_or_else(|| m.tensors.version().to_owned());
     infer_response(&p.model, &version, request.id.as_deref(), outputs, |name| {
         request.binary_output
             || request

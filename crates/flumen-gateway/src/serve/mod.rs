@@ -4,9 +4,10 @@
 //! shared engine per model and are batched together.
 //!
 //! Front protocols: OpenAI `/v1/embeddings`, `/v1/chat/completions` (with
-//! `stream: true`, the reply arrives as one SSE chunk: no backend streams yet),
-//! `/v1/models`; KServe v2 over HTTP with JSON or binary tensors (`/v2/health/*`,
-//! `/v2/models/{m}`, `/v2/models/{m}/ready`, `/v2/models/{m}/infer`). Admission
+//! `stream: true`, each choice arrives as one SSE chunk: no backend streams yet),
+//! `/v1/models`, `/v1/models/{id}`; KServe v2 over HTTP with JSON or binary tensors
+//! (`/v2`, `/v2/health/*`, `/v2/models/{m}` and its `ready`, `config`, `stats` and
+//! `infer`, each also under `versions/{v}`). Admission
 //! control answers 429 with `Retry-After` once a model has `max_pending` records in
 //! the engine; bearer-token auth (constant-time comparison) on every endpoint when
 //! configured; body size, body time, header time, open connections and items per
@@ -187,6 +188,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
             Some(k) => tensors::Tensors::of_backend(k.metadata, k.signature, k.config),
             None => tensors::Tensors::generic(),
         };
+        let openai_chat = backend.is_openai_chat();
         let engine = Engine::new(backend, m.engine.config(&m.name));
         models.insert(
             m.name.clone(),
@@ -196,6 +198,8 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
                 tensors,
                 answered: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
+                openai_chat,
+                truncate_dimensions: m.truncate_dimensions,
             },
         );
     }
@@ -222,6 +226,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{id}", get(openai::get_model))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(http::ready))
         .route(
@@ -306,6 +311,10 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     let limits = conn::Limits {
         header_timeout: Duration::from_millis(s.header_timeout_ms),
         max_connections: s.max_connections,
+        // A client that does not read its answer for as long as it may take to send
+        // a body; a stop waits for the longest deadline a request may have.
+        write_timeout: Duration::from_millis(s.body_timeout_ms),
+        grace: Duration::from_millis(s.timeout_ms.saturating_mul(10).max(s.body_timeout_ms)),
     };
     if let Some(files) = open_files_limit() {
         if s.max_connections as u64 + 64 > files {

@@ -1,52 +1,267 @@
-//! The gateway's OpenAI-compatible front: `/v1/embeddings` (a string or a list of
-//! strings, one record each), `/v1/chat/completions` (the last user message is the
-//! record; `stream: true` answers as one SSE chunk, since no backend streams yet) and
-//! `/v1/models`.
+//! The gateway's OpenAI-compatible front: `/v1/embeddings`, `/v1/chat/completions`,
+//! `/v1/models` and `/v1/models/{id}`.
+//!
+//! Every documented request field is honoured or refused with a 400 that names it
+//! (`param`), never ignored; a field the API does not have is refused the same way.
+//! Embeddings: a string or a list of strings (one record each), `encoding_format`
+//! `float` or `base64`, `dimensions` for a model declared `truncate_dimensions`
+//! (the vector cut and renormalised, which is right only for models trained for it),
+//! `user`, and `usage` counted by the backend's tokenizer. Chat: in front of an
+//! OpenAI-compatible chat backend the whole request goes through (tools, tool calls,
+//! `response_format`, `seed`, `logprobs`, `n`, …) and its answer comes back; in
+//! front of another backend the last user message (a string, or text parts) is the
+//! record, `n` makes that many, and a sampling field it cannot honour is refused.
+//! `stream: true` answers as server-sent events from the whole answer (no backend
+//! streams yet), with `usage` in a last chunk when `stream_options.include_usage`.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use base64::Engine as _;
+use flumen_core::Backend;
+use serde_json::{json, Map, Value};
 
-use super::gateway::Shared;
-use super::http::error;
+use super::gateway::{Model, Shared};
+use super::http::{error, invalid};
+
+/// The request fields of `POST /v1/embeddings`.
+const EMBEDDING_FIELDS: [&str; 5] = ["input", "model", "encoding_format", "dimensions", "user"];
+
+/// The request fields of `POST /v1/chat/completions`, as OpenAI documents them.
+const CHAT_FIELDS: [&str; 31] = [
+    "messages",
+    "model",
+    "stream",
+    "stream_options",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "reasoning_effort",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+];
+
+/// Chat fields a backend that is not an OpenAI-compatible chat model can honour.
+const PLAIN_CHAT_FIELDS: [&str; 6] = ["messages", "model", "stream", "stream_options", "n", "user"];
+
+/// [`invalid`], boxed: the error of the helpers below (a `Response` is large).
+fn refuse(param: Option<&str>, message: impl Into<String>) -> Box<Response> {
+    Box::new(invalid(param, message))
+}
+
+/// The request's fields, each known to the API; else the first that is not.
+fn fields<'a>(body: &'a Value, known: &[&str]) -> Result<&'a Map<String, Value>, Box<Response>> {
+    let Some(fields) = body.as_object() else {
+        return Err(refuse(None, "the request body must be a JSON object"));
+    };
+    if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(refuse(
+            Some(unknown),
+            format!("Unrecognized request argument supplied: {unknown}"),
+        ));
+    }
+    Ok(fields)
+}
+
+/// The served model named by `model`, or OpenAI's 404.
+fn model<'a>(g: &'a Shared, body: &Value) -> Result<(String, &'a Model), Box<Response>> {
+    let Some(name) = body["model"].as_str() else {
+        return Err(refuse(Some("model"), "`model` must be a string"));
+    };
+    match g.model(name) {
+        Some(m) => Ok((name.to_owned(), m)),
+        None => Err(Box::new(not_found(name))),
+    }
+}
+
+fn not_found(name: &str) -> Response {
+    let body = json!({"error": {"message": format!("The model `{name}` does not exist"),
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// The tokens of a record as the model's backend counts them (the embedded model's
+/// tokenizer; for an OpenAI-compatible backend, its estimate), or for a backend that
+/// does not count them, the usual estimate of about four characters a token.
+fn tokens(m: &Model, record: &Value) -> u64 {
+    match m.engine.backend().cost(record).tokens {
+        0 => match record {
+            Value::String(s) => flumen_openai::estimate_tokens(s),
+            other => flumen_openai::estimate_tokens(&other.to_string()),
+        },
+        n => n,
+    }
+}
 
 pub(crate) async fn embeddings(
     State(g): State<Shared>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    if let Err(r) = fields(&body, &EMBEDDING_FIELDS) {
+        return *r;
+    }
+    let (name, m) = match model(&g, &body) {
+        Ok(found) => found,
+        Err(r) => return *r,
+    };
     let inputs: Vec<Value> = match &body["input"] {
         Value::String(s) => vec![Value::String(s.clone())],
         Value::Array(a) if a.iter().all(Value::is_string) => a.clone(),
+        Value::Array(a) if a.iter().all(|x| x.is_number() || x.is_array()) => {
+            return invalid(
+                Some("input"),
+                "token arrays are not supported: send the text",
+            )
+        }
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
+            return invalid(
+                Some("input"),
                 "`input` must be a string or an array of strings",
             )
         }
     };
-    match g.infer(&model, inputs, &headers).await {
-        Err(r) => r.into_response(),
-        Ok(vectors) => {
-            if let Some(bad) = vectors
-                .iter()
-                .find(|v| !v.as_array().is_some_and(|a| a.iter().all(Value::is_number)))
-            {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("model `{model}` does not return vectors (got {bad})"),
+    let base64 = match body.get("encoding_format").map(|v| v.as_str()) {
+        None | Some(Some("float")) => false,
+        Some(Some("base64")) => true,
+        _ => {
+            return invalid(
+                Some("encoding_format"),
+                "`encoding_format` must be \"float\" or \"base64\"",
+            )
+        }
+    };
+    let dimensions = match body.get("dimensions") {
+        None | Some(Value::Null) => None,
+        Some(d) => match d.as_u64().filter(|d| *d > 0) {
+            Some(_) if !m.truncate_dimensions => {
+                return invalid(
+                    Some("dimensions"),
+                    format!(
+                        "model `{name}` does not take `dimensions`: declare `truncate_dimensions = true` \
+                         for a model trained for shortened vectors"
+                    ),
+                )
+            }
+            Some(d) => Some(d as usize),
+            None => {
+                return invalid(
+                    Some("dimensions"),
+                    "`dimensions` must be a positive integer",
+                )
+            }
+        },
+    };
+    if body.get("user").is_some_and(|u| !u.is_string()) {
+        return invalid(Some("user"), "`user` must be a string");
+    }
+    let prompt_tokens: u64 = inputs.iter().map(|i| tokens(m, i)).sum();
+    let vectors = match g.infer(&name, inputs, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    let mut data = Vec::with_capacity(vectors.len());
+    for (i, v) in vectors.into_iter().enumerate() {
+        let Some(mut floats) = v
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+        else {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("model `{name}` does not return vectors (got {v})"),
+            );
+        };
+        if let Some(d) = dimensions {
+            if d > floats.len() {
+                return invalid(
+                    Some("dimensions"),
+                    format!(
+                        "model `{name}` makes vectors of {} dimensions: `dimensions` must not exceed that",
+                        floats.len()
+                    ),
                 );
             }
-            let data: Vec<Value> = vectors
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
-                .collect();
-            Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0}})).into_response()
+            floats.truncate(d);
+            let norm = floats.iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                floats.iter_mut().for_each(|x| *x /= norm);
+            }
         }
+        let embedding = if base64 {
+            let bytes: Vec<u8> = floats
+                .iter()
+                .flat_map(|x| (*x as f32).to_le_bytes())
+                .collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            json!(floats)
+        };
+        data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
+    }
+    Json(json!({"object": "list", "data": data, "model": name,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}))
+    .into_response()
+}
+
+/// The last user message's text: a string, or the text of its content parts.
+fn user_text(messages: &Value) -> Result<String, Box<Response>> {
+    let Some(list) = messages.as_array() else {
+        return Err(refuse(Some("messages"), "`messages` must be a list"));
+    };
+    let Some((i, message)) = list
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, m)| m["role"] == "user")
+    else {
+        return Err(refuse(Some("messages"), "`messages` needs a user message"));
+    };
+    match &message["content"] {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(refuse(
+                            Some(&format!("messages[{i}].content[{j}].type")),
+                            format!(
+                            "content parts of type {} are not supported by this model: send text",
+                            kind.map_or("(none)".into(), |k| format!("`{k}`"))
+                        ),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(refuse(
+            Some(&format!("messages[{i}].content")),
+            "a user message's content must be a string or a list of text parts",
+        )),
     }
 }
 
@@ -55,56 +270,139 @@ pub(crate) async fn chat(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let model = body["model"].as_str().unwrap_or_default().to_owned();
-    let stream = body["stream"].as_bool() == Some(true);
-    let Some(content) = body["messages"]
-        .as_array()
-        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
-        .and_then(|m| m["content"].as_str())
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "`messages` needs a user message with string content",
-        );
-    };
-    match g
-        .infer(&model, vec![Value::String(content.to_owned())], &headers)
-        .await
-    {
-        Err(r) => r.into_response(),
-        Ok(mut out) => {
-            let reply = match out.pop() {
-                Some(Value::String(s)) => s,
-                Some(other) => other.to_string(),
-                None => String::new(),
-            };
-            if stream {
-                return sse_reply(&model, &reply);
-            }
-            Json(json!({
-                "id": "chatcmpl-flumen", "object": "chat.completion", "created": 0, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            }))
-            .into_response()
-        }
+    if let Err(r) = fields(&body, &CHAT_FIELDS) {
+        return *r;
     }
+    let (name, m) = match model(&g, &body) {
+        Ok(found) => found,
+        Err(r) => return *r,
+    };
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return invalid(Some("stream"), "`stream` must be true or false"),
+    };
+    let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+    if body.get("stream_options").is_some_and(|o| !o.is_null()) && !stream {
+        return invalid(
+            Some("stream_options"),
+            "`stream_options` is only allowed when `stream` is true",
+        );
+    }
+    let n = match body.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64().filter(|n| (1..=128).contains(n)) {
+            Some(n) => n as usize,
+            None => return invalid(Some("n"), "`n` must be an integer from 1 to 128"),
+        },
+    };
+    let (choices, usage) = if m.openai_chat {
+        // The whole request to an OpenAI-compatible backend, and its whole answer.
+        let prompt_tokens = tokens(m, &body);
+        let answer = match g.infer(&name, vec![body.clone()], &headers).await {
+            Ok(mut out) => out.pop().unwrap_or_default(),
+            Err(r) => return r.into_response(),
+        };
+        let Some(choices) = answer["choices"].as_array().cloned() else {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("model `{name}` answered without `choices`"),
+            );
+        };
+        let usage = match answer.get("usage") {
+            Some(u) if u.is_object() => u.clone(),
+            _ => {
+                json!({"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens})
+            }
+        };
+        (choices, usage)
+    } else {
+        if let Some(field) = body
+            .as_object()
+            .into_iter()
+            .flat_map(|f| f.keys())
+            .find(|k| !PLAIN_CHAT_FIELDS.contains(&k.as_str()))
+        {
+            return invalid(
+                Some(field),
+                format!(
+                    "model `{name}` is not an OpenAI-compatible chat model: `{field}` cannot be honoured"
+                ),
+            );
+        }
+        let text = match user_text(&body["messages"]) {
+            Ok(t) => t,
+            Err(r) => return *r,
+        };
+        let record = Value::String(text);
+        let prompt_tokens = tokens(m, &record);
+        let replies = match g.infer(&name, vec![record; n], &headers).await {
+            Ok(out) => out,
+            Err(r) => return r.into_response(),
+        };
+        let mut completion_tokens = 0;
+        let choices = replies
+            .into_iter()
+            .enumerate()
+            .map(|(i, reply)| {
+                let content = match reply {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                completion_tokens += tokens(m, &Value::String(content.clone()));
+                json!({"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"})
+            })
+            .collect();
+        let prompt_tokens = prompt_tokens * n as u64;
+        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens});
+        (choices, usage)
+    };
+    if stream {
+        return sse_reply(&name, &choices, include_usage.then_some(&usage));
+    }
+    Json(json!({
+        "id": "chatcmpl-flumen", "object": "chat.completion", "created": 0, "model": name,
+        "choices": choices, "usage": usage,
+    }))
+    .into_response()
 }
 
-/// A whole reply as an OpenAI chat stream: one content chunk, a final chunk, and
-/// `[DONE]`. The backends answer in one piece, so the stream has one piece too.
-fn sse_reply(model: &str, reply: &str) -> Response {
-    let chunk = |delta: Value, finish: Value| {
+/// Whole answers as an OpenAI chat stream: for each choice a chunk with its message
+/// (role, content, tool calls), then one with its finish reason; with
+/// `include_usage`, a last chunk with no choices and the usage; then `[DONE]`. The
+/// backends answer in one piece, so each choice streams in one piece too.
+fn sse_reply(model: &str, choices: &[Value], usage: Option<&Value>) -> Response {
+    let chunk = |choices: Value| {
         json!({
             "id": "chatcmpl-flumen", "object": "chat.completion.chunk", "created": 0, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+            "choices": choices,
         })
     };
-    let body = format!(
-        "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
-        chunk(json!({"role": "assistant", "content": reply}), Value::Null),
-        chunk(json!({}), json!("stop"))
-    );
+    let mut body = String::new();
+    for (i, c) in choices.iter().enumerate() {
+        let index = c["index"].as_u64().unwrap_or(i as u64);
+        let mut delta = c["message"].clone();
+        if let Some(calls) = delta.get_mut("tool_calls").and_then(Value::as_array_mut) {
+            // In a stream each tool call carries its index.
+            for (k, call) in calls.iter_mut().enumerate() {
+                call["index"] = json!(k);
+            }
+        }
+        let first = json!([{"index": index, "delta": delta, "finish_reason": null}]);
+        let last = json!([{"index": index, "delta": {}, "finish_reason": c["finish_reason"]}]);
+        body.push_str(&format!(
+            "data: {}\n\ndata: {}\n\n",
+            chunk(first),
+            chunk(last)
+        ));
+    }
+    if let Some(usage) = usage {
+        let mut last = chunk(json!([]));
+        last["usage"] = usage.clone();
+        body.push_str(&format!("data: {last}\n\n"));
+    }
+    body.push_str("data: [DONE]\n\n");
     (
         [
             ("content-type", "text/event-stream"),
@@ -115,10 +413,19 @@ fn sse_reply(model: &str, reply: &str) -> Response {
         .into_response()
 }
 
+fn model_object(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "flumen"})
+}
+
 pub(crate) async fn list_models(State(g): State<Shared>) -> Response {
-    let data: Vec<Value> = g
-        .model_names()
-        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "flumen"}))
-        .collect();
+    let data: Vec<Value> = g.model_names().map(model_object).collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub(crate) async fn get_model(State(g): State<Shared>, Path(name): Path<String>) -> Response {
+    if g.has_model(&name) {
+        Json(model_object(&name)).into_response()
+    } else {
+        not_found(&name)
+    }
 }

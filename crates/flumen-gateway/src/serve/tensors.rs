@@ -38,6 +38,22 @@ pub(crate) struct Tensors {
     pub(crate) config: Option<Value>,
 }
 
+/// Why a request's inputs were refused: they do not fit the model (400), or hold
+/// more rows than a request may (413).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unfit {
+    Invalid(String),
+    TooMany(String),
+}
+
+impl Unfit {
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Unfit::Invalid(m) | Unfit::TooMany(m) => m,
+        }
+    }
+}
+
 /// An input tensor of a request, its elements flat.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Input {
@@ -111,9 +127,16 @@ impl Tensors {
             batched: signature.batched,
             declared: true,
             platform: metadata["platform"].as_str().unwrap_or("flumen").to_owned(),
-            versions: strings(&metadata["versions"]).unwrap_or_else(|| vec!["1".into()]),
+            versions: strings(&metadata["versions"])
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| vec!["1".into()]),
             config: config.cloned(),
         }
+    }
+
+    /// The version served when a request names none.
+    pub(crate) fn version(&self) -> &str {
+        self.versions.first().map_or("1", String::as_str)
     }
 
     /// `GET /v2/models/{model}` (and gRPC ModelMetadata).
@@ -132,10 +155,10 @@ impl Tensors {
     /// `GET /v2/models/{model}/config`: the server's own, else one in Triton's form
     /// made from the declared tensors.
     pub(crate) fn config(&self, model: &str, max_batch: usize) -> Value {
-        if let Some(c) = &self.config {
+        if let Some(Value::Object(c)) = &self.config {
             let mut c = c.clone();
-            c["name"] = json!(model);
-            return c;
+            c.insert("name".into(), json!(model));
+            return Value::Object(c);
         }
         let tensors = |list: &[Declared]| -> Vec<Value> {
             list.iter()
@@ -152,34 +175,65 @@ impl Tensors {
         })
     }
 
-    /// The request's inputs as one record per row, checked against the declared
-    /// inputs (Triton's messages when they do not fit).
-    pub(crate) fn records(&self, model: &str, inputs: &[Input]) -> Result<Vec<Value>, String> {
+    /// The request's inputs as one record per row, at most `max_rows` of them,
+    /// checked against the declared inputs (Triton's messages when they do not fit).
+    pub(crate) fn records(
+        &self,
+        model: &str,
+        inputs: &[Input],
+        max_rows: usize,
+    ) -> Result<Vec<Value>, Unfit> {
+        let too_many = |n: i64| {
+            Unfit::TooMany(format!(
+                "{n} rows for model '{model}'; at most {max_rows} per request (server.max_items)"
+            ))
+        };
         if !self.declared {
             return match inputs {
-                [one] => tensor_records(
-                    &one.data,
-                    one.shape.first().copied().unwrap_or(1).max(1) as usize,
-                )
-                .map_err(|why| {
-                    format!(
-                        "input '{}': {why} (shape {})",
-                        one.name,
-                        shape_text(&one.shape)
-                    )
-                }),
-                _ => Err(format!(
+                [one] => {
+                    let rows = one.shape.first().copied().unwrap_or(1).max(1);
+                    if rows > max_rows as i64 {
+                        return Err(too_many(rows));
+                    }
+                    tensor_records(&one.data, rows as usize).map_err(|why| {
+                        Unfit::Invalid(format!(
+                            "input '{}': {why} (shape {})",
+                            one.name,
+                            shape_text(&one.shape)
+                        ))
+                    })
+                }
+                _ => Err(Unfit::Invalid(format!(
                     "expected 1 inputs but got {} inputs for model '{model}'",
                     inputs.len()
-                )),
+                ))),
             };
+        }
+        self.declared_records(model, inputs, max_rows, too_many)
+    }
+
+    fn declared_records(
+        &self,
+        model: &str,
+        inputs: &[Input],
+        max_rows: usize,
+        too_many: impl Fn(i64) -> Unfit,
+    ) -> Result<Vec<Value>, Unfit> {
+        let invalid = |m: String| Unfit::Invalid(m);
+        for (k, i) in inputs.iter().enumerate() {
+            if inputs[..k].iter().any(|j| j.name == i.name) {
+                return Err(invalid(format!(
+                    "input '{}' appears more than once in the request for model '{model}'",
+                    i.name
+                )));
+            }
         }
         for i in inputs {
             if !self.inputs.iter().any(|d| d.name == i.name) {
-                return Err(format!(
+                return Err(invalid(format!(
                     "unexpected inference input '{}' for model '{model}'",
                     i.name
-                ));
+                )));
             }
         }
         if inputs.len() != self.inputs.len() {
@@ -195,25 +249,25 @@ impl Tensors {
                     .map(|d| d.name.as_str())
                     .collect(),
             );
-            return Err(format!(
+            return Err(invalid(format!(
                 "expected {} inputs but got {} inputs for model '{model}'. Got input(s) {got}, \
                  but missing required input(s) {missing}. Please provide all required input(s).",
                 self.inputs.len(),
                 inputs.len(),
-            ));
+            )));
         }
         let mut rows: Option<usize> = None;
         let mut per_input = Vec::with_capacity(self.inputs.len());
         for d in &self.inputs {
-            let i = inputs
-                .iter()
-                .find(|i| i.name == d.name)
-                .expect("checked above");
+            // Present: the names are declared, distinct and as many as declared.
+            let Some(i) = inputs.iter().find(|i| i.name == d.name) else {
+                return Err(invalid(format!("input '{}' is missing", d.name)));
+            };
             if i.datatype != d.datatype {
-                return Err(format!(
+                return Err(invalid(format!(
                     "inference input '{}' data-type is '{}', but model '{model}' expects '{}'",
                     i.name, i.datatype, d.datatype
-                ));
+                )));
             }
             let fits = i.shape.len() == d.shape.len()
                 && i.shape
@@ -221,34 +275,39 @@ impl Tensors {
                     .zip(&d.shape)
                     .all(|(&got, &want)| got >= 0 && (want < 0 || got == want));
             if !fits {
-                return Err(format!(
+                return Err(invalid(format!(
                     "unexpected shape for input '{}' for model '{model}'. Expected {}, got {}",
                     i.name,
                     shape_text(&d.shape),
                     shape_text(&i.shape)
-                ));
+                )));
             }
-            let elements: i64 = i.shape.iter().product();
-            if elements != i.data.len() as i64 {
-                return Err(format!(
-                    "input '{}': shape {} holds {elements} elements, the request has {}",
+            if self.batched && i.shape[0] > max_rows as i64 {
+                return Err(too_many(i.shape[0]));
+            }
+            let elements = i.shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d));
+            if elements != Some(i.data.len() as i64) {
+                return Err(invalid(format!(
+                    "input '{}': shape {} does not hold the {} elements the request has",
                     i.name,
                     shape_text(&i.shape),
                     i.data.len()
-                ));
+                )));
             }
             let n = if self.batched { i.shape[0] as usize } else { 1 };
             if *rows.get_or_insert(n) != n {
-                return Err(format!(
+                return Err(invalid(format!(
                     "inputs of model '{model}' have different batch sizes ({} and {n})",
                     rows.unwrap_or_default()
-                ));
+                )));
             }
             per_input.push(i);
         }
         let n = rows.unwrap_or(1);
         if n == 0 {
-            return Err(format!("the request for model '{model}' has no rows"));
+            return Err(invalid(format!(
+                "the request for model '{model}' has no rows"
+            )));
         }
         let columns: Vec<Vec<Value>> = per_input
             .iter()
@@ -457,6 +516,7 @@ mod tests {
                     input("INPUT1", "FP32", vec![2, 4], 8),
                     input("INPUT0", "FP32", vec![2, 4], 8),
                 ],
+                16,
             )
             .unwrap();
         assert_eq!(records.len(), 2);
@@ -487,17 +547,47 @@ mod tests {
             ),
             (
                 vec![ok(), input("INPUT1", "FP32", vec![1, 4], 3)],
-                "holds 4 elements, the request has 3",
+                "shape [1,4] does not hold the 3 elements the request has",
             ),
+            (vec![ok(), ok()], "input 'INPUT0' appears more than once"),
             (
                 vec![ok(), input("INPUT1", "FP32", vec![2, 4], 8)],
                 "different batch sizes",
             ),
         ];
         for (inputs, expected) in cases {
-            let err = t.records("m", &inputs).unwrap_err();
-            assert!(err.contains(expected), "{err} lacks {expected}");
+            let err = t.records("m", &inputs, 16).unwrap_err();
+            assert!(matches!(err, Unfit::Invalid(_)), "{err:?}");
+            assert!(err.message().contains(expected), "{err:?} lacks {expected}");
         }
+        // Rows past the limit are refused before anything is built: a huge batch of
+        // empty rows, or a shape whose product overflows.
+        let ragged = |shape: Vec<i64>| Declared {
+            name: "X".into(),
+            datatype: "BYTES".into(),
+            shape,
+        };
+        let any = Tensors {
+            inputs: vec![ragged(vec![-1, -1])],
+            outputs: vec![ragged(vec![-1, -1])],
+            ..add_sub()
+        };
+        let huge = input("X", "BYTES", vec![1_000_000_000_000, 0], 0);
+        assert!(matches!(
+            any.records("m", &[huge], 16),
+            Err(Unfit::TooMany(_))
+        ));
+        let wraps = input("X", "BYTES", vec![8, 1 << 62], 0);
+        assert!(matches!(
+            any.records("m", &[wraps], 16),
+            Err(Unfit::Invalid(_))
+        ));
+        let generic = Tensors::generic();
+        let huge = input("x", "FP32", vec![1_000_000, 1], 1);
+        assert!(matches!(
+            generic.records("m", &[huge], 16),
+            Err(Unfit::TooMany(_))
+        ));
         assert_eq!(
             t.requested("m", &["OUTPUT9".into()]).unwrap_err(),
             "unexpected inference output 'OUTPUT9' for model 'm'"
@@ -530,7 +620,7 @@ mod tests {
     fn an_undeclared_model_takes_any_one_input_and_guesses_its_output() {
         let t = Tensors::generic();
         let records = t
-            .records("m", &[input("x", "FP64", vec![3, 1], 3)])
+            .records("m", &[input("x", "FP64", vec![3, 1], 3)], 16)
             .unwrap();
         assert_eq!(records, vec![json!(0.0), json!(1.0), json!(2.0)]);
         let two = [
@@ -538,8 +628,9 @@ mod tests {
             input("b", "FP32", vec![1, 1], 1),
         ];
         assert!(t
-            .records("m", &two)
+            .records("m", &two, 16)
             .unwrap_err()
+            .message()
             .contains("expected 1 inputs but got 2"));
         let out = t.outputs(&[0], &[json!("a"), json!("b")]).unwrap();
         assert_eq!(

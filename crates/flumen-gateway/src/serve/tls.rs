@@ -34,6 +34,8 @@ pub(super) struct Tls(pub TlsAcceptor);
 impl super::conn::Handshake for Tls {
     type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
+    const CLEAR: bool = false;
+
     async fn handshake(&self, tcp: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
         self.0.accept(tcp).await
     }
