@@ -4,6 +4,8 @@
 //! `flumen_connector_outage_seconds{connector}`: its length at the last attempt), up
 //! to [`Patience::max_outage`]
 //! (default: indefinitely, as Kafka Connect and Flink do).
+// Only the broker connectors (features `kafka`, `nats`) ride out outages.
+#![cfg_attr(not(any(feature = "kafka", feature = "nats")), allow(dead_code))]
 
 use std::time::Duration;
 

@@ -200,3 +200,37 @@ async fn a_connection_over_the_limit_is_answered_503_not_left_waiting() {
     }
     running.stopper().stop();
 }
+
+/// The gRPC listener: the same cap (closed at once past it) and the same time for a
+/// connection's first bytes.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_are_capped_and_silent_ones_let_go() {
+    let running = gateway(&format!(
+        "grpc_listen = \"127.0.0.1:0\"\nmax_connections = 20\nheader_timeout_ms = {TIMEOUT_MS}"
+    ))
+    .await;
+    let addr = running.grpc_addr.unwrap();
+    let opened = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Let the listener take the twenty before the twenty-first comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let extra = TcpStream::connect(addr).await.unwrap();
+    let (_, after) = until_closed(extra, Instant::now()).await;
+    assert!(
+        after < Duration::from_millis(TIMEOUT_MS),
+        "the connection over the limit stayed open {after:?}"
+    );
+    for s in held {
+        // Silent: closed at the header timeout, not before.
+        let (_, after) = until_closed(s, opened).await;
+        assert!(
+            after >= Duration::from_millis(TIMEOUT_MS),
+            "closed after {after:?}"
+        );
+    }
+    running.stopper().stop();
+}

@@ -98,6 +98,13 @@ print(refused([x0, wrong_name], expect=f"unexpected inference input 'INPUT9' for
 print(refused([x0, wrong_shape], expect=f"unexpected shape for input 'INPUT1' for model '{model}'"))
 print(refused([x0, x1], outputs=[tc.InferRequestedOutput("OUTPUT7")], expect=f"unexpected inference output 'OUTPUT7' for model '{model}'"))
 
+if protocol == "grpc":
+    config = client.get_model_config(model, as_json=True)["config"]
+    assert int(config.get("max_batch_size", 0)) == 8, config
+    assert [i["name"] for i in config["input"]] == ["INPUT0", "INPUT1"], config
+    assert config["input"][0]["data_type"] == "TYPE_FP32" and [int(d) for d in config["input"][0]["dims"]] == [4], config
+    stats = client.get_inference_statistics(model, as_json=True)
+    assert stats["model_stats"][0]["name"] == model and int(stats["model_stats"][0]["inference_count"]) > 0, stats
 if protocol == "http":
     config = client.get_model_config(model)
     # Over gRPC the backend is not told max_batch_size; it was given max_batch_items 8.

@@ -89,11 +89,79 @@ pub struct ModelSection {
     /// Its engine.
     #[serde(default)]
     pub engine: EngineSection,
+    /// The tensors a model that is not behind a KServe backend shows over KServe v2
+    /// (`[models.kserve]`); without it, one input `INPUT` and one output `OUTPUT` of
+    /// any datatype. (A KServe backend's come from its server.)
+    #[serde(default)]
+    pub kserve: Option<DeclaredTensors>,
     /// The model's embeddings may be shortened: `/v1/embeddings` takes `dimensions`
     /// and answers the first that many, renormalised — right only for models trained
     /// for it (Matryoshka embeddings, OpenAI's text-embedding-3-*). Off by default.
     #[serde(default)]
     pub truncate_dimensions: bool,
+}
+
+/// `[models.kserve]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredTensors {
+    /// The inputs, in order: each row of a request fills every one (a record is the
+    /// row itself for one input, else an object of them by name).
+    pub inputs: Vec<TensorSection>,
+    /// The outputs, in order (a prediction is the row of the one, else an object of
+    /// them by name).
+    pub outputs: Vec<TensorSection>,
+}
+
+/// One declared tensor.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSection {
+    /// Its name.
+    pub name: String,
+    /// `FP32`, `INT64`, `BYTES`, …
+    pub datatype: String,
+    /// Its shape, the batch dimension first as -1 (any size), e.g. `[-1, 384]`.
+    pub shape: Vec<i64>,
+}
+
+/// KServe v2's tensor datatypes.
+const DATATYPES: [&str; 14] = [
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16",
+    "FP32", "FP64", "BYTES", "BF16",
+];
+
+impl DeclaredTensors {
+    fn validate(&self, path: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        for (list, tensors) in [("inputs", &self.inputs), ("outputs", &self.outputs)] {
+            if tensors.is_empty() {
+                p.push(format!("{path}.{list}: at least one tensor is needed"));
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, t) in tensors.iter().enumerate() {
+                let at = format!("{path}.{list}[{i}]");
+                if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                    p.push(format!("{at}.name: must be non-empty and unique"));
+                }
+                if !DATATYPES.contains(&t.datatype.as_str()) {
+                    p.push(format!(
+                        "{at}.datatype: `{}` is not one of {}",
+                        t.datatype,
+                        DATATYPES.join(", ")
+                    ));
+                }
+                let batched = t.shape.first() == Some(&-1);
+                if !batched || t.shape[1..].iter().any(|d| *d == 0 || *d < -1) {
+                    p.push(format!(
+                        "{at}.shape: {:?} must start with -1 (the batch), then sizes (-1: any)",
+                        t.shape
+                    ));
+                }
+            }
+        }
+        p
+    }
 }
 
 impl ServeConfig {
@@ -123,6 +191,14 @@ impl ServeConfig {
             }
             p.extend(m.backend.validate(&format!("{path}.backend")));
             p.extend(m.engine.validate(&format!("{path}.engine")));
+            if let Some(k) = &m.kserve {
+                if matches!(m.backend, BackendConfig::Kserve(_)) {
+                    p.push(format!(
+                        "{path}.kserve: a KServe backend's tensors come from its server; declare them only for other backends"
+                    ));
+                }
+                p.extend(k.validate(&format!("{path}.kserve")));
+            }
         }
         let s = &self.server;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {

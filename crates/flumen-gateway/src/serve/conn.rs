@@ -237,3 +237,102 @@ async fn refuse<Io: AsyncRead + AsyncWrite + Unpin>(mut io: Io, max: usize) {
     })
     .await;
 }
+
+/// The gRPC listener's connections, for tonic: at most `max_connections` open (one
+/// more is closed at once: the client sees the connection refused, UNAVAILABLE),
+/// each given `header_timeout` to send its first bytes (the HTTP/2 preface); accept
+/// errors waited out.
+#[cfg(feature = "grpc")]
+pub(super) fn grpc_incoming(
+    listener: TcpListener,
+    limits: Limits,
+) -> impl futures::Stream<Item = std::io::Result<Counted>> + Send + 'static {
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    futures::stream::unfold((listener, open), move |(listener, open)| async move {
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    eprintln!("flumen serve: cannot accept a gRPC connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                continue; // dropped: closed at once
+            };
+            let _ = tcp.set_nodelay(true);
+            let counted = Counted {
+                io: tcp,
+                _permit: permit,
+                first_byte: Some(Box::pin(tokio::time::sleep(limits.header_timeout))),
+            };
+            return Some((Ok(counted), (listener, open)));
+        }
+    })
+}
+
+/// A gRPC connection holding its place under the cap until it closes; until its
+/// first bytes arrive, a read past the deadline fails.
+#[cfg(feature = "grpc")]
+pub(super) struct Counted {
+    io: TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+#[cfg(feature = "grpc")]
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        let Some(deadline) = self.first_byte.as_mut() else {
+            return poll;
+        };
+        match poll {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.first_byte = None;
+                poll
+            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the header timeout",
+                )))
+            }
+            _ => poll,
+        }
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

@@ -3,6 +3,7 @@
 //! (what tritonclient sends) and go back as `raw_output_contents`; `grpc-timeout`
 //! becomes the records' deadline; admission control answers `RESOURCE_EXHAUSTED`.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use flumen_kserve::grpc::proto::model_infer_response::InferOutputTensor;
 use flumen_kserve::grpc::proto::{self, model_metadata_response::TensorMetadata};
 use flumen_kserve::grpc::typed;
 use flumen_kserve::raw::{decode_raw, encode_raw};
+use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use super::gateway::{Endpoint, Gateway, Model, Reason, Reject};
@@ -122,7 +124,11 @@ impl GrpcInferenceService for GrpcGateway {
         Ok(Response::new(proto::ServerMetadataResponse {
             name: "flumen".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec!["binary_tensor_data".into()],
+            extensions: vec![
+                "binary_tensor_data".into(),
+                "model_configuration".into(),
+                "statistics".into(),
+            ],
         }))
     }
 
@@ -148,6 +154,99 @@ impl GrpcInferenceService for GrpcGateway {
             platform: m.tensors.platform.clone(),
             inputs: tensors(&m.tensors.inputs),
             outputs: tensors(&m.tensors.outputs),
+        }))
+    }
+
+    async fn model_config(
+        &self,
+        r: Request<proto::ModelConfigRequest>,
+    ) -> Result<Response<proto::ModelConfigResponse>, Status> {
+        self.authorize(Endpoint::Model, &r)?;
+        let req = r.into_inner();
+        let m = self.served(&req.name, &req.version)?;
+        let max_batch =
+            flumen_core::Backend::capabilities(m.engine.backend().as_ref()).max_batch_items;
+        let config = m.tensors.config(&req.name, max_batch);
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        let tensor = |t: &Value| {
+            let data_type = t["data_type"]
+                .as_str()
+                .and_then(proto::DataType::from_str_name)
+                .unwrap_or(proto::DataType::TypeInvalid) as i32;
+            let dims: Vec<i64> = t["dims"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .filter_map(|x| x.as_i64().or_else(|| x.as_str()?.parse().ok()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (text(&t["name"]), data_type, dims)
+        };
+        let list = |key: &str| -> Vec<(String, i32, Vec<i64>)> {
+            config[key]
+                .as_array()
+                .map(|a| a.iter().map(tensor).collect())
+                .unwrap_or_default()
+        };
+        Ok(Response::new(proto::ModelConfigResponse {
+            config: Some(proto::ModelConfig {
+                name: req.name,
+                platform: text(&config["platform"]),
+                backend: text(&config["backend"]),
+                max_batch_size: config["max_batch_size"].as_i64().unwrap_or(0) as i32,
+                input: list("input")
+                    .into_iter()
+                    .map(|(name, data_type, dims)| proto::ModelInput {
+                        name,
+                        data_type,
+                        dims,
+                    })
+                    .collect(),
+                output: list("output")
+                    .into_iter()
+                    .map(|(name, data_type, dims)| proto::ModelOutput {
+                        name,
+                        data_type,
+                        dims,
+                    })
+                    .collect(),
+            }),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        r: Request<proto::ModelStatisticsRequest>,
+    ) -> Result<Response<proto::ModelStatisticsResponse>, Status> {
+        self.authorize(Endpoint::Model, &r)?;
+        let req = r.into_inner();
+        let m = self.served(&req.name, &req.version)?;
+        let stats = m.engine.stats();
+        let count = |count: u64| Some(proto::StatisticDuration { count, ns: 0 });
+        let version = if req.version.is_empty() {
+            m.tensors.version().to_owned()
+        } else {
+            req.version
+        };
+        Ok(Response::new(proto::ModelStatisticsResponse {
+            model_stats: vec![proto::ModelStatistics {
+                name: req.name,
+                version,
+                last_inference: 0,
+                inference_count: stats.records_sent,
+                execution_count: stats.calls,
+                inference_stats: Some(proto::InferStatistics {
+                    success: count(m.answered.load(Relaxed)),
+                    fail: count(m.failed.load(Relaxed)),
+                    queue: count(0),
+                    compute_input: count(0),
+                    compute_infer: count(0),
+                    compute_output: count(0),
+                    cache_hit: count(0),
+                    cache_miss: count(0),
+                }),
+            }],
         }))
     }
 

@@ -54,7 +54,7 @@ mod tensors;
 #[cfg(feature = "tls")]
 mod tls;
 
-pub use config::{ModelSection, ServeConfig, ServerSection};
+pub use config::{DeclaredTensors, ModelSection, ServeConfig, ServerSection, TensorSection};
 use gateway::{Gateway, Model, Shared};
 
 /// Runs `flumen serve CONFIG` until interrupted.
@@ -184,9 +184,10 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
                 p.join("; ")
             )
         })?;
-        let tensors = match backend.kserve_model() {
-            Some(k) => tensors::Tensors::of_backend(k.metadata, k.signature, k.config),
-            None => tensors::Tensors::generic(),
+        let tensors = match (backend.kserve_model(), &m.kserve) {
+            (Some(k), _) => tensors::Tensors::of_backend(k.metadata, k.signature, k.config),
+            (None, Some(declared)) => tensors::Tensors::declared(declared),
+            (None, None) => tensors::Tensors::generic(),
         };
         let openai_chat = backend.is_openai_chat();
         let engine = Engine::new(backend, m.engine.config(&m.name));
@@ -280,6 +281,14 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     } else {
         app
     };
+    let limits = conn::Limits {
+        header_timeout: Duration::from_millis(s.header_timeout_ms),
+        max_connections: s.max_connections,
+        // A client that does not read its answer for as long as it may take to send
+        // a body; a stop waits for the longest deadline a request may have.
+        write_timeout: Duration::from_millis(s.body_timeout_ms),
+        grace: Duration::from_millis(s.timeout_ms.saturating_mul(10).max(s.body_timeout_ms)),
+    };
     #[allow(unused_mut)] // set only with the grpc feature
     let mut grpc_addr = None;
     #[cfg(feature = "grpc")]
@@ -293,10 +302,14 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         let bound = listener.local_addr()?;
         eprintln!("flumen serve: KServe v2 gRPC on {bound}");
         grpc_addr = Some(bound);
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        // The same connection cap (its own count) and time for a first byte as
+        // HTTP; HTTP/2 pings find peers that went away.
+        let incoming = conn::grpc_incoming(listener, limits);
         let stopped = stop.stopped();
         servers.push(tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(limits.header_timeout))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stopped)
                 .await
@@ -308,14 +321,6 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
     let stopped = stop.stopped();
-    let limits = conn::Limits {
-        header_timeout: Duration::from_millis(s.header_timeout_ms),
-        max_connections: s.max_connections,
-        // A client that does not read its answer for as long as it may take to send
-        // a body; a stop waits for the longest deadline a request may have.
-        write_timeout: Duration::from_millis(s.body_timeout_ms),
-        grace: Duration::from_millis(s.timeout_ms.saturating_mul(10).max(s.body_timeout_ms)),
-    };
     if let Some(files) = open_files_limit() {
         if s.max_connections as u64 + 64 > files {
             eprintln!(

@@ -7,9 +7,11 @@
 //! name — refused otherwise with Triton's messages. Each row of the batch becomes a
 //! record: the row itself for one input, else an object with every input's row by
 //! name (what [`flumen_kserve::Signature`] takes); a prediction is the row of the one
-//! output, else an object by output name. Other backends declare one input `INPUT`
-//! and one output `OUTPUT` of any datatype: any single input is taken, and the
-//! output's datatype follows the predictions (FP32 for numbers, else BYTES).
+//! output, else an object by output name. Other backends are checked the same way
+//! against the tensors `[models.kserve]` declares for them; without it they show
+//! one input `INPUT` and one output `OUTPUT` of any datatype: any single input is
+//! taken, and the output's datatype follows the predictions (FP32 for numbers, else
+//! BYTES).
 
 use serde_json::{json, Value};
 
@@ -47,6 +49,7 @@ pub(crate) enum Unfit {
 }
 
 impl Unfit {
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))] // gRPC answers both with a status
     pub(crate) fn message(&self) -> &str {
         match self {
             Unfit::Invalid(m) | Unfit::TooMany(m) => m,
@@ -90,6 +93,28 @@ impl Tensors {
             outputs: vec![any("OUTPUT")],
             batched: true,
             declared: false,
+            platform: "flumen".into(),
+            versions: vec!["1".into()],
+            config: None,
+        }
+    }
+
+    /// The tensors `[models.kserve]` declares for a backend that does not say.
+    pub(crate) fn declared(declared: &super::config::DeclaredTensors) -> Tensors {
+        let list = |l: &[super::config::TensorSection]| -> Vec<Declared> {
+            l.iter()
+                .map(|t| Declared {
+                    name: t.name.clone(),
+                    datatype: t.datatype.clone(),
+                    shape: t.shape.clone(),
+                })
+                .collect()
+        };
+        Tensors {
+            inputs: list(&declared.inputs),
+            outputs: list(&declared.outputs),
+            batched: true,
+            declared: true,
             platform: "flumen".into(),
             versions: vec!["1".into()],
             config: None,
