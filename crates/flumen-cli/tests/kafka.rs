@@ -786,8 +786,27 @@ async fn a_kafka_outage_of_ten_seconds_is_waited_out_and_nothing_is_lost() {
 /// missing), and the duplicates stay within what each disruption can have had in
 /// flight: the operator's capacity, the chunk being written (512) and one commit
 /// interval of outputs (100 ms; bounded here by 1,000).
+///
+/// tansu 0.6's group coordinator sometimes never assigns partitions again after a
+/// member leaves or dies (every restarted worker then waits for an assignment; no
+/// setting of ours brings it back, and its storage is in memory, so it cannot be
+/// restarted with the group's offsets). When three restarts in a row bring no commit,
+/// the run is given up as wedged — said on stderr — and starts over once on a fresh
+/// broker; a second wedge fails the test. Every other check applies to the run that
+/// finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_outage() {
+    for attempt in 1..=2 {
+        if soak().await {
+            return;
+        }
+        eprintln!("soak: tansu's group coordinator wedged (attempt {attempt} of 2)");
+    }
+    panic!("soak: tansu's group coordinator wedged twice; no run finished");
+}
+
+/// One soak run: `false` when tansu's coordinator wedged (see above).
+async fn soak() -> bool {
     const TOTAL: usize = 200_000;
     let (_broker, proxy, brokers) = broker_behind_proxy().await;
     create_topics(&brokers, &[("in", 4), ("out", 1), ("dead", 1)]).await;
@@ -824,6 +843,7 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
     let (mut kills, mut joins, mut leaves, mut outages) = (0, 0, 0, 0);
     let (mut last_event, mut at_last_event) = (Instant::now(), 0);
     let (mut progress_at, mut progress, mut stalls) = (Instant::now(), 0, 0);
+    let mut stalls_in_a_row = 0;
     let mut scheduled = 0;
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -836,16 +856,24 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
             "soak: only {committed_now} of {TOTAL} committed"
         );
         if committed_now > progress {
-            (progress_at, progress) = (Instant::now(), committed_now);
+            (progress_at, progress, stalls_in_a_row) = (Instant::now(), committed_now, 0);
         } else if progress_at.elapsed() > Duration::from_secs(60) {
             // Seen once with tansu: its group coordinator never assigned partitions to
             // a restarted worker (which said so every 10 s). A restart is one more kill,
             // and counts as a disruption below.
+            if stalls_in_a_row == 3 {
+                eprintln!(
+                    "soak: no commit through 3 restarts at {committed_now} committed {:?}",
+                    committed(&brokers, "g-soak", "in", 4)
+                );
+                return false;
+            }
             eprintln!("soak: no commit for 60 s; killing and restarting worker a");
             a.0.kill().unwrap();
             a.0.wait().unwrap();
             a = worker(&cfg);
             (kills, stalls, progress_at) = (kills + 1, stalls + 1, Instant::now());
+            stalls_in_a_row += 1;
             continue;
         }
         // The next disruption once 3 s have passed and 12,000 more records are committed
@@ -940,4 +968,5 @@ async fn soak_two_hundred_thousand_records_through_kills_a_second_worker_and_an_
         duplicates <= disruptions * window,
         "{duplicates} duplicates exceed {disruptions} disruptions × {window}"
     );
+    true
 }
