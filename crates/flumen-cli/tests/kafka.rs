@@ -236,11 +236,15 @@ fn assigned(log: &Log) -> HashSet<i32> {
 /// its rebalance timeout, which is the consumer's `max.poll.interval.ms` (5 min by
 /// default): the soak once saw tansu assign nothing for minutes while every restart
 /// added another dead member to wait for. 30 s bounds that wait and still outlasts the
-/// tests' 5 s broker outages, during which the pipeline does not poll.
+/// tests' 5 s broker outages, during which the pipeline does not poll. The session
+/// timeout (10 s) also outlasts them with room for reconnecting: at 6 s, a 5 s outage
+/// sometimes expired the members' sessions, and a fenced worker's progress since its
+/// last commit was read again — more duplicates than the soak's bound per disruption,
+/// which counts an outage as waited out, not as a fencing.
 fn config(brokers: &str, group: &str, out: &str, sim: &str, operator: &str) -> String {
     format!(
         "[source]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"in\"\ngroup = \"{group}\"\ncommit_interval_ms = 100\n\
-         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"30000\" }}\n\n\
+         properties = {{ \"session.timeout.ms\" = \"10000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"30000\" }}\n\n\
          [sink]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{out}\"\n\n\
          [dead_letter]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"dead\"\n\n\
          [mapping]\ninput = \"text\"\nmax_record_bytes = 4096\n\n\
@@ -482,7 +486,7 @@ fn file_lines(path: &std::path::Path) -> Vec<Value> {
 fn file_config(brokers: &str, group: &str, out: &std::path::Path, operator: &str) -> String {
     format!(
         "[source]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"in\"\ngroup = \"{group}\"\ncommit_interval_ms = 100\n\
-         properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"30000\" }}\n\n\
+         properties = {{ \"session.timeout.ms\" = \"10000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"30000\" }}\n\n\
          [sink]\nkind = \"file\"\npath = \"{}\"\n\n\
          [mapping]\ninput = \"text\"\n\n\
          [backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 0.5\nslots = 1\nmax_batch = 32\n\n[operator]\n{operator}\n",

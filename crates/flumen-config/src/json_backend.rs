@@ -153,6 +153,13 @@ fn text(v: &Value) -> Result<String, BackendError> {
 }
 
 /// Runs a text backend on JSON records: non-strings fail alone.
+/// A whole chat request for an OpenAI-compatible chat backend: an object with a
+/// `messages` list (as the gateway's chat front sends it). Any other object is not
+/// one, and is refused as a record that is not text.
+fn is_chat_request(record: &Value) -> bool {
+    record.get("messages").is_some_and(Value::is_array)
+}
+
 async fn on_text<B, O>(backend: &B, batch: &[Value], out: impl Fn(O) -> Value) -> BatchResult<Value>
 where
     B: Backend<Input = String, Output = O>,
@@ -208,7 +215,7 @@ impl Backend for AnyBackend {
             AnyBackend::KserveGrpc(b) => b.cost(record),
             AnyBackend::Embeddings(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
             AnyBackend::Chat(b) => match record {
-                Value::Object(_) => ItemCost {
+                r if is_chat_request(r) => ItemCost {
                     bytes: record.to_string().len() as u64,
                     tokens: flumen_openai::request_tokens(record),
                 },
@@ -230,14 +237,14 @@ impl Backend for AnyBackend {
             // A whole chat request (an object) goes as it is; text, as the user message.
             // One record per call (as the engine sends them): its failure is the
             // call's, so the engine sees overload and timeouts as such.
-            AnyBackend::Chat(b) if matches!(batch, [Value::Object(_)]) => {
+            AnyBackend::Chat(b) if matches!(batch, [r] if is_chat_request(r)) => {
                 Ok(vec![Ok(b.request(&batch[0]).await?)])
             }
-            AnyBackend::Chat(b) if batch.iter().any(Value::is_object) => {
+            AnyBackend::Chat(b) if batch.iter().any(is_chat_request) => {
                 let mut out = Vec::with_capacity(batch.len());
                 for record in batch {
                     out.push(match record {
-                        Value::Object(_) => b.request(record).await,
+                        r if is_chat_request(r) => b.request(record).await,
                         _ => on_text(b, std::slice::from_ref(record), Value::String)
                             .await?
                             .pop()

@@ -73,7 +73,11 @@ async fn chat(State(seen): State<Seen>, Json(body): Json<Value>) -> Json<Value> 
                     body["seed"],
                     body.pointer("/response_format/type").and_then(Value::as_str).unwrap_or("text")
                 );
-                json!({"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": content}})
+                let mut c = json!({"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": content}});
+                if body["logprobs"] == json!(true) {
+                    c["logprobs"] = json!({"content": [{"token": "seed", "logprob": -0.5, "bytes": null, "top_logprobs": []}]});
+                }
+                c
             }
         })
         .collect();
@@ -141,6 +145,10 @@ refused(lambda: c.chat.completions.create(model="echo", messages=[{"role": "user
 refused(lambda: c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], temperature=0.2), "temperature")
 refused(lambda: c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], extra_body={"bogus": True}), "bogus")
 refused(lambda: c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], n=0), "n")
+refused(lambda: c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], stream=True,
+                                          stream_options={"include_usage": "yes"}), "stream_options.include_usage")
+refused(lambda: c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}],
+                                          stream_options={"include_usage": True}), "stream_options")
 chunks = list(c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "streamed"}],
                                         stream=True, stream_options={"include_usage": True}))
 assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "streamed", chunks
@@ -156,6 +164,10 @@ assert r.choices[0].finish_reason == "tool_calls" and r.usage.total_tokens == 10
 r = c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "json please"}],
                               response_format={"type": "json_object"}, seed=3, n=2, temperature=0.1)
 assert len(r.choices) == 2 and r.choices[1].message.content == "seed=3 format=json_object json please", r
+assert r.id == "chatcmpl-harness" and r.created == 1, r  # the backend's own identity of the answer
+chunks = list(c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "why"}],
+                                        logprobs=True, stream=True))
+assert any(ch.choices and ch.choices[0].logprobs for ch in chunks), chunks
 chunks = list(c.chat.completions.create(model="llm", messages=[{"role": "user", "content": "weather?"}],
                                         tools=tools, stream=True))
 calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]

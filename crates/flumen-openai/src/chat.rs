@@ -76,19 +76,21 @@ impl Chat {
         if let (Some(system), Some(Value::Array(messages))) =
             (&c.system_prompt, body.get_mut("messages"))
         {
-            if !messages.iter().any(|m| m["role"] == "system") {
+            if !messages
+                .iter()
+                .any(|m| m["role"] == "system" || m["role"] == "developer")
+            {
                 messages.insert(0, json!({"role": "system", "content": system}));
             }
         }
-        for (key, value) in [
-            ("temperature", c.temperature.map(|t| json!(t))),
-            (
-                "max_completion_tokens",
-                c.max_completion_tokens.map(|m| json!(m)),
-            ),
-        ] {
-            if let Some(v) = value {
-                body.entry(key).or_insert(v);
+        if let Some(t) = c.temperature {
+            body.entry("temperature").or_insert(json!(t));
+        }
+        // The configured budget, unless the caller set one (either name: OpenAI
+        // refuses both at once).
+        if let Some(m) = c.max_completion_tokens {
+            if !body.contains_key("max_tokens") {
+                body.entry("max_completion_tokens").or_insert(json!(m));
             }
         }
         let body = Value::Object(body);
@@ -97,13 +99,15 @@ impl Chat {
     }
 }
 
-/// A whole request's tokens, estimated from its text, and its completion budget.
+/// A whole request's tokens, estimated from its text, and its completion budget for
+/// each of its `n` choices (saturating: a caller's huge budget cannot wrap).
 pub fn request_tokens(body: &Value) -> u64 {
     let budget = body["max_completion_tokens"]
         .as_u64()
         .or_else(|| body["max_tokens"].as_u64())
         .unwrap_or(0);
-    estimate_tokens(&body["messages"].to_string()) + budget
+    let n = body["n"].as_u64().unwrap_or(1).max(1);
+    estimate_tokens(&body["messages"].to_string()).saturating_add(budget.saturating_mul(n))
 }
 
 impl Backend for Chat {

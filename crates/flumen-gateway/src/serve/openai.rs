@@ -282,12 +282,39 @@ pub(crate) async fn chat(
         Some(Value::Bool(b)) => *b,
         Some(_) => return invalid(Some("stream"), "`stream` must be true or false"),
     };
-    let include_usage = body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-    if body.get("stream_options").is_some_and(|o| !o.is_null()) && !stream {
-        return invalid(
-            Some("stream_options"),
-            "`stream_options` is only allowed when `stream` is true",
-        );
+    let include_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(_) if !stream => {
+            return invalid(
+                Some("stream_options"),
+                "`stream_options` is only allowed when `stream` is true",
+            )
+        }
+        Some(Value::Object(o)) => {
+            if let Some(k) = o.keys().find(|k| *k != "include_usage") {
+                return invalid(
+                    Some(&format!("stream_options.{k}")),
+                    format!("Unrecognized stream option: {k}"),
+                );
+            }
+            match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return invalid(
+                        Some("stream_options.include_usage"),
+                        "`include_usage` must be true or false",
+                    )
+                }
+            }
+        }
+        Some(_) => return invalid(Some("stream_options"), "`stream_options` must be an object"),
+    };
+    if body
+        .get("user")
+        .is_some_and(|u| !u.is_null() && !u.is_string())
+    {
+        return invalid(Some("user"), "`user` must be a string");
     }
     let n = match body.get("n") {
         None | Some(Value::Null) => 1,
@@ -296,9 +323,19 @@ pub(crate) async fn chat(
             None => return invalid(Some("n"), "`n` must be an integer from 1 to 128"),
         },
     };
+    if n > g.max_items {
+        return invalid(
+            Some("n"),
+            format!("`n` is {n}; this gateway answers at most {} choices per request (server.max_items)", g.max_items),
+        );
+    }
+    // The answer's identity: the backend's where it gives one.
+    let mut meta = Map::new();
+    meta.insert("id".into(), json!("chatcmpl-flumen"));
+    meta.insert("created".into(), json!(0));
+    meta.insert("model".into(), json!(name));
     let (choices, usage) = if m.openai_chat {
         // The whole request to an OpenAI-compatible backend, and its whole answer.
-        let prompt_tokens = tokens(m, &body);
         let answer = match g.infer(&name, vec![body.clone()], &headers).await {
             Ok(mut out) => out.pop().unwrap_or_default(),
             Err(r) => return r.into_response(),
@@ -312,9 +349,22 @@ pub(crate) async fn chat(
         let usage = match answer.get("usage") {
             Some(u) if u.is_object() => u.clone(),
             _ => {
-                json!({"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens})
+                // The backend did not say: the usual estimate, prompt and completions.
+                let prompt = flumen_openai::estimate_tokens(&body["messages"].to_string());
+                let completion: u64 = choices
+                    .iter()
+                    .filter_map(|c| c.pointer("/message/content").and_then(Value::as_str))
+                    .map(flumen_openai::estimate_tokens)
+                    .sum();
+                json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
             }
         };
+        // The backend's own identity of the answer, where it gives one.
+        for key in ["id", "created", "system_fingerprint", "service_tier"] {
+            if let Some(v) = answer.get(key).filter(|v| !v.is_null()) {
+                meta.insert(key.into(), v.clone());
+            }
+        }
         (choices, usage)
     } else {
         if let Some(field) = body
@@ -353,31 +403,30 @@ pub(crate) async fn chat(
                 json!({"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"})
             })
             .collect();
-        let prompt_tokens = prompt_tokens * n as u64;
         let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                            "total_tokens": prompt_tokens + completion_tokens});
         (choices, usage)
     };
     if stream {
-        return sse_reply(&name, &choices, include_usage.then_some(&usage));
+        return sse_reply(&meta, &choices, include_usage.then_some(&usage));
     }
-    Json(json!({
-        "id": "chatcmpl-flumen", "object": "chat.completion", "created": 0, "model": name,
-        "choices": choices, "usage": usage,
-    }))
-    .into_response()
+    let mut answer = Value::Object(meta);
+    answer["object"] = json!("chat.completion");
+    answer["choices"] = Value::Array(choices);
+    answer["usage"] = usage;
+    Json(answer).into_response()
 }
 
 /// Whole answers as an OpenAI chat stream: for each choice a chunk with its message
 /// (role, content, tool calls), then one with its finish reason; with
 /// `include_usage`, a last chunk with no choices and the usage; then `[DONE]`. The
 /// backends answer in one piece, so each choice streams in one piece too.
-fn sse_reply(model: &str, choices: &[Value], usage: Option<&Value>) -> Response {
+fn sse_reply(meta: &Map<String, Value>, choices: &[Value], usage: Option<&Value>) -> Response {
     let chunk = |choices: Value| {
-        json!({
-            "id": "chatcmpl-flumen", "object": "chat.completion.chunk", "created": 0, "model": model,
-            "choices": choices,
-        })
+        let mut c = Value::Object(meta.clone());
+        c["object"] = json!("chat.completion.chunk");
+        c["choices"] = choices;
+        c
     };
     let mut body = String::new();
     for (i, c) in choices.iter().enumerate() {
@@ -386,10 +435,16 @@ fn sse_reply(model: &str, choices: &[Value], usage: Option<&Value>) -> Response 
         if let Some(calls) = delta.get_mut("tool_calls").and_then(Value::as_array_mut) {
             // In a stream each tool call carries its index.
             for (k, call) in calls.iter_mut().enumerate() {
-                call["index"] = json!(k);
+                if let Some(call) = call.as_object_mut() {
+                    call.insert("index".into(), json!(k));
+                }
             }
         }
-        let first = json!([{"index": index, "delta": delta, "finish_reason": null}]);
+        let mut first = json!({"index": index, "delta": delta, "finish_reason": null});
+        if let Some(logprobs) = c.get("logprobs").filter(|l| !l.is_null()) {
+            first["logprobs"] = logprobs.clone();
+        }
+        let first = json!([first]);
         let last = json!([{"index": index, "delta": {}, "finish_reason": c["finish_reason"]}]);
         body.push_str(&format!(
             "data: {}\n\ndata: {}\n\n",
