@@ -799,8 +799,8 @@ async fn a_kafka_outage_of_ten_seconds_is_waited_out_and_nothing_is_lost() {
 /// broker; a second wedge fails the test. Every other check applies to the run that
 /// finishes.
 ///
-/// Not in the default run: against tansu 0.6 it fails about one run in two, never
-/// for a lost record. Either the coordinator wedges (above), or the 5 s outage gets
+/// Not in the default run: against tansu 0.6 it failed three of seven runs on one day,
+/// never for a lost record. Either the coordinator wedges (above), or the 5 s outage gets
 /// both members fenced (`UnknownMemberId` on their commits, even with a 10 s session
 /// timeout), and a partition's commits then stay behind for a minute or more while
 /// its records are written, so each later SIGKILL replays that whole stretch — up to
