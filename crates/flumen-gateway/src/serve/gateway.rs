@@ -44,6 +44,35 @@ pub(crate) struct Gateway {
     pub(crate) timeout: Duration,
 }
 
+/// What the statistics extension (HTTP and gRPC) reports of a model.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counts {
+    /// Requests answered and failed.
+    pub(crate) answered: u64,
+    pub(crate) failed: u64,
+    /// Rows sent to the backend, and backend calls.
+    pub(crate) rows: u64,
+    pub(crate) calls: u64,
+}
+
+impl Model {
+    /// Its statistics so far.
+    pub(crate) fn counts(&self) -> Counts {
+        let stats = self.engine.stats();
+        Counts {
+            answered: self.answered.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            rows: stats.records_sent,
+            calls: stats.calls,
+        }
+    }
+
+    /// The most rows its backend takes in one call.
+    pub(crate) fn max_batch(&self) -> usize {
+        flumen_core::Backend::capabilities(self.engine.backend().as_ref()).max_batch_items
+    }
+}
+
 /// What a request is for, as far as the bearer token goes: every endpoint needs it
 /// when one is set, except health and metrics when `server.unauthenticated` names
 /// them.
@@ -149,6 +178,20 @@ impl Gateway {
     /// A served model.
     pub(crate) fn model(&self, name: &str) -> Option<&Model> {
         self.models.get(name)
+    }
+
+    /// The model `name` for a KServe front, at `version` when one is asked for (an
+    /// empty one is none); else Triton's message for an unknown model.
+    pub(crate) fn served(&self, name: &str, version: Option<&str>) -> Result<&Model, String> {
+        let m = self
+            .model(name)
+            .ok_or_else(|| format!("Request for unknown model: '{name}' is not found"))?;
+        match version.filter(|v| !v.is_empty()) {
+            Some(v) if !m.tensors.versions.iter().any(|x| x == v) => Err(format!(
+                "Request for unknown model: '{name}' version {v} is not found"
+            )),
+            _ => Ok(m),
+        }
     }
 
     /// The models whose circuit breaker is open: they cannot take requests now.

@@ -3,7 +3,6 @@
 //! (what tritonclient sends) and go back as `raw_output_contents`; `grpc-timeout`
 //! becomes the records' deadline; admission control answers `RESOURCE_EXHAUSTED`.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,17 +31,11 @@ impl GrpcGateway {
         GrpcInferenceServiceServer::new(self).max_decoding_message_size(max_bytes)
     }
 
-    /// The model named (and version, when one is given), or NOT_FOUND.
+    /// The model named, at the version asked for (empty: any), or NOT_FOUND.
     fn served(&self, name: &str, version: &str) -> Result<&Model, Status> {
-        let m = self.0.model(name).ok_or_else(|| {
-            Status::not_found(format!("Request for unknown model: '{name}' is not found"))
-        })?;
-        if !version.is_empty() && !m.tensors.versions.iter().any(|v| v == version) {
-            return Err(Status::not_found(format!(
-                "Request for unknown model: '{name}' version {version} is not found"
-            )));
-        }
-        Ok(m)
+        self.0
+            .served(name, Some(version))
+            .map_err(Status::not_found)
     }
 
     /// The bearer token from the call's `authorization` metadata, for `endpoint`.
@@ -164,9 +157,7 @@ impl GrpcInferenceService for GrpcGateway {
         self.authorize(Endpoint::Model, &r)?;
         let req = r.into_inner();
         let m = self.served(&req.name, &req.version)?;
-        let max_batch =
-            flumen_core::Backend::capabilities(m.engine.backend().as_ref()).max_batch_items;
-        let config = m.tensors.config(&req.name, max_batch);
+        let config = m.tensors.config(&req.name, m.max_batch());
         let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
         let tensor = |t: &Value| {
             let data_type = t["data_type"]
@@ -222,7 +213,7 @@ impl GrpcInferenceService for GrpcGateway {
         self.authorize(Endpoint::Model, &r)?;
         let req = r.into_inner();
         let m = self.served(&req.name, &req.version)?;
-        let stats = m.engine.stats();
+        let c = m.counts();
         let count = |count: u64| Some(proto::StatisticDuration { count, ns: 0 });
         let version = if req.version.is_empty() {
             m.tensors.version().to_owned()
@@ -234,11 +225,11 @@ impl GrpcInferenceService for GrpcGateway {
                 name: req.name,
                 version,
                 last_inference: 0,
-                inference_count: stats.records_sent,
-                execution_count: stats.calls,
+                inference_count: c.rows,
+                execution_count: c.calls,
                 inference_stats: Some(proto::InferStatistics {
-                    success: count(m.answered.load(Relaxed)),
-                    fail: count(m.failed.load(Relaxed)),
+                    success: count(c.answered),
+                    fail: count(c.failed),
                     queue: count(0),
                     compute_input: count(0),
                     compute_infer: count(0),

@@ -4,15 +4,13 @@
 //! or as Triton's binary tensor extension, both ways; every input checked against
 //! what the model declares, every requested output by name (see [`super::tensors`]).
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::gateway::{Model, Shared};
+use super::gateway::Shared;
 use super::http::Front;
 use super::tensors::{Input, Output, Unfit};
 
@@ -24,20 +22,7 @@ pub(crate) async fn server_metadata() -> Json<Value> {
     }))
 }
 
-/// The model at `/v2/models/{model}[/versions/{version}]`, or Triton's message for
-/// an unknown one (a 404: [`unknown`]).
-fn served<'a>(g: &'a Shared, model: &str, version: Option<&str>) -> Result<&'a Model, String> {
-    let m = g
-        .model(model)
-        .ok_or_else(|| format!("Request for unknown model: '{model}' is not found"))?;
-    match version {
-        Some(v) if !m.tensors.versions.iter().any(|x| x == v) => Err(format!(
-            "Request for unknown model: '{model}' version {v} is not found"
-        )),
-        _ => Ok(m),
-    }
-}
-
+/// Triton's 404 for an unknown model or version (see [`super::gateway::Gateway::served`]).
 fn unknown(why: String) -> Response {
     Front::Kserve.error(StatusCode::NOT_FOUND, why)
 }
@@ -50,7 +35,7 @@ pub(crate) struct ModelPath {
 }
 
 pub(crate) async fn kserve_metadata(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
-    match served(&g, &p.model, p.version.as_deref()) {
+    match g.served(&p.model, p.version.as_deref()) {
         Ok(m) => Json(m.tensors.metadata(&p.model)).into_response(),
         Err(why) => unknown(why),
     }
@@ -59,18 +44,14 @@ pub(crate) async fn kserve_metadata(State(g): State<Shared>, Path(p): Path<Model
 /// Triton's configuration extension: the server's own configuration of the model
 /// behind a KServe backend, else one made from what the model declares.
 pub(crate) async fn kserve_config(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
-    match served(&g, &p.model, p.version.as_deref()) {
-        Ok(m) => {
-            let max_batch =
-                flumen_core::Backend::capabilities(m.engine.backend().as_ref()).max_batch_items;
-            Json(m.tensors.config(&p.model, max_batch)).into_response()
-        }
+    match g.served(&p.model, p.version.as_deref()) {
+        Ok(m) => Json(m.tensors.config(&p.model, m.max_batch())).into_response(),
         Err(why) => unknown(why),
     }
 }
 
 pub(crate) async fn kserve_ready(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
-    match served(&g, &p.model, p.version.as_deref()) {
+    match g.served(&p.model, p.version.as_deref()) {
         Ok(_) => StatusCode::OK.into_response(),
         Err(why) => unknown(why),
     }
@@ -80,18 +61,18 @@ pub(crate) async fn kserve_ready(State(g): State<Shared>, Path(p): Path<ModelPat
 /// failed, rows sent to the backend (`inference_count`) and backend calls
 /// (`execution_count`). Times are not measured here and read 0.
 pub(crate) async fn kserve_stats(State(g): State<Shared>, Path(p): Path<ModelPath>) -> Response {
-    let m = match served(&g, &p.model, p.version.as_deref()) {
+    let m = match g.served(&p.model, p.version.as_deref()) {
         Ok(m) => m,
         Err(why) => return unknown(why),
     };
-    let stats = m.engine.stats();
+    let c = m.counts();
     let count = |n: u64| json!({"count": n, "ns": 0});
     Json(json!({"model_stats": [{
         "name": p.model, "version": p.version.unwrap_or_else(|| m.tensors.version().to_owned()),
         "last_inference": 0,
-        "inference_count": stats.records_sent, "execution_count": stats.calls,
+        "inference_count": c.rows, "execution_count": c.calls,
         "inference_stats": {
-            "success": count(m.answered.load(Relaxed)), "fail": count(m.failed.load(Relaxed)),
+            "success": count(c.answered), "fail": count(c.failed),
             "queue": count(0), "compute_input": count(0), "compute_infer": count(0),
             "compute_output": count(0), "cache_hit": count(0), "cache_miss": count(0),
         },
@@ -292,7 +273,7 @@ pub(crate) async fn kserve_infer(
     body: axum::body::Bytes,
 ) -> Response {
     let bad = |why: String| Front::Kserve.error(StatusCode::BAD_REQUEST, why);
-    let m = match served(&g, &p.model, p.version.as_deref()) {
+    let m = match g.served(&p.model, p.version.as_deref()) {
         Ok(m) => m,
         Err(why) => return unknown(why),
     };
