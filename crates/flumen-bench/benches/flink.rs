@@ -322,7 +322,7 @@ async fn limited_embeddings(State(s): State<Arc<Limited>>, Json(body): Json<Valu
 }
 
 /// `flumen serve` with `models` (TOML `[[models]]` entries), on a free port.
-fn serve(dir: &Path, models: &str) -> (Served, String) {
+async fn serve(dir: &Path, models: &str) -> (Served, String) {
     let port = free_port().expect("a free port");
     let config = dir.join(format!("serve-{port}.toml"));
     std::fs::write(
@@ -331,7 +331,7 @@ fn serve(dir: &Path, models: &str) -> (Served, String) {
     )
     .expect("the config is written");
     (
-        Served::start(&config, port),
+        Served::start(&config, port).await,
         format!("http://127.0.0.1:{port}"),
     )
 }
@@ -434,7 +434,8 @@ async fn main() {
         &format!(
             "[[models]]\nname = \"cost\"\n[models.backend]\nkind = \"kserve\"\nurl = \"{url}\"\nmodel = \"cost\"\n"
         ),
-    );
+    )
+    .await;
     let run_c = run_job(
         numbers(&endpoint, RECOMMENDED, rows_bc, Some("X")),
         Some((&mut triton, "cost", restart_at(rows_bc))),
@@ -532,7 +533,8 @@ async fn main() {
         &format!(
             "[[models]]\nname = \"emb\"\n[models.backend]\nkind = \"openai-embeddings\"\nbase_url = \"{harness_url}/v1\"\nmodel = \"emb\"\nrequests_per_minute = {REQUESTS_PER_MINUTE}\n"
         ),
-    );
+    )
+    .await;
     let through = run_job(
         texts(&endpoint, RECOMMENDED, rows_gateway),
         None,

@@ -130,7 +130,7 @@ async fn overload(max_pending: usize) -> Overload {
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\nmax_pending = {max_pending}\ntimeout_ms = 1000\n\n[[models]]\nname = \"sim\"\n[models.backend]\nkind = \"sim\"\na_ms = 20.0\nb_ms = 2.0\n"),
     )
     .unwrap();
-    let child = Served::start(&cfg, port);
+    let child = Served::start(&cfg, port).await;
     let pid = child.pid();
     let url = format!("http://127.0.0.1:{port}/v2/models/sim/infer");
     let http = reqwest::Client::new();

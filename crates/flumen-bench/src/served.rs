@@ -1,8 +1,5 @@
 //! `flumen serve` in its own process, as the benchmarks that measure it from outside
 //! run it: this checkout's release binary, killed when dropped.
-#![allow(clippy::disallowed_methods)] // a blocking wait for a child to listen, in real time
-
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -41,7 +38,7 @@ impl Served {
     ///
     /// # Panics
     /// When it does not start, or does not listen within 30 s.
-    pub fn start(config: &Path, port: u16) -> Served {
+    pub async fn start(config: &Path, port: u16) -> Served {
         let served = Served(
             Command::new(flumen_binary())
                 .arg("serve")
@@ -51,9 +48,12 @@ impl Served {
                 .expect("flumen serve starts"),
         );
         let up = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             assert!(Instant::now() < up, "flumen serve did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         served
     }
