@@ -3,6 +3,7 @@
 #   nats-server  — a real NATS JetStream server for the NATS connector's tests
 #   a JDK (javac, jar, java; 17) — to build the Flink provider and run Flink 2.3
 #   Node.js and npm — to run the official `openai` npm client against the gateway
+#   redis-server — a real Redis for the shared result cache and its failure tests
 # Runs apt-get only when something is missing (as root, or through sudo).
 set -euo pipefail
 missing=()
@@ -10,6 +11,7 @@ command -v nats-server >/dev/null || missing+=(nats-server)
 command -v javac >/dev/null || missing+=(openjdk-17-jdk-headless)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}" >&2
     sudo=""

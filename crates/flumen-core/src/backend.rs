@@ -80,6 +80,25 @@ pub trait Backend: Send + Sync + 'static {
         ItemCost::default()
     }
 
+    /// The bytes that decide this input's answer, for the engine's result cache
+    /// (hashed with the model's identity into the key). `None`, the default: this
+    /// input is never cached. A backend whose answers are sampled (chat) should
+    /// return `None` unless its user asked for caching.
+    fn cache_key(&self, _input: &Self::Input) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// A prediction as bytes for the cache; `None` (the default) keeps it out.
+    fn encode_output(&self, _output: &Self::Output) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// A prediction read back from [`encode_output`](Backend::encode_output)'s
+    /// bytes; `None` if they do not decode (the engine then calls the backend).
+    fn decode_output(&self, _bytes: &[u8]) -> Option<Self::Output> {
+        None
+    }
+
     /// Runs the model on a batch. Must return exactly one result per input, in
     /// order; a different count is treated as a permanent error for the whole batch.
     fn call(&self, batch: &[Self::Input])

@@ -42,6 +42,14 @@ pub const BREAKER_TRANSITIONS: &str = "flumen_breaker_transitions_total";
 /// Fallback stages run, by stage and result (counter). Labels `stage`, `result`.
 pub const FALLBACKS: &str = "flumen_fallbacks_total";
 
+/// Result cache lookups, by result: `hit` (answered from the store), `miss` (sent
+/// on, or waiting for an identical record's call), `shared` (of the misses, answered
+/// by an identical record's call) (counter, records). Labels `store`, `result`.
+pub const CACHE_LOOKUPS: &str = "flumen_cache_lookups_total";
+/// Result cache operations that failed or timed out, and entries that did not decode
+/// (counter). Labels `store`, `op` (`get`, `put`, `decode`).
+pub const CACHE_ERRORS: &str = "flumen_cache_errors_total";
+
 /// Registers descriptions and units of every metric with the installed recorder.
 pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "records queued in the engine");
@@ -73,6 +81,16 @@ pub fn describe() {
         BREAKER_TRANSITIONS,
         Unit::Count,
         "breaker transitions by state entered"
+    );
+    describe_counter!(
+        CACHE_LOOKUPS,
+        Unit::Count,
+        "result cache lookups by result (hit, miss, shared)"
+    );
+    describe_counter!(
+        CACHE_ERRORS,
+        Unit::Count,
+        "result cache operations that failed, by op"
     );
     describe_counter!(
         FALLBACKS,

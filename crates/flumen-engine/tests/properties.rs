@@ -1,33 +1,67 @@
 //! Property: for any input length, batch, concurrency and retry settings, order
 //! mode and fault schedule, every input yields exactly one outcome; `Ordered` keeps
 //! input order and `Keyed` keeps it within each key; and the re-sends the backend
-//! actually received never exceed what the retry budget allows. Each case runs on
+//! actually received never exceed what the retry budget allows. With the result
+//! cache on (a share of cases, with duplicate inputs), every record still has one
+//! outcome, the one its input calls for, and with a working store no input reaches
+//! the backend once a record with that input has been answered. Each case runs on
 //! its own paused clock with a seeded simulator, so a failure replays exactly.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flumen_core::{Backend, BatchResult, Capabilities, ErrorKind};
+use flumen_cache::MemoryStore;
+use flumen_core::{
+    Backend, BatchResult, CacheKey, Capabilities, ErrorKind, Store, StoreError, StoreFuture,
+};
 use flumen_engine::{
-    AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, ConcurrencyConfig, Engine, EngineConfig,
-    GradientConfig, InferExt, OperatorConfig, OrderMode, RetryConfig,
+    AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, CacheConfig, ConcurrencyConfig, Engine,
+    EngineConfig, GradientConfig, InferExt, OperatorConfig, OrderMode, RetryConfig,
 };
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, StreamExt};
 use proptest::prelude::*;
 
-/// A record: its id and its key.
+/// A record: its id, its key, and its content (what the model answers for, and what
+/// the cache keys on; the id itself without the cache).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Rec {
     id: u32,
     key: u32,
+    content: u32,
 }
 
-/// Counts what the backend really received: every record id, every time.
+/// Counts what the backend really received: every record id, every time; and with
+/// the cache on, each content with the number of calls sent before it.
 struct Counting {
     sim: Sim<Rec>,
     sent: Mutex<(HashSet<u32>, u64)>,
+    cached: bool,
+    calls: AtomicU64,
+    contents: Mutex<Vec<(u32, u64)>>,
+}
+
+/// The result cache's store in a case: moka's, or one whose every operation fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Memory,
+    Failing,
+}
+
+struct Failing;
+
+impl Store for Failing {
+    fn kind(&self) -> &'static str {
+        "failing"
+    }
+    fn get<'a>(&'a self, _: &'a CacheKey) -> StoreFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async { Err(StoreError("down".into())) })
+    }
+    fn put<'a>(&'a self, _: &'a CacheKey, _: &'a [u8]) -> StoreFuture<'a, ()> {
+        Box::pin(async { Err(StoreError("down".into())) })
+    }
 }
 
 impl Backend for Counting {
@@ -38,11 +72,41 @@ impl Backend for Counting {
         self.sim.capabilities()
     }
 
+    fn cache_key(&self, input: &Rec) -> Option<Vec<u8>> {
+        self.cached.then(|| input.content.to_le_bytes().to_vec())
+    }
+
+    fn encode_output(&self, r: &Rec) -> Option<Vec<u8>> {
+        let mut b = Vec::with_capacity(12);
+        for x in [r.id, r.key, r.content] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        Some(b)
+    }
+
+    fn decode_output(&self, b: &[u8]) -> Option<Rec> {
+        let x = |i: usize| {
+            Some(u32::from_le_bytes(
+                b.get(i * 4..i * 4 + 4)?.try_into().ok()?,
+            ))
+        };
+        Some(Rec {
+            id: x(0)?,
+            key: x(1)?,
+            content: x(2)?,
+        })
+    }
+
     async fn call(&self, batch: &[Rec]) -> BatchResult<Rec> {
         {
             let mut sent = self.sent.lock().unwrap();
             sent.0.extend(batch.iter().map(|r| r.id));
             sent.1 += batch.len() as u64;
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.contents
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|r| (r.content, call)));
         }
         self.sim.call(batch).await
     }
@@ -65,6 +129,8 @@ struct Case {
     hedge_after_ms: Option<u64>,
     sim: SimConfig,
     consumer_delay_ms: u64,
+    /// The result cache: distinct contents among the records, and its store.
+    cache: Option<(u32, StoreKind)>,
 }
 
 fn concurrency() -> impl Strategy<Value = ConcurrencyConfig> {
@@ -167,6 +233,10 @@ fn case() -> impl Strategy<Value = Case> {
         ),
         prop_oneof![Just(0u64), 1u64..20],
         reliability(),
+        prop_oneof![
+            2 => Just(None),
+            1 => (1u32..40, prop_oneof![Just(StoreKind::Memory), Just(StoreKind::Failing)]).prop_map(Some),
+        ],
     )
         .prop_map(
             |(
@@ -177,6 +247,7 @@ fn case() -> impl Strategy<Value = Case> {
                 ((a_ms, b_us, slots, sim_max), (noise, queue_limit, seed), faults),
                 consumer_delay_ms,
                 (retry, breaker, attempt_timeout_ms, hedge_after_ms),
+                cache,
             )| Case {
                 records,
                 keys,
@@ -203,6 +274,7 @@ fn case() -> impl Strategy<Value = Case> {
                     ..SimConfig::default()
                 },
                 consumer_delay_ms,
+                cache,
             },
         )
 }
@@ -215,6 +287,10 @@ struct Run {
     /// What the engine's stats say it re-sent.
     resent: u64,
     elapsed: Duration,
+    /// With the cache: each content the backend received, with the calls sent before
+    /// it; and each content answered, with the calls sent before its answer was seen.
+    sent_contents: Vec<(u32, u64)>,
+    answered: Vec<(u32, u64)>,
 }
 
 fn run(case: &Case) -> Run {
@@ -228,6 +304,17 @@ fn run(case: &Case) -> Run {
         let backend = Arc::new(Counting {
             sim: Sim::new(case.sim.clone()),
             sent: Mutex::new((HashSet::new(), 0)),
+            cached: case.cache.is_some(),
+            calls: AtomicU64::new(0),
+            contents: Mutex::new(Vec::new()),
+        });
+        let cache = case.cache.map(|(_, kind)| CacheConfig {
+            store: match kind {
+                StoreKind::Memory => Arc::new(MemoryStore::new(64 << 20, None)) as Arc<dyn Store>,
+                StoreKind::Failing => Arc::new(Failing),
+            },
+            namespace: "prop".into(),
+            timeout: Duration::from_millis(5),
         });
         let engine = Engine::from_arc(
             Arc::clone(&backend),
@@ -243,6 +330,7 @@ fn run(case: &Case) -> Run {
                 breaker: case.breaker.clone(),
                 attempt_timeout: case.attempt_timeout_ms.map(Duration::from_millis),
                 hedge_after: case.hedge_after_ms.map(Duration::from_millis),
+                cache,
                 ..EngineConfig::default()
             },
         );
@@ -252,7 +340,12 @@ fn run(case: &Case) -> Run {
             timeout: case.timeout_ms.map(Duration::from_millis),
         };
         let keys = case.keys;
-        let input = stream::iter((0..case.records).map(move |id| Rec { id, key: id % keys }));
+        let distinct = case.cache.map(|(d, _)| d);
+        let input = stream::iter((0..case.records).map(move |id| Rec {
+            id,
+            key: id % keys,
+            content: distinct.map_or(id, |d| id % d),
+        }));
         let invalid_every = case.invalid_every;
         let op = input.infer(&engine, config, move |r| match invalid_every {
             Some(m) if r.id % m == 0 => Err(format!("record {} is invalid", r.id)),
@@ -264,7 +357,15 @@ fn run(case: &Case) -> Run {
             op
         };
         let delay = Duration::from_millis(case.consumer_delay_ms);
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let (seen, counting) = (Arc::clone(&answered), Arc::clone(&backend));
         let outcomes = op
+            .inspect(move |o| {
+                if let Ok(out) = &o.result {
+                    let calls = counting.calls.load(Ordering::SeqCst);
+                    seen.lock().unwrap().push((out.content, calls));
+                }
+            })
             .then(|o| async move {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
@@ -275,12 +376,16 @@ fn run(case: &Case) -> Run {
             .await;
         let elapsed = t0.elapsed();
         let sent = backend.sent.lock().unwrap();
+        let answered = answered.lock().unwrap().clone();
+        let sent_contents = backend.contents.lock().unwrap().clone();
         Run {
             outcomes,
             first_sends: sent.0.len() as u64,
             sends: sent.1,
             resent: engine.stats().resent,
             elapsed,
+            sent_contents,
+            answered,
         }
     })
 }
@@ -295,12 +400,14 @@ proptest! {
 
     #[test]
     fn every_record_has_exactly_one_outcome_in_the_promised_order(case in case()) {
-        let Run { outcomes, first_sends, sends, resent, elapsed } = run(&case);
+        let Run { outcomes, first_sends, sends, resent, elapsed, sent_contents, answered } = run(&case);
 
         let mut seen = vec![0u32; case.records as usize];
         for (rec, result) in &outcomes {
             seen[rec.id as usize] += 1;
             match result {
+                // The sim echoes its input; through the cache, an identical record's.
+                Ok(out) if case.cache.is_some() => prop_assert_eq!(out.content, rec.content),
                 Ok(out) => prop_assert_eq!(out, rec, "the sim echoes its input"),
                 Err(f) => {
                     prop_assert!(!f.message.is_empty());
@@ -331,6 +438,23 @@ proptest! {
             retries as f64 <= allowed + 1e-6,
             "{} re-sends, budget allows {:.1}", retries, allowed
         );
+
+        // With a working store, an input answered once never reaches the backend again.
+        if case.cache.is_some_and(|(_, kind)| kind == StoreKind::Memory) {
+            let mut first_answer: HashMap<u32, u64> = HashMap::new();
+            for (content, calls) in answered {
+                first_answer.entry(content).or_insert(calls);
+            }
+            for (content, call) in sent_contents {
+                if let Some(&answered_at) = first_answer.get(&content) {
+                    prop_assert!(
+                        call < answered_at,
+                        "content {} sent in call {} after its answer was seen (after {} calls)",
+                        content, call, answered_at
+                    );
+                }
+            }
+        }
 
         let ids: Vec<u32> = outcomes.iter().map(|(r, _)| r.id).collect();
         match case.order {

@@ -33,8 +33,11 @@ use crate::reliability::{BreakerConfig, BreakerState, RetryConfig};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::telemetry::Instruments;
 
+mod cache;
 mod call;
 mod dispatcher;
+
+pub use cache::{CacheConfig, CacheStats};
 
 use dispatcher::Dispatcher;
 
@@ -60,6 +63,9 @@ pub struct EngineConfig {
     pub hedge_after: Option<Duration>,
     /// Seed of the backoff jitter.
     pub seed: u64,
+    /// The result cache, for backends that give their inputs a
+    /// [`cache_key`](Backend::cache_key); `None` (the default): none.
+    pub cache: Option<CacheConfig>,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;
@@ -82,6 +88,8 @@ struct Shared<B: Backend> {
     tx: mpsc::UnboundedSender<Job<B>>,
     backend: Arc<B>,
     stats: Arc<Stats>,
+    instruments: Arc<Instruments>,
+    cache: Option<cache::Cache>,
     name: String,
 }
 
@@ -132,14 +140,20 @@ impl<B: Backend> Engine<B> {
             &config,
             rx,
             Arc::clone(&stats),
-            instruments,
+            Arc::clone(&instruments),
         );
         tokio::spawn(dispatcher.run());
+        let cache = config
+            .cache
+            .as_ref()
+            .map(|c| cache::Cache::new(c, &config.name));
         Engine {
             shared: Arc::new(Shared {
                 tx,
                 backend,
                 stats,
+                instruments,
+                cache,
                 name: config.name,
             }),
         }
@@ -150,7 +164,95 @@ impl<B: Backend> Engine<B> {
     /// The record fails with [`ErrorKind::Timeout`] if it has no result by
     /// `deadline`, whether it is queued, waiting to be retried or in a call by then.
     /// Dropping the future abandons the record: it is not sent if it has not been yet.
+    ///
+    /// With a result cache, a record whose backend gives it a key is first looked
+    /// up, and shares the call of an identical record in flight (see
+    /// [`CacheConfig`]); it is queued only when the future is first polled.
     pub fn submit(&self, input: B::Input, deadline: Option<Instant>) -> Pending<B::Output> {
+        if let Some(cache) = &self.shared.cache {
+            if let Some(content) = self.shared.backend.cache_key(&input) {
+                let key = cache.key(&content);
+                let engine = self.clone();
+                return Pending {
+                    inner: PendingInner::Cached(Box::pin(engine.cached(key, input, deadline))),
+                };
+            }
+        }
+        Pending {
+            inner: PendingInner::Queued(self.enqueue(input, deadline)),
+        }
+    }
+
+    /// A record through the result cache: led or followed, then looked up, then
+    /// queued (see `cache.rs`).
+    async fn cached(
+        self,
+        key: flumen_core::CacheKey,
+        input: B::Input,
+        deadline: Option<Instant>,
+    ) -> Result<B::Output, Failure> {
+        let cache = self
+            .shared
+            .cache
+            .as_ref()
+            .expect("cached only with a cache");
+        let backend = &self.shared.backend;
+        let instruments = &self.shared.instruments;
+        let guard = loop {
+            match cache.join(key) {
+                cache::Role::Leader(guard) => break guard,
+                cache::Role::Follower(rx) => match cache::follow(rx, deadline).await {
+                    Ok(Some(Ok(bytes))) => match backend.decode_output(&bytes) {
+                        Some(output) => {
+                            cache.shared();
+                            instruments.outcome(0, None);
+                            return Ok(output);
+                        }
+                        None => cache.undecodable(),
+                    },
+                    Ok(Some(Err(failure))) | Err(failure) => {
+                        instruments.outcome(failure.attempts, Some(failure.kind));
+                        return Err(failure);
+                    }
+                    Ok(None) => {}
+                },
+            }
+        };
+        if let cache::Lookup::Hit(bytes) = cache.get(&key).await {
+            match backend.decode_output(&bytes) {
+                Some(output) => {
+                    cache.hit();
+                    instruments.outcome(0, None);
+                    guard.answer(bytes);
+                    return Ok(output);
+                }
+                None => cache.undecodable(),
+            }
+        }
+        cache.miss();
+        let result = recv(self.enqueue(input, deadline)).await;
+        match &result {
+            Ok(output) => {
+                if let Some(bytes) = backend.encode_output(output) {
+                    cache.put(&key, &bytes).await;
+                    guard.answer(bytes);
+                }
+            }
+            Err(f) if matches!(f.kind, ErrorKind::InvalidInput | ErrorKind::Permanent) => {
+                guard.fail(f);
+            }
+            // The leader's own failure: its followers lead again (the guard drops).
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Queues one input for the dispatcher; its outcome comes on the receiver.
+    fn enqueue(
+        &self,
+        input: B::Input,
+        deadline: Option<Instant>,
+    ) -> oneshot::Receiver<Result<B::Output, Failure>> {
         let (reply, rx) = oneshot::channel();
         let cost = self.shared.backend.cost(&input);
         let job = Job {
@@ -169,12 +271,17 @@ impl<B: Backend> Engine<B> {
         // If the dispatcher is gone, the job (and its sender) is dropped here and
         // the receiver resolves to a Shutdown failure.
         let _ = self.shared.tx.send(job);
-        Pending { rx }
+        rx
     }
 
     /// Counters of this engine now.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// What the result cache has done so far; `None` without one.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.shared.cache.as_ref().map(|c| c.counters.snapshot())
     }
 
     /// The circuit breaker's transitions so far, oldest first (at most the last 1,024).
@@ -194,25 +301,52 @@ impl<B: Backend> Engine<B> {
 }
 
 /// The outcome of one submitted record, to come.
-#[derive(Debug)]
 #[must_use = "a record's outcome is only observed by awaiting its Pending"]
 pub struct Pending<O> {
-    rx: oneshot::Receiver<Result<O, Failure>>,
+    inner: PendingInner<O>,
+}
+
+type Outcome<O> = Result<O, Failure>;
+
+enum PendingInner<O> {
+    /// Queued: the dispatcher will answer.
+    Queued(oneshot::Receiver<Outcome<O>>),
+    /// Through the result cache.
+    Cached(Pin<Box<dyn Future<Output = Outcome<O>> + Send>>),
+}
+
+impl<O> std::fmt::Debug for Pending<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.inner {
+            PendingInner::Queued(_) => "Pending(queued)",
+            PendingInner::Cached(_) => "Pending(cached)",
+        })
+    }
+}
+
+/// The receiver's outcome: a dropped reply is a `Shutdown` failure, never nothing.
+fn received<O>(r: Result<Outcome<O>, oneshot::error::RecvError>) -> Outcome<O> {
+    r.unwrap_or_else(|_| {
+        Err(Failure::new(
+            ErrorKind::Shutdown,
+            "the engine stopped before this record completed",
+            0,
+        ))
+    })
+}
+
+async fn recv<O>(rx: oneshot::Receiver<Outcome<O>>) -> Outcome<O> {
+    received(rx.await)
 }
 
 impl<O> Future for Pending<O> {
-    type Output = Result<O, Failure>;
+    type Output = Outcome<O>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| {
-                Err(Failure::new(
-                    ErrorKind::Shutdown,
-                    "the engine stopped before this record completed",
-                    0,
-                ))
-            })
-        })
+        match &mut self.inner {
+            PendingInner::Queued(rx) => Pin::new(rx).poll(cx).map(received),
+            PendingInner::Cached(f) => f.as_mut().poll(cx),
+        }
     }
 }
 
