@@ -983,3 +983,125 @@ async fn soak() -> bool {
     );
     true
 }
+
+/// The HTTP model of the re-spending test: answers each text with its length after
+/// 10 ms a batch, and counts what it receives, by record id and by phase (the test
+/// moves the phase on once the first worker is dead).
+#[derive(Default)]
+struct Counted {
+    phase: std::sync::atomic::AtomicU8,
+    received: std::sync::Mutex<Vec<(u8, u64)>>,
+}
+
+async fn counted_model() -> (std::sync::Arc<Counted>, String) {
+    use axum::extract::State;
+    use axum::routing::post;
+    use axum::Json;
+    use std::sync::Arc;
+    async fn predict(State(c): State<Arc<Counted>>, Json(body): Json<Value>) -> Json<Value> {
+        let phase = c.phase.load(std::sync::atomic::Ordering::SeqCst);
+        let texts: Vec<String> = body["instances"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        c.received.lock().unwrap().extend(texts.iter().filter_map(|t| {
+            Some((phase, t.strip_prefix("record ")?.parse::<u64>().ok()?))
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let predictions: Vec<Value> = texts.iter().map(|t| Value::from(t.len())).collect();
+        Json(serde_json::json!({ "predictions": predictions }))
+    }
+    let counted = Arc::new(Counted::default());
+    let app = axum::Router::new()
+        .route("/predict", post(predict))
+        .with_state(Arc::clone(&counted));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (counted, format!("http://{addr}/predict"))
+}
+
+/// No re-spending after a crash: a worker SIGKILLed after its outputs were written
+/// but before any commit (the commit interval outlasts the run) makes its successor
+/// read every one of those records again — with a persistent result cache (a file,
+/// or Redis), the successor finds their answers in the store, and the model receives
+/// none of them again; without the cache (the control) it receives them all again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_before_its_commit_does_not_pay_for_its_answers_again() {
+    let port = free_port();
+    let mut redis = flumen_cache::server::RedisServer::start(port).unwrap();
+    let store_file =
+        std::env::temp_dir().join(format!("flumen-respend-{}.redb", std::process::id()));
+    let records: Vec<Vec<u8>> = records().into_iter().take(3_000).collect();
+    for (name, cache) in [
+        ("off", "enabled = false".to_owned()),
+        (
+            "file",
+            format!("enabled = true\nstore = \"file\"\npath = \"{}\"", store_file.display()),
+        ),
+        (
+            "redis",
+            format!("enabled = true\nstore = \"redis\"\nurl = \"{}\"", redis.url()),
+        ),
+    ] {
+        let _ = std::fs::remove_file(&store_file);
+        let (_broker, brokers) = broker();
+        create_topics(&brokers, &[("in", 2), ("out", 1)]).await;
+        produce(&brokers, "in", &records).await;
+        let (model, url) = counted_model().await;
+        let cfg = pipeline(
+            &format!("respend-{name}.toml"),
+            &format!(
+                "[source]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"in\"\ngroup = \"g-respend\"\n\
+                 commit_interval_ms = 600000\n\
+                 properties = {{ \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"500\", \"max.poll.interval.ms\" = \"10000\" }}\n\n\
+                 [sink]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"out\"\n\n\
+                 [mapping]\ninput = \"text\"\n\n\
+                 [backend]\nkind = \"http\"\nurl = \"{url}\"\ntemplate = {{ instances = \"{{{{inputs}}}}\" }}\n\
+                 result = \"/predictions\"\nmax_batch_items = 16\n\n\
+                 [operator]\ncapacity = 100\n\n[cache]\n{cache}\n"
+            ),
+        );
+        let mut first = worker(&cfg);
+        let before = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| v.len() >= 1_000);
+        assert!(before.len() >= 1_000, "{name}: the first worker made progress");
+        first.0.kill().unwrap(); // SIGKILL: nothing committed
+        first.0.wait().unwrap();
+        model.phase.store(1, std::sync::atomic::Ordering::SeqCst);
+        let written: HashSet<u64> = ids(&read_all(&brokers, "out", 1, Duration::from_secs(5), |_| false))
+            .into_iter()
+            .collect();
+
+        let second = worker(&cfg);
+        // Nothing was committed: the successor reads every record again, so the
+        // outputs are every record, plus the written ones a second time.
+        let all = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
+            v.len() >= records.len() + written.len()
+        });
+        assert!(stop(second).success());
+        assert_eq!(unique(&all), records.len(), "{name}: every input has an output");
+        let again: HashSet<u64> = model
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(phase, _)| *phase == 1)
+            .map(|(_, id)| *id)
+            .collect();
+        let paid_twice = written.intersection(&again).count();
+        eprintln!(
+            "re-spend test, cache {name}: {} outputs written before SIGKILL, {} outputs in all, \
+             the model received {paid_twice} of the written records again",
+            written.len(),
+            all.len()
+        );
+        assert!(all.len() >= records.len() + written.len(), "{name}: not every record was read again");
+        if name == "off" {
+            assert_eq!(paid_twice, written.len(), "without a cache every replay is paid");
+        } else {
+            assert_eq!(paid_twice, 0, "{name}: answered records reached the model again");
+        }
+    }
+    redis.kill();
+    let _ = std::fs::remove_file(&store_file);
+}

@@ -176,6 +176,10 @@ pub struct KserveSection {
     /// Request timeout, ms (default 30,000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The model answers an input the same way every time, so its answers may be
+    /// cached (turns `[cache]` on by default). Off by default.
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 /// `kind = "openai-embeddings"` or `"openai-chat"`.

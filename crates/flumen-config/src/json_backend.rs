@@ -225,6 +225,20 @@ impl Backend for AnyBackend {
         }
     }
 
+    /// The record as JSON text (so an object's keys count in their order). Whether
+    /// it is used is `[cache]`'s decision, per backend kind.
+    fn cache_key(&self, record: &Value) -> Option<Vec<u8>> {
+        serde_json::to_vec(record).ok()
+    }
+
+    fn encode_output(&self, prediction: &Value) -> Option<Vec<u8>> {
+        serde_json::to_vec(prediction).ok()
+    }
+
+    fn decode_output(&self, bytes: &[u8]) -> Option<Value> {
+        serde_json::from_slice(bytes).ok()
+    }
+
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
         match self {
             #[cfg(feature = "embedded")]

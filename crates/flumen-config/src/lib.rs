@@ -22,6 +22,7 @@
 //! - [`backend`]: which backend and its settings ([`BackendConfig`]);
 //! - [`engine`]: the engine's and the operator's sections, and the one parser of
 //!   `concurrency`;
+//! - [`cache`]: the result cache (`[cache]`): on or off, and its store;
 //! - [`json_backend`]: [`AnyBackend`], any configured backend built and seen by the
 //!   engine as JSON records in and JSON predictions out.
 //!
@@ -29,12 +30,14 @@
 //! each with its path (`backend.url: must start with http://`).
 
 pub mod backend;
+pub mod cache;
 pub mod engine;
 pub mod json_backend;
 
 pub use backend::{
     BackendConfig, EmbeddedSection, HttpSection, KserveSection, OpenAiSection, SimSection,
 };
+pub use cache::{CacheSection, Stores};
 pub use engine::{concurrency, concurrency_flag, EngineSection, OperatorSection};
 pub use json_backend::{AnyBackend, KserveModel};
 
@@ -69,6 +72,9 @@ pub struct FileConfig {
     /// The operator's order, capacity and deadline.
     #[serde(default)]
     pub operator: OperatorSection,
+    /// The result cache.
+    #[serde(default)]
+    pub cache: CacheSection,
 }
 
 impl FileConfig {
@@ -82,6 +88,7 @@ impl FileConfig {
         let mut p = self.backend.validate("backend");
         p.extend(self.engine.validate("engine"));
         p.extend(self.operator.validate("operator"));
+        p.extend(self.cache.validate("cache"));
         p
     }
 

@@ -20,6 +20,7 @@ pub struct Stats {
     calls: AtomicU64,
     records_sent: AtomicU64,
     resent: AtomicU64,
+    tokens_sent: AtomicU64,
     max_batch: AtomicUsize,
     breaker: AtomicU8,
     transitions: Mutex<VecDeque<(Instant, BreakerState)>>,
@@ -41,6 +42,10 @@ pub struct StatsSnapshot {
     /// Of those, sends of a record after its first (retries, and re-sends after an
     /// overload answer or a bisection).
     pub resent: u64,
+    /// Input tokens sent to the backend so far, by the backend's own count
+    /// ([`ItemCost::tokens`](flumen_core::ItemCost)), once per send (a retry pays
+    /// again; a record answered from the cache pays nothing).
+    pub tokens_sent: u64,
     /// The largest batch sent so far.
     pub max_batch: usize,
     /// The circuit breaker's phase (`Closed` when the engine has none).
@@ -68,6 +73,7 @@ impl Stats {
             calls: self.calls.load(Relaxed),
             records_sent: self.records_sent.load(Relaxed),
             resent: self.resent.load(Relaxed),
+            tokens_sent: self.tokens_sent.load(Relaxed),
             max_batch: self.max_batch.load(Relaxed),
             breaker: BreakerPhase::from_level(self.breaker.load(Relaxed)),
         }
@@ -104,8 +110,9 @@ impl Stats {
         self.limit.store(limit, Relaxed);
     }
 
-    pub(crate) fn call_sent(&self, items: usize, first_sends: usize) {
+    pub(crate) fn call_sent(&self, items: usize, first_sends: usize, tokens: u64) {
         self.calls.fetch_add(1, Relaxed);
+        self.tokens_sent.fetch_add(tokens, Relaxed);
         self.records_sent.fetch_add(items as u64, Relaxed);
         self.resent
             .fetch_add(items.saturating_sub(first_sends) as u64, Relaxed);

@@ -305,7 +305,12 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     let backend = AnyBackend::build(&setup.backend)
         .await
         .map_err(|p| anyhow::anyhow!("cannot start the backend: {}", p.join("; ")))?;
-    let engine = Engine::new(backend, setup.engine);
+    let mut engine_config = setup.engine;
+    engine_config.cache = setup
+        .cache
+        .build(&setup.backend, &mut flumen_config::Stores::default())
+        .map_err(|e| anyhow::anyhow!("cannot open the result cache: {e}"))?;
+    let engine = Engine::new(backend, engine_config);
     let capacity = setup.operator.capacity;
     let patience = setup.delivery.patience;
     let source = match input {
@@ -488,8 +493,29 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         if failed.is_empty() {
             failed.push("none".into());
         }
+        let cache = engine
+            .cache_stats()
+            .map(|c| {
+                format!(
+                    "; cache: {} hits, {} shared, {} to the backend{}",
+                    c.hits,
+                    c.shared,
+                    c.misses,
+                    if c.errors > 0 {
+                        format!(", {} store errors", c.errors)
+                    } else {
+                        String::new()
+                    }
+                )
+            })
+            .unwrap_or_default();
+        let tokens = if stats.tokens_sent > 0 {
+            format!(", {} tokens sent", stats.tokens_sent)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{}{}",
+            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{tokens}{cache}{}{}",
             total as f64 / elapsed.max(1e-9),
             tally.ok,
             failed.join(", "),

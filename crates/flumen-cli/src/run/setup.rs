@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use flumen_config::engine::concurrency_flag;
-use flumen_config::{BackendConfig, EmbeddedSection, FileConfig};
+use flumen_config::{BackendConfig, CacheSection, EmbeddedSection, FileConfig};
 use flumen_config::{EngineSection, OperatorSection};
 use flumen_connect::{Patience, SinkConfig, SourceConfig};
 use flumen_engine::{EngineConfig, OperatorConfig};
@@ -27,6 +27,7 @@ pub(super) enum KeyBy {
 pub(super) struct Setup {
     pub(super) backend: BackendConfig,
     pub(super) engine: EngineConfig,
+    pub(super) cache: CacheSection,
     pub(super) operator: OperatorConfig,
     pub(super) key: Option<KeyBy>,
     pub(super) source: SourceConfig,
@@ -84,6 +85,8 @@ pub(super) struct PipelineFile {
     engine: EngineSection,
     #[serde(default)]
     operator: OperatorSection,
+    #[serde(default)]
+    cache: CacheSection,
     source: Option<SourceConfig>,
     sink: Option<SinkConfig>,
     dead_letter: Option<SinkConfig>,
@@ -178,6 +181,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
         backend,
         engine,
         operator,
+        cache,
         source,
         sink,
         dead_letter,
@@ -188,6 +192,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
         backend,
         engine,
         operator,
+        cache,
     };
     let mut problems: Vec<String> = problems
         .into_iter()
@@ -264,6 +269,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
             },
         },
         backend: file.backend,
+        cache: file.cache,
     })
 }
 
@@ -375,6 +381,7 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
         backend,
         engine,
         operator,
+        cache: CacheSection::default(),
     };
     let mut problems: Vec<String> = file.validate().iter().map(|p| in_flags(p)).collect();
     if args.max_record_bytes == 0 {
@@ -393,6 +400,7 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
         operator: file.operator(),
         key: key_of(&file.operator),
         backend: file.backend,
+        cache: file.cache,
         source: source_of_flags(args),
         sink: args.output.as_deref().map_or(SinkConfig::Stdout, file_sink),
         dead_letter: args.dead_letter.as_deref().map(file_sink),

@@ -242,7 +242,8 @@ impl<B: Backend> Call<B> {
             }
             hedged.store(true, Relaxed);
             self.instruments.hedges.increment(1);
-            self.stats.call_sent(inputs.len(), 0);
+            let tokens = inputs.iter().map(|i| self.backend.cost(i).tokens).sum();
+            self.stats.call_sent(inputs.len(), 0, tokens);
             AssertUnwindSafe(self.backend.call(inputs))
                 .catch_unwind()
                 .await

@@ -430,7 +430,8 @@ impl<B: Backend> Dispatcher<B> {
         });
         self.in_flight += 1;
         self.in_flight_items += batch.len();
-        self.stats.call_sent(batch.len(), first);
+        let tokens = batch.iter().map(|j| j.meta.cost.tokens).sum();
+        self.stats.call_sent(batch.len(), first, tokens);
         self.instruments.batch_size.record(batch.len() as f64);
         let call = Call {
             backend: Arc::clone(&self.backend),

@@ -2,7 +2,7 @@
 //! the models served (`[[models]]`), each with its backend and engine sections from
 //! [`flumen_config`]. Every problem is reported at once, each with its path.
 
-use flumen_config::{BackendConfig, EngineSection};
+use flumen_config::{BackendConfig, CacheSection, EngineSection};
 use serde::Deserialize;
 
 /// A gateway configuration file.
@@ -89,6 +89,10 @@ pub struct ModelSection {
     /// Its engine.
     #[serde(default)]
     pub engine: EngineSection,
+    /// Its result cache (`[models.cache]`): on by default for deterministic
+    /// backends; models that name the same file or Redis share it (their keys differ).
+    #[serde(default)]
+    pub cache: CacheSection,
     /// The tensors a model that is not behind a KServe backend shows over KServe v2
     /// (`[models.kserve]`); without it, one input `INPUT` and one output `OUTPUT` of
     /// any datatype. (A KServe backend's come from its server.)
@@ -191,6 +195,7 @@ impl ServeConfig {
             }
             p.extend(m.backend.validate(&format!("{path}.backend")));
             p.extend(m.engine.validate(&format!("{path}.engine")));
+            p.extend(m.cache.validate(&format!("{path}.cache")));
             if let Some(k) = &m.kserve {
                 if matches!(m.backend, BackendConfig::Kserve(_)) {
                     p.push(format!(

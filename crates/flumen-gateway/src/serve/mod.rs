@@ -176,6 +176,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`.
     let handle = prometheus();
     let mut models = BTreeMap::new();
+    let mut stores = flumen_config::Stores::default();
     for m in &config.models {
         let backend = AnyBackend::build(&m.backend).await.map_err(|p| {
             anyhow::anyhow!(
@@ -190,7 +191,11 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
             (None, None) => tensors::Tensors::generic(),
         };
         let openai_chat = backend.is_openai_chat();
-        let engine = Engine::new(backend, m.engine.config(&m.name));
+        let mut engine_config = m.engine.config(&m.name);
+        engine_config.cache = m.cache.build(&m.backend, &mut stores).map_err(|e| {
+            anyhow::anyhow!("model `{}`: cannot open its result cache: {e}", m.name)
+        })?;
+        let engine = Engine::new(backend, engine_config);
         models.insert(
             m.name.clone(),
             Model {
