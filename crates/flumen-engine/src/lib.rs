@@ -58,7 +58,7 @@ mod stats;
 pub mod telemetry;
 
 pub use batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta, Slots};
-pub use engine::{CacheConfig, CacheStats, Engine, EngineConfig, Pending};
+pub use engine::{CacheConfig, CacheStats, Engine, EngineConfig, Pending, STORE_REST};
 pub use fallback::{Fallback, FallbackStage, Served, StageFuture};
 pub use latency::LatencyModel;
 pub use limiter::{Aimd, AimdConfig, ConcurrencyConfig, Gradient, GradientConfig, Limiter};

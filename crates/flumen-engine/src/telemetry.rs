@@ -49,6 +49,12 @@ pub const CACHE_LOOKUPS: &str = "flumen_cache_lookups_total";
 /// Result cache operations that failed or timed out, and entries that did not decode
 /// (counter). Labels `store`, `op` (`get`, `put`, `decode`).
 pub const CACHE_ERRORS: &str = "flumen_cache_errors_total";
+/// Result cache operations skipped because the store had just failed (counter).
+/// Label `store`.
+pub const CACHE_BYPASSED: &str = "flumen_cache_bypassed_total";
+/// Whether the result cache's store answered its last operation: 1, or 0 after a
+/// failure until it answers again (gauge). Label `store`.
+pub const CACHE_STORE_UP: &str = "flumen_cache_store_up";
 
 /// Registers descriptions and units of every metric with the installed recorder.
 pub fn describe() {
@@ -91,6 +97,16 @@ pub fn describe() {
         CACHE_ERRORS,
         Unit::Count,
         "result cache operations that failed, by op"
+    );
+    describe_counter!(
+        CACHE_BYPASSED,
+        Unit::Count,
+        "result cache operations skipped while the store rests after a failure"
+    );
+    describe_gauge!(
+        CACHE_STORE_UP,
+        Unit::Count,
+        "1 while the result cache's store answers, 0 after a failure"
     );
     describe_counter!(
         FALLBACKS,

@@ -501,8 +501,11 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                     c.hits,
                     c.shared,
                     c.misses,
-                    if c.errors > 0 {
-                        format!(", {} store errors", c.errors)
+                    if c.errors + c.bypassed > 0 {
+                        format!(
+                            ", {} store errors, {} lookups and writes skipped while it was down",
+                            c.errors, c.bypassed
+                        )
                     } else {
                         String::new()
                     }

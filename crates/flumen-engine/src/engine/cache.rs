@@ -20,6 +20,10 @@
 //!    identical record reaches the backend while the store works. Every follower gets
 //!    its own copy, decoded from the same bytes.
 //!
+//! A store that fails or times out is set aside for [`STORE_REST`]: lookups and
+//! writes skip it (counted as bypassed) and records go straight to the backend,
+//! instead of each paying the timeout; then the next operation tries it again.
+//!
 //! A leader's failure of a kind that the same input would meet again (invalid input,
 //! permanent) is its followers' too, with the leader's attempts. Any other failure
 //! (its deadline, overload, an outage) is the leader's own: its followers go back to
@@ -34,10 +38,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flumen_core::{CacheKey, ErrorKind, Failure, Store};
-use metrics::Counter;
+use metrics::{Counter, Gauge};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio::time::{timeout, timeout_at, Instant};
+
+/// How long a store that failed is left alone before it is tried again.
+pub const STORE_REST: Duration = Duration::from_secs(1);
 
 /// The result cache of an engine.
 #[derive(Clone)]
@@ -70,6 +77,7 @@ pub(crate) struct CacheCounters {
     misses: AtomicU64,
     shared: AtomicU64,
     errors: AtomicU64,
+    bypassed: AtomicU64,
 }
 
 /// What the result cache has done so far.
@@ -85,6 +93,9 @@ pub struct CacheStats {
     pub shared: u64,
     /// Store operations that failed or timed out, and entries that did not decode.
     pub errors: u64,
+    /// Store operations skipped because the store had just failed (see
+    /// [`STORE_REST`]).
+    pub bypassed: u64,
 }
 
 impl CacheCounters {
@@ -94,6 +105,7 @@ impl CacheCounters {
             misses: self.misses.load(Relaxed),
             shared: self.shared.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            bypassed: self.bypassed.load(Relaxed),
         }
     }
 }
@@ -106,11 +118,13 @@ struct CacheInstruments {
     get_error: Counter,
     put_error: Counter,
     decode_error: Counter,
+    bypassed: Counter,
+    up: Gauge,
 }
 
 impl CacheInstruments {
     fn new(engine: &str, store: &'static str) -> Self {
-        use crate::telemetry::{CACHE_ERRORS, CACHE_LOOKUPS};
+        use crate::telemetry::{CACHE_BYPASSED, CACHE_ERRORS, CACHE_LOOKUPS, CACHE_STORE_UP};
         let lookup = |r: &'static str| metrics::counter!(CACHE_LOOKUPS, "engine" => engine.to_owned(), "store" => store, "result" => r);
         let error = |op: &'static str| metrics::counter!(CACHE_ERRORS, "engine" => engine.to_owned(), "store" => store, "op" => op);
         CacheInstruments {
@@ -120,6 +134,8 @@ impl CacheInstruments {
             get_error: error("get"),
             put_error: error("put"),
             decode_error: error("decode"),
+            bypassed: metrics::counter!(CACHE_BYPASSED, "engine" => engine.to_owned(), "store" => store),
+            up: metrics::gauge!(CACHE_STORE_UP, "engine" => engine.to_owned(), "store" => store),
         }
     }
 }
@@ -136,6 +152,8 @@ pub(crate) struct Cache {
     namespace: String,
     timeout: Duration,
     in_flight: Mutex<HashMap<CacheKey, Followers>>,
+    /// Until when the store is left alone after a failure.
+    resting: Mutex<Option<Instant>>,
     pub(crate) counters: CacheCounters,
     instruments: CacheInstruments,
 }
@@ -202,9 +220,45 @@ impl Cache {
             namespace: config.namespace.clone(),
             timeout: config.timeout,
             in_flight: Mutex::new(HashMap::new()),
+            resting: Mutex::new(None),
             counters: CacheCounters::default(),
-            instruments: CacheInstruments::new(engine, config.store.kind()),
+            instruments: {
+                let i = CacheInstruments::new(engine, config.store.kind());
+                i.up.set(1.0);
+                i
+            },
         }
+    }
+
+    /// Whether the store may be used now: not while it rests after a failure
+    /// (counted as bypassed).
+    fn usable(&self) -> bool {
+        let mut resting = self.resting.lock().expect("cache rest lock");
+        match *resting {
+            Some(until) if Instant::now() < until => {
+                self.counters.bypassed.fetch_add(1, Relaxed);
+                self.instruments.bypassed.increment(1);
+                false
+            }
+            Some(_) => {
+                *resting = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The store answered: it is up.
+    fn answered(&self) {
+        self.instruments.up.set(1.0);
+    }
+
+    /// The store failed: counted, and left alone for a while.
+    fn failed(&self, op: &Counter) {
+        self.counters.errors.fetch_add(1, Relaxed);
+        op.increment(1);
+        self.instruments.up.set(0.0);
+        *self.resting.lock().expect("cache rest lock") = Some(Instant::now() + STORE_REST);
     }
 
     /// The key of an input's content in this engine's namespace.
@@ -218,12 +272,16 @@ impl Cache {
 
     /// Looks `key` up, within the store's timeout.
     pub(crate) async fn get(&self, key: &CacheKey) -> Lookup {
+        if !self.usable() {
+            return Lookup::Miss;
+        }
         match timeout(self.timeout, self.store.get(key)).await {
-            Ok(Ok(Some(bytes))) => Lookup::Hit(bytes),
-            Ok(Ok(None)) => Lookup::Miss,
+            Ok(Ok(found)) => {
+                self.answered();
+                found.map_or(Lookup::Miss, Lookup::Hit)
+            }
             Ok(Err(_)) | Err(_) => {
-                self.counters.errors.fetch_add(1, Relaxed);
-                self.instruments.get_error.increment(1);
+                self.failed(&self.instruments.get_error);
                 Lookup::Miss
             }
         }
@@ -232,12 +290,12 @@ impl Cache {
     /// Writes an answer, within the store's timeout; a failure is counted, never
     /// passed on.
     pub(crate) async fn put(&self, key: &CacheKey, bytes: &[u8]) {
+        if !self.usable() {
+            return;
+        }
         match timeout(self.timeout, self.store.put(key, bytes)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => {
-                self.counters.errors.fetch_add(1, Relaxed);
-                self.instruments.put_error.increment(1);
-            }
+            Ok(Ok(())) => self.answered(),
+            Ok(Err(_)) | Err(_) => self.failed(&self.instruments.put_error),
         }
     }
 

@@ -37,7 +37,7 @@ mod cache;
 mod call;
 mod dispatcher;
 
-pub use cache::{CacheConfig, CacheStats};
+pub use cache::{CacheConfig, CacheStats, STORE_REST};
 
 use dispatcher::Dispatcher;
 
