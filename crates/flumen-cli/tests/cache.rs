@@ -17,7 +17,9 @@ mod common;
 
 /// The number in `"… N …"` after `label`, from the run's summary.
 fn count(summary: &str, label: &str) -> u64 {
-    let at = summary.find(label).unwrap_or_else(|| panic!("{label} not in {summary}"));
+    let at = summary
+        .find(label)
+        .unwrap_or_else(|| panic!("{label} not in {summary}"));
     summary[..at]
         .split(|c: char| !c.is_ascii_digit())
         .rfind(|s| !s.is_empty())
@@ -54,7 +56,10 @@ fn redis_killed_mid_run_loses_nothing_and_the_cache_comes_back_with_it() {
     let stdout = child.stdout.take().unwrap();
     let (tx, lines) = mpsc::channel::<String>();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -68,7 +73,10 @@ fn redis_killed_mid_run_loses_nothing_and_the_cache_comes_back_with_it() {
         let mut chunk = String::new();
         let start = if phase == 0 { 0 } else { ends[phase - 1] };
         for i in start..ends[phase] {
-            chunk.push_str(&format!("{{\"id\": {i}, \"text\": \"text {}\"}}\n", i % 100));
+            chunk.push_str(&format!(
+                "{{\"id\": {i}, \"text\": \"text {}\"}}\n",
+                i % 100
+            ));
         }
         stdin.write_all(chunk.as_bytes()).unwrap();
         stdin.flush().unwrap();
@@ -111,7 +119,13 @@ fn redis_killed_mid_run_loses_nothing_and_the_cache_comes_back_with_it() {
     // the first phase alone cannot make more than 900 hits.
     assert!(misses >= 1_100, "{summary}");
     assert!(errors >= 1, "{summary}");
-    assert!(errors + skipped >= 1_000, "every lookup while Redis was down fails: {summary}");
-    assert!(hits >= 900 + 500, "the cache works again after Redis restarts: {summary}");
+    assert!(
+        errors + skipped >= 1_000,
+        "every lookup while Redis was down fails: {summary}"
+    );
+    assert!(
+        hits >= 900 + 500,
+        "the cache works again after Redis restarts: {summary}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1002,11 +1002,17 @@ async fn counted_model() -> (std::sync::Arc<Counted>, String) {
         let phase = c.phase.load(std::sync::atomic::Ordering::SeqCst);
         let texts: Vec<String> = body["instances"]
             .as_array()
-            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
-        c.received.lock().unwrap().extend(texts.iter().filter_map(|t| {
-            Some((phase, t.strip_prefix("record ")?.parse::<u64>().ok()?))
-        }));
+        c.received.lock().unwrap().extend(
+            texts
+                .iter()
+                .filter_map(|t| Some((phase, t.strip_prefix("record ")?.parse::<u64>().ok()?))),
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         let predictions: Vec<Value> = texts.iter().map(|t| Value::from(t.len())).collect();
         Json(serde_json::json!({ "predictions": predictions }))
@@ -1037,11 +1043,17 @@ async fn a_worker_killed_before_its_commit_does_not_pay_for_its_answers_again() 
         ("off", "enabled = false".to_owned()),
         (
             "file",
-            format!("enabled = true\nstore = \"file\"\npath = \"{}\"", store_file.display()),
+            format!(
+                "enabled = true\nstore = \"file\"\npath = \"{}\"",
+                store_file.display()
+            ),
         ),
         (
             "redis",
-            format!("enabled = true\nstore = \"redis\"\nurl = \"{}\"", redis.url()),
+            format!(
+                "enabled = true\nstore = \"redis\"\nurl = \"{}\"",
+                redis.url()
+            ),
         ),
     ] {
         let _ = std::fs::remove_file(&store_file);
@@ -1063,14 +1075,25 @@ async fn a_worker_killed_before_its_commit_does_not_pay_for_its_answers_again() 
             ),
         );
         let mut first = worker(&cfg);
-        let before = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| v.len() >= 1_000);
-        assert!(before.len() >= 1_000, "{name}: the first worker made progress");
+        let before = read_all(&brokers, "out", 1, Duration::from_secs(120), |v| {
+            v.len() >= 1_000
+        });
+        assert!(
+            before.len() >= 1_000,
+            "{name}: the first worker made progress"
+        );
         first.0.kill().unwrap(); // SIGKILL: nothing committed
         first.0.wait().unwrap();
         model.phase.store(1, std::sync::atomic::Ordering::SeqCst);
-        let written: HashSet<u64> = ids(&read_all(&brokers, "out", 1, Duration::from_secs(5), |_| false))
-            .into_iter()
-            .collect();
+        let written: HashSet<u64> = ids(&read_all(
+            &brokers,
+            "out",
+            1,
+            Duration::from_secs(5),
+            |_| false,
+        ))
+        .into_iter()
+        .collect();
 
         let second = worker(&cfg);
         // Nothing was committed: the successor reads every record again, so the
@@ -1079,7 +1102,11 @@ async fn a_worker_killed_before_its_commit_does_not_pay_for_its_answers_again() 
             v.len() >= records.len() + written.len()
         });
         assert!(stop(second).success());
-        assert_eq!(unique(&all), records.len(), "{name}: every input has an output");
+        assert_eq!(
+            unique(&all),
+            records.len(),
+            "{name}: every input has an output"
+        );
         let again: HashSet<u64> = model
             .received
             .lock()
@@ -1095,11 +1122,21 @@ async fn a_worker_killed_before_its_commit_does_not_pay_for_its_answers_again() 
             written.len(),
             all.len()
         );
-        assert!(all.len() >= records.len() + written.len(), "{name}: not every record was read again");
+        assert!(
+            all.len() >= records.len() + written.len(),
+            "{name}: not every record was read again"
+        );
         if name == "off" {
-            assert_eq!(paid_twice, written.len(), "without a cache every replay is paid");
+            assert_eq!(
+                paid_twice,
+                written.len(),
+                "without a cache every replay is paid"
+            );
         } else {
-            assert_eq!(paid_twice, 0, "{name}: answered records reached the model again");
+            assert_eq!(
+                paid_twice, 0,
+                "{name}: answered records reached the model again"
+            );
         }
     }
     redis.kill();

@@ -149,19 +149,20 @@ impl CacheSection {
         match kind {
             #[cfg(feature = "file-cache")]
             "file" => {
-                let path = self.path.as_deref().unwrap_or_else(|| "flumen-cache.redb".as_ref());
+                let path = self
+                    .path
+                    .as_deref()
+                    .unwrap_or_else(|| "flumen-cache.redb".as_ref());
                 flumen_cache::FileStore::open(path, ttl)
                     .map(|s| Arc::new(s) as Arc<dyn Store>)
                     .map_err(|e| format!("cache.path: {e}"))
             }
             #[cfg(feature = "redis-cache")]
-            "redis" => flumen_cache::RedisStore::new(
-                self.url.as_deref().unwrap_or_default(),
-                ttl,
-                timeout,
-            )
-            .map(|s| Arc::new(s) as Arc<dyn Store>)
-            .map_err(|e| format!("cache.url: {e}")),
+            "redis" => {
+                flumen_cache::RedisStore::new(self.url.as_deref().unwrap_or_default(), ttl, timeout)
+                    .map(|s| Arc::new(s) as Arc<dyn Store>)
+                    .map_err(|e| format!("cache.url: {e}"))
+            }
             "memory" => Ok(Arc::new(flumen_cache::MemoryStore::new(
                 self.max_mb.unwrap_or(256) << 20,
                 ttl,
@@ -234,9 +235,12 @@ mod tests {
         for path in ["cache.url", "cache.timeout_ms", "cache.ttl_s"] {
             assert!(bad.iter().any(|p| p.starts_with(path)), "{path}: {bad:?}");
         }
-        let bad = FileConfig::parse("p", "[backend]\nkind = \"sim\"\n[cache]\nstore = \"disk\"\n")
-            .unwrap()
-            .validate();
+        let bad = FileConfig::parse(
+            "p",
+            "[backend]\nkind = \"sim\"\n[cache]\nstore = \"disk\"\n",
+        )
+        .unwrap()
+        .validate();
         assert!(bad[0].starts_with("cache.store: `disk`"), "{bad:?}");
     }
 

@@ -187,11 +187,19 @@ async fn a_store_that_fails_or_hangs_sends_records_to_the_backend_and_loses_none
         // together, timed out; the store was left alone for the rest.
         assert_eq!((s.hits, s.misses), (0, 40), "hang={hang}: {s:?}");
         let failed = if hang { 20 } else { 1 };
-        assert_eq!((s.errors, s.bypassed), (failed, 78 - failed), "hang={hang}: {s:?}");
+        assert_eq!(
+            (s.errors, s.bypassed),
+            (failed, 78 - failed),
+            "hang={hang}: {s:?}"
+        );
         // Once the store has rested, it is tried again.
         sleep(STORE_REST).await;
         assert!(engine.submit(1, None).await.is_ok());
-        assert_eq!(engine.cache_stats().unwrap().errors, failed + 1, "hang={hang}");
+        assert_eq!(
+            engine.cache_stats().unwrap().errors,
+            failed + 1,
+            "hang={hang}"
+        );
     }
 }
 
