@@ -123,8 +123,9 @@ impl EngineSection {
             attempt_timeout: e.attempt_timeout_ms.map(Duration::from_millis),
             hedge_after: e.hedge_after_ms.map(Duration::from_millis),
             seed: 0,
-            // `[cache]` opens its store apart (CacheSection::build).
+            // `[cache]` and `[budget]` are sections of their own.
             cache: None,
+            spend: None,
         }
     }
 }

@@ -225,6 +225,31 @@ impl Backend for AnyBackend {
         }
     }
 
+    /// A text record's answer may cost the configured completion budget. (A whole chat
+    /// request's budget is part of its cost already: `request_tokens`.)
+    fn max_output_tokens(&self, record: &Value) -> u64 {
+        match self {
+            AnyBackend::Chat(b) if !is_chat_request(record) => {
+                u64::from(b.max_completion_tokens().unwrap_or(0))
+            }
+            _ => 0,
+        }
+    }
+
+    /// A chat answer's completion tokens: as the API reported them for a whole
+    /// request, estimated from the text for a text record. Other backends' answers
+    /// cost no output tokens.
+    fn output_tokens(&self, prediction: &Value) -> u64 {
+        match (self, prediction) {
+            (AnyBackend::Chat(_), Value::String(text)) => flumen_openai::estimate_tokens(text),
+            (AnyBackend::Chat(_), answer) => answer
+                .pointer("/usage/completion_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// The record as JSON text (so an object's keys count in their order). Whether
     /// it is used is `[cache]`'s decision, per backend kind.
     fn cache_key(&self, record: &Value) -> Option<Vec<u8>> {

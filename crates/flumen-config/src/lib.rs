@@ -23,6 +23,7 @@
 //! - [`engine`]: the engine's and the operator's sections, and the one parser of
 //!   `concurrency`;
 //! - [`cache`]: the result cache (`[cache]`): on or off, and its store;
+//! - [`budget`]: what tokens cost (`[prices]`) and a spending limit (`[budget]`);
 //! - [`json_backend`]: [`AnyBackend`], any configured backend built and seen by the
 //!   engine as JSON records in and JSON predictions out.
 //!
@@ -30,6 +31,7 @@
 //! each with its path (`backend.url: must start with http://`).
 
 pub mod backend;
+pub mod budget;
 pub mod cache;
 pub mod engine;
 pub mod json_backend;
@@ -37,6 +39,7 @@ pub mod json_backend;
 pub use backend::{
     BackendConfig, EmbeddedSection, HttpSection, KserveSection, OpenAiSection, SimSection,
 };
+pub use budget::{BudgetSection, PricesSection};
 pub use cache::{CacheSection, Stores};
 pub use engine::{concurrency, concurrency_flag, EngineSection, OperatorSection};
 pub use json_backend::{AnyBackend, KserveModel};
@@ -75,6 +78,12 @@ pub struct FileConfig {
     /// The result cache.
     #[serde(default)]
     pub cache: CacheSection,
+    /// What the model's tokens cost.
+    #[serde(default)]
+    pub prices: Option<PricesSection>,
+    /// A spending limit.
+    #[serde(default)]
+    pub budget: BudgetSection,
 }
 
 impl FileConfig {
@@ -89,12 +98,19 @@ impl FileConfig {
         p.extend(self.engine.validate("engine"));
         p.extend(self.operator.validate("operator"));
         p.extend(self.cache.validate("cache"));
+        if let Some(prices) = &self.prices {
+            p.extend(prices.validate("prices"));
+        }
+        p.extend(self.budget.validate("budget", self.prices.as_ref()));
         p
     }
 
-    /// The engine's settings.
+    /// The engine's settings, with the spending budget (the cache's store is opened
+    /// apart: [`CacheSection::build`]).
     pub fn engine(&self, name: &str) -> EngineConfig {
-        self.engine.config(name)
+        let mut e = self.engine.config(name);
+        e.spend = self.budget.build(self.prices.as_ref());
+        e
     }
 
     /// The operator's settings.

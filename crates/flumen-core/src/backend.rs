@@ -80,6 +80,19 @@ pub trait Backend: Send + Sync + 'static {
         ItemCost::default()
     }
 
+    /// The most output tokens this input's answer may cost (a chat model's
+    /// `max_tokens`), for a spending budget's reservation. Zero by default (the
+    /// answer costs nothing beyond the input: embeddings, tensors).
+    fn max_output_tokens(&self, _input: &Self::Input) -> u64 {
+        0
+    }
+
+    /// The output tokens an answer cost, as the backend reports or estimates them;
+    /// zero by default.
+    fn output_tokens(&self, _output: &Self::Output) -> u64 {
+        0
+    }
+
     /// The bytes that decide this input's answer, for the engine's result cache
     /// (hashed with the model's identity into the key). `None`, the default: this
     /// input is never cached. A backend whose answers are sampled (chat) should

@@ -21,17 +21,22 @@ pub enum ErrorKind {
     InvalidInput,
     /// The engine stopped before the record could complete.
     Shutdown,
+    /// A spending budget (tokens or money) is spent for its period, and the record
+    /// was not sent (with `on_exhausted = "fail"`; with `"wait"` it waits for the next
+    /// period within its deadline instead).
+    BudgetExhausted,
 }
 
 impl ErrorKind {
     /// Every kind, in a stable order (for metrics labels and reports).
-    pub const ALL: [ErrorKind; 6] = [
+    pub const ALL: [ErrorKind; 7] = [
         ErrorKind::Overloaded,
         ErrorKind::Transient,
         ErrorKind::Timeout,
         ErrorKind::Permanent,
         ErrorKind::InvalidInput,
         ErrorKind::Shutdown,
+        ErrorKind::BudgetExhausted,
     ];
 
     /// A short snake_case name, stable for logs, metrics labels and dead-letter records.
@@ -43,6 +48,7 @@ impl ErrorKind {
             ErrorKind::Permanent => "permanent",
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::Shutdown => "shutdown",
+            ErrorKind::BudgetExhausted => "budget_exhausted",
         }
     }
 }

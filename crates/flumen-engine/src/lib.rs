@@ -54,6 +54,7 @@ mod latency;
 pub mod limiter;
 mod operator;
 pub mod reliability;
+pub mod spend;
 mod stats;
 pub mod telemetry;
 
@@ -67,4 +68,5 @@ pub use reliability::{
     Breaker, BreakerConfig, BreakerPhase, BreakerState, BreakerWindow, RetryBudget, RetryConfig,
     Verdict,
 };
+pub use spend::{OnExhausted, Prices, SpendBudget, SpendConfig, SpendSnapshot, Unit};
 pub use stats::{Stats, StatsSnapshot};

@@ -57,6 +57,11 @@ impl Chat {
 }
 
 impl Chat {
+    /// The completion budget of each answer to a text record (`max_completion_tokens`).
+    pub fn max_completion_tokens(&self) -> Option<u32> {
+        self.client.config.max_completion_tokens
+    }
+
     /// One whole chat request, as a caller of an OpenAI-compatible API wrote it
     /// (`messages` with tools, `response_format`, `seed`, `n`, …): sent with this
     /// backend's model in place of the caller's, `stream` off, and the configured

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use flumen_config::engine::concurrency_flag;
-use flumen_config::{BackendConfig, CacheSection, EmbeddedSection, FileConfig};
+use flumen_config::{BackendConfig, BudgetSection, CacheSection, EmbeddedSection, FileConfig};
+use flumen_config::PricesSection;
 use flumen_config::{EngineSection, OperatorSection};
 use flumen_connect::{Patience, SinkConfig, SourceConfig};
 use flumen_engine::{EngineConfig, OperatorConfig};
@@ -87,6 +88,10 @@ pub(super) struct PipelineFile {
     operator: OperatorSection,
     #[serde(default)]
     cache: CacheSection,
+    #[serde(default)]
+    prices: Option<PricesSection>,
+    #[serde(default)]
+    budget: BudgetSection,
     source: Option<SourceConfig>,
     sink: Option<SinkConfig>,
     dead_letter: Option<SinkConfig>,
@@ -182,6 +187,8 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
         engine,
         operator,
         cache,
+        prices,
+        budget,
         source,
         sink,
         dead_letter,
@@ -193,6 +200,8 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
         engine,
         operator,
         cache,
+        prices,
+        budget,
     };
     let mut problems: Vec<String> = problems
         .into_iter()
@@ -382,6 +391,8 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
         engine,
         operator,
         cache: CacheSection::default(),
+        prices: None,
+        budget: BudgetSection::default(),
     };
     let mut problems: Vec<String> = file.validate().iter().map(|p| in_flags(p)).collect();
     if args.max_record_bytes == 0 {

@@ -16,6 +16,7 @@ use crate::batcher::QueuedMeta;
 use crate::limiter::Sample;
 use crate::reliability::classify::{judge, CallEnd, Judged};
 use crate::reliability::{RetryBudget, RetryConfig};
+use crate::spend::SpendBudget;
 use crate::stats::Stats;
 use crate::telemetry::Instruments;
 
@@ -43,6 +44,8 @@ pub(super) struct Call<B> {
     pub(super) probe: bool,
     pub(super) attempt_timeout: Option<Duration>,
     pub(super) hedge_after: Option<Duration>,
+    /// The spending budget, and what this call reserved from it.
+    pub(super) spend: Option<(Arc<Mutex<SpendBudget>>, u64)>,
 }
 
 /// A record in a call, while it waits for its result.
@@ -107,6 +110,23 @@ impl<B: Backend> Call<B> {
 
         let hedged = AtomicBool::new(false);
         let ended = self.call(&inputs, &mut waiting, &hedged).await;
+        if let Some((budget, reserved)) = &self.spend {
+            let mut budget = budget.lock().expect("spend lock");
+            let actual = match &ended {
+                // Refused as overloaded: not billed.
+                Ended::Returned(Err(e)) if e.kind == ErrorKind::Overloaded => 0,
+                Ended::Returned(Ok(results)) => {
+                    let output = results
+                        .iter()
+                        .filter_map(|r| r.as_ref().ok())
+                        .map(|o| self.backend.output_tokens(o))
+                        .sum();
+                    budget.unit().cost(tokens, output)
+                }
+                _ => budget.unit().cost(tokens, 0),
+            };
+            budget.settle(Instant::now(), *reserved, actual);
+        }
         let rtt = self.sent_at.elapsed();
         self.instruments.backend_latency.record(rtt);
         let extra = u32::from(hedged.load(Relaxed));

@@ -20,6 +20,7 @@ use crate::limiter::Limiter;
 use crate::limiter::SampleOutcome;
 use crate::reliability::pause::Pause;
 use crate::reliability::{Breaker, BreakerState, RetryBudget, RetryConfig, Verdict};
+use crate::spend::{OnExhausted, SpendConfig};
 use crate::stats::Stats;
 use crate::telemetry::Instruments;
 use crate::LatencyModel;
@@ -55,6 +56,10 @@ pub(super) struct Dispatcher<B: Backend> {
     attempt_timeout: Option<Duration>,
     hedge_after: Option<Duration>,
     retry: RetryConfig,
+    spend: Option<SpendConfig>,
+    /// With `on_exhausted = wait`: no call is sent until then (the budget's next
+    /// period), or until a call in flight settles for less than it reserved.
+    spend_wait: Option<Instant>,
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -95,8 +100,12 @@ impl<B: Backend> Dispatcher<B> {
             stats,
             instruments,
             attempt_timeout: config.attempt_timeout,
-            hedge_after: config.hedge_after.filter(|_| caps.idempotent),
+            hedge_after: config
+                .hedge_after
+                .filter(|_| caps.idempotent && config.spend.is_none()),
             retry: config.retry.clone(),
+            spend: config.spend.clone(),
+            spend_wait: None,
         }
     }
 
@@ -300,8 +309,9 @@ impl<B: Backend> Dispatcher<B> {
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         let paused = self.pause.until(now);
         loop {
+            let spend_wait = self.spend_wait.filter(|t| *t > now);
             let breaker_allows = self.breaker.as_mut().is_none_or(|b| b.allows(now));
-            let free_slots = if paused.is_none() && breaker_allows {
+            let free_slots = if paused.is_none() && breaker_allows && spend_wait.is_none() {
                 self.limiter.limit().saturating_sub(self.in_flight)
             } else {
                 0
@@ -329,6 +339,7 @@ impl<B: Backend> Dispatcher<B> {
                     }
                     let reopens = self.breaker.as_ref().and_then(Breaker::reopens_at);
                     let mut wake = earliest(earliest(at, paused), reopens);
+                    wake = earliest(wake, spend_wait);
                     if !self.isolated.is_empty() {
                         let budget = self.budget.lock().expect("budget lock").next_token_at(now);
                         wake = earliest(wake, Some(budget.max(now + Duration::from_millis(1))));
@@ -403,7 +414,74 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
+    /// Reserves the spending budget for the longest prefix of `jobs` it pays for;
+    /// the rest fail (`BudgetExhausted`) or go back to the front of the queue to wait
+    /// for the next period. Returns the prefix and what it reserved.
+    fn reserve(&mut self, mut jobs: Vec<Job<B>>, now: Instant) -> (Vec<Job<B>>, u64) {
+        let Some(spend) = &self.spend else {
+            return (jobs, 0);
+        };
+        let mut budget = spend.budget.lock().expect("spend lock");
+        let unit = budget.unit();
+        let mut reserved = 0;
+        let mut refused = None;
+        let mut paid = 0;
+        for job in &jobs {
+            let cost = unit.cost(
+                job.meta.cost.tokens,
+                self.backend.max_output_tokens(&job.input),
+            );
+            match budget.reserve(now, cost) {
+                Ok(()) => {
+                    reserved += cost;
+                    paid += 1;
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(budget);
+        let Some(exhausted) = refused else {
+            return (jobs, reserved);
+        };
+        let rest = jobs.split_off(paid);
+        // Only the reservations of calls in flight are in the way: wait for them to
+        // settle, whatever the mode (they may cost less than they reserved).
+        let wait = spend.on_exhausted == OnExhausted::Wait || !exhausted.spent;
+        match wait {
+            false => {
+                for job in rest {
+                    let failure = Failure::new(
+                        ErrorKind::BudgetExhausted,
+                        with_last_error(exhausted.message.clone(), job.last_error.as_ref()),
+                        job.attempts,
+                    );
+                    finish(&self.instruments, job.reply, job.attempts, Err(failure));
+                }
+            }
+            true => {
+                for job in rest.into_iter().rev() {
+                    self.note_deadline(job.meta.deadline);
+                    self.queue.push_front(job);
+                }
+                // Until the next period (or, without one, the records' deadlines),
+                // or until a call in flight settles.
+                let far = now + Duration::from_secs(86_400 * 365);
+                let until = if exhausted.spent {
+                    exhausted.resets_at.unwrap_or(far)
+                } else {
+                    far
+                };
+                self.spend_wait = Some(until);
+            }
+        }
+        (jobs, reserved)
+    }
+
     fn launch(&mut self, jobs: Vec<Job<B>>, now: Instant) {
+        let (jobs, reserved) = self.reserve(jobs, now);
         let mut batch: Vec<Job<B>> = Vec::with_capacity(jobs.len());
         let mut first = 0;
         for mut job in jobs {
@@ -420,6 +498,10 @@ impl<B: Backend> Dispatcher<B> {
             batch.push(job);
         }
         if batch.is_empty() {
+            if let Some(spend) = &self.spend {
+                let mut budget = spend.budget.lock().expect("spend lock");
+                budget.settle(now, reserved, 0);
+            }
             return;
         }
         self.budget.lock().expect("budget lock").deposit(now, first);
@@ -444,12 +526,19 @@ impl<B: Backend> Dispatcher<B> {
             probe,
             attempt_timeout: self.attempt_timeout,
             hedge_after: self.hedge_after,
+            spend: self
+                .spend
+                .as_ref()
+                .map(|s| (Arc::clone(&s.budget), reserved)),
         };
         self.calls.spawn(call.run(batch));
     }
 
     fn on_report(&mut self, report: Report<B>) {
         let now = Instant::now();
+        // The call settled its reservation: what it did not spend may pay for the
+        // records waiting for the budget.
+        self.spend_wait = None;
         let (sample, judged) = (report.sample, report.judged);
         if sample.outcome == SampleOutcome::Ok {
             self.latency.observe(sample.items, sample.rtt);

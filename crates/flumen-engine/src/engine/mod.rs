@@ -66,6 +66,10 @@ pub struct EngineConfig {
     /// The result cache, for backends that give their inputs a
     /// [`cache_key`](Backend::cache_key); `None` (the default): none.
     pub cache: Option<CacheConfig>,
+    /// A spending budget that every call is reserved from and settled against (see
+    /// [`spend`](crate::spend)); `None` (the default): none. With one, hedging is off
+    /// (a hedge would spend twice for one answer).
+    pub spend: Option<crate::spend::SpendConfig>,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;

@@ -2,7 +2,7 @@
 //! the models served (`[[models]]`), each with its backend and engine sections from
 //! [`flumen_config`]. Every problem is reported at once, each with its path.
 
-use flumen_config::{BackendConfig, CacheSection, EngineSection};
+use flumen_config::{BackendConfig, BudgetSection, CacheSection, EngineSection, PricesSection};
 use serde::Deserialize;
 
 /// A gateway configuration file.
@@ -93,6 +93,13 @@ pub struct ModelSection {
     /// backends; models that name the same file or Redis share it (their keys differ).
     #[serde(default)]
     pub cache: CacheSection,
+    /// What its tokens cost (`[models.prices]`), for a money budget.
+    #[serde(default)]
+    pub prices: Option<PricesSection>,
+    /// A spending limit on its calls (`[models.budget]`): over it, requests get 429
+    /// with a message naming the budget.
+    #[serde(default)]
+    pub budget: BudgetSection,
     /// The tensors a model that is not behind a KServe backend shows over KServe v2
     /// (`[models.kserve]`); without it, one input `INPUT` and one output `OUTPUT` of
     /// any datatype. (A KServe backend's come from its server.)
@@ -196,6 +203,10 @@ impl ServeConfig {
             p.extend(m.backend.validate(&format!("{path}.backend")));
             p.extend(m.engine.validate(&format!("{path}.engine")));
             p.extend(m.cache.validate(&format!("{path}.cache")));
+            if let Some(prices) = &m.prices {
+                p.extend(prices.validate(&format!("{path}.prices")));
+            }
+            p.extend(m.budget.validate(&format!("{path}.budget"), m.prices.as_ref()));
             if let Some(k) = &m.kserve {
                 if matches!(m.backend, BackendConfig::Kserve(_)) {
                     p.push(format!(

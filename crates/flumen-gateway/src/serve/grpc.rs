@@ -67,7 +67,9 @@ fn grpc_timeout(v: &str) -> Option<Duration> {
 fn status(r: Reject) -> Status {
     let message = r.message;
     match r.reason {
-        Reason::Busy | Reason::Failed(ErrorKind::Overloaded) => Status::resource_exhausted(message),
+        Reason::Busy | Reason::Failed(ErrorKind::Overloaded | ErrorKind::BudgetExhausted) => {
+            Status::resource_exhausted(message)
+        }
         Reason::Unauthorized => Status::unauthenticated(message),
         Reason::UnknownModel => Status::not_found(message),
         Reason::NoInput | Reason::TooManyItems | Reason::Failed(ErrorKind::InvalidInput) => {

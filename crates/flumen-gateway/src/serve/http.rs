@@ -71,7 +71,8 @@ fn status(reason: Reason) -> StatusCode {
         Reason::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
         Reason::Busy => StatusCode::TOO_MANY_REQUESTS,
         Reason::Failed(kind) => match kind {
-            ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            // The message names the budget, what is spent and when it resets.
+            ErrorKind::Overloaded | ErrorKind::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::InvalidInput => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Transient | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
