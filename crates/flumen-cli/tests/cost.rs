@@ -109,7 +109,7 @@ fn redis_killed_mid_run_loses_nothing_and_the_cache_comes_back_with_it() {
 
     let (hits, misses, errors, skipped) = (
         count(&summary, " hits"),
-        count(&summary, " to the backend"),
+        count(&summary, " misses"),
         count(&summary, " store errors"),
         count(&summary, " lookups and writes skipped"),
     );
@@ -126,6 +126,116 @@ fn redis_killed_mid_run_loses_nothing_and_the_cache_comes_back_with_it() {
     assert!(
         hits >= 900 + 500,
         "the cache works again after Redis restarts: {summary}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What each record cost, in its output (`--usage-field`), and a token budget that
+/// runs out mid-run: the records after it fail with `budget_exhausted`, none is
+/// lost, repeats are answered from the cache at no cost, and the summary adds up.
+#[test]
+fn usage_per_record_and_a_token_budget_through_the_embedded_model() {
+    let dir = std::env::temp_dir().join(format!("flumen-usage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("budget.toml");
+    // Ordered, so that the records before the budget ran out are answered and those
+    // after are not, in input order.
+    std::fs::write(
+        &config,
+        "[backend]\nkind = \"embedded\"\n\n[operator]\norder = \"ordered\"\ncapacity = 8\n\n\
+         [mapping]\ninput = \"text\"\n\n\
+         [prices]\ninput_per_million = 0.02\n\n\
+         [budget]\ntokens = 600\nname = \"test-tokens\"\n",
+    )
+    .unwrap();
+    // 300 records over 150 texts: each text twice, ten records apart.
+    let mut input = String::new();
+    for i in 0..300 {
+        let t = (i / 20) * 10 + i % 10;
+        input.push_str(&format!(
+            "{{\"id\": {i}, \"text\": \"review number {t} of a product\"}}\n"
+        ));
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--usage-field",
+            "usage",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flumen starts");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let summary = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 300, "{summary}");
+    let (mut ok, mut cached, mut spent, mut cost) = (0, 0, 0u64, 0.0);
+    let mut exhausted = 0;
+    for (i, l) in lines.iter().enumerate() {
+        // A dead letter carries its record whole.
+        let id = l.get("error").map_or(&l["id"], |_| &l["record"]["id"]);
+        assert_eq!(id, i as u64, "ordered: {l}");
+        if let Some(e) = l.get("error") {
+            assert_eq!(e["kind"], "budget_exhausted", "{l}");
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("budget `test-tokens`"),
+                "{l}"
+            );
+            exhausted += 1;
+            continue;
+        }
+        ok += 1;
+        assert_eq!(l["prediction"].as_array().unwrap().len(), 384);
+        let u = &l["usage"];
+        let tokens = u["input_tokens"].as_u64().unwrap();
+        assert!(tokens >= 6, "{u}");
+        assert_eq!(u["output_tokens"], 0);
+        if u["cached"] == true {
+            cached += 1;
+            assert_eq!(u["cost"], 0.0, "{u}");
+        } else {
+            spent += tokens;
+            cost += u["cost"].as_f64().unwrap();
+        }
+    }
+    eprintln!("{summary}");
+    // The budget holds (embeddings cost exactly their input: no overshoot), and is
+    // used up to less than one record's tokens.
+    assert!(spent <= 600 && spent + 20 > 600, "spent {spent}");
+    assert!(exhausted > 0 && ok + exhausted == 300);
+    assert!(cached > 0, "repeats come from the cache");
+    assert!(
+        (cost - spent as f64 * 0.02 / 1e6).abs() < 1e-9,
+        "cost {cost}"
+    );
+    assert!(
+        summary.contains(&format!("{spent} tokens sent")),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("budget `test-tokens`: 600 tokens of 600 tokens spent")
+            || summary.contains(&format!(
+                "budget `test-tokens`: {spent} tokens of 600 tokens spent"
+            )),
+        "{summary}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

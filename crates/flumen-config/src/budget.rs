@@ -158,15 +158,27 @@ mod tests {
     fn every_budget_problem_is_named() {
         let text = "[backend]\nkind = \"sim\"\n[budget]\nmoney = 5.0\nperiod = \"week\"\non_exhausted = \"wait\"\n";
         let problems = FileConfig::parse("p", text).unwrap().validate();
-        for path in ["budget.money: a money budget needs [prices]", "budget.period: `week`"] {
-            assert!(problems.iter().any(|p| p.starts_with(path)), "{path}: {problems:?}");
+        for path in [
+            "budget.money: a money budget needs [prices]",
+            "budget.period: `week`",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(path)),
+                "{path}: {problems:?}"
+            );
         }
         let text = "[backend]\nkind = \"sim\"\n[budget]\ntokens = 10\non_exhausted = \"wait\"\n";
         let problems = FileConfig::parse("p", text).unwrap().validate();
-        assert!(problems[0].starts_with("budget.on_exhausted: `wait` needs a period"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("budget.on_exhausted: `wait` needs a period"),
+            "{problems:?}"
+        );
         let text = "[backend]\nkind = \"sim\"\n[prices]\ninput_per_million = -1.0\n[budget]\nmoney = 1.0\nperiod = \"day\"\n";
         let problems = FileConfig::parse("p", text).unwrap().validate();
-        assert!(problems[0].starts_with("prices.input_per_million"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("prices.input_per_million"),
+            "{problems:?}"
+        );
         let fine = "[backend]\nkind = \"sim\"\n[prices]\ninput_per_million = 0.1\n[budget]\nmoney = 1.0\nperiod = \"day\"\non_exhausted = \"wait\"\n";
         let config = FileConfig::parse("p", fine).unwrap();
         assert!(config.validate().is_empty());

@@ -126,6 +126,7 @@ impl EngineSection {
             // `[cache]` and `[budget]` are sections of their own.
             cache: None,
             spend: None,
+            prices: None,
         }
     }
 }

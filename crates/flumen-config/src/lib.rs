@@ -110,6 +110,7 @@ impl FileConfig {
     pub fn engine(&self, name: &str) -> EngineConfig {
         let mut e = self.engine.config(name);
         e.spend = self.budget.build(self.prices.as_ref());
+        e.prices = self.prices.map(|p| p.prices());
         e
     }
 

@@ -59,7 +59,9 @@ mod stats;
 pub mod telemetry;
 
 pub use batcher::{BatchConfig, BatchPolicy, Decision, QueuedMeta, Slots};
-pub use engine::{CacheConfig, CacheStats, Engine, EngineConfig, Pending, STORE_REST};
+pub use engine::{
+    CacheConfig, CacheStats, Detail, Engine, EngineConfig, Pending, Receipt, STORE_REST,
+};
 pub use fallback::{Fallback, FallbackStage, Served, StageFuture};
 pub use latency::LatencyModel;
 pub use limiter::{Aimd, AimdConfig, ConcurrencyConfig, Gradient, GradientConfig, Limiter};

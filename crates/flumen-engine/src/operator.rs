@@ -16,7 +16,7 @@ use metrics::{Counter, Histogram};
 use slab::Slab;
 use tokio::time::Instant;
 
-use crate::engine::{Engine, Pending};
+use crate::engine::{Detail, Engine, Pending, Receipt};
 use crate::fallback::{Fallback, Served};
 use crate::telemetry;
 
@@ -67,6 +67,9 @@ pub struct Outcome<R, O> {
     pub result: Result<O, Failure>,
     /// Who produced the result: the primary engine or a fallback stage.
     pub served: Served,
+    /// What the record cost at the primary engine (zero for an answer from a
+    /// fallback stage, or a record refused before reaching the engine).
+    pub receipt: Receipt,
 }
 
 /// Adds [`infer`](InferExt::infer) to every stream.
@@ -100,6 +103,8 @@ struct Entry<R, O> {
     served: Served,
     /// The primary failure, while fallback stages run.
     primary: Option<Failure>,
+    /// How the primary engine answered.
+    detail: Detail,
 }
 
 /// A running fallback stage: (slot, stage, result).
@@ -119,11 +124,13 @@ struct Tagged<O> {
 }
 
 impl<O> Future for Tagged<O> {
-    type Output = (usize, Result<O, Failure>);
+    type Output = (usize, Result<O, Failure>, Detail);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let slot = self.slot;
-        Pin::new(&mut self.pending).poll(cx).map(|r| (slot, r))
+        self.pending
+            .poll_detailed(cx)
+            .map(|(r, detail)| (slot, r, detail))
     }
 }
 
@@ -226,6 +233,7 @@ where
             result: None,
             served: Served::Primary,
             primary: None,
+            detail: Detail::default(),
         });
         match self.config.order {
             OrderMode::Unordered => {}
@@ -344,10 +352,15 @@ where
     fn release(&mut self, slot: usize) {
         let entry = self.entries.remove(slot);
         let result = entry.result.expect("only completed entries are released");
+        let receipt = match entry.served {
+            Served::Primary => self.engine.receipt(&result, entry.detail),
+            Served::Fallback(_) => Receipt::default(),
+        };
         self.ready.push_back(Outcome {
             record: entry.record,
             result,
             served: entry.served,
+            receipt,
         });
     }
 }
@@ -372,7 +385,8 @@ where
                 Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        while let Poll::Ready(Some((slot, result))) = this.pending.poll_next_unpin(cx) {
+        while let Poll::Ready(Some((slot, result, detail))) = this.pending.poll_next_unpin(cx) {
+            this.entries[slot].detail = detail;
             this.on_primary(slot, result);
         }
         while let Poll::Ready(Some((slot, stage, result))) = this.running.poll_next_unpin(cx) {

@@ -36,8 +36,8 @@ const NANO: f64 = 1e9;
 impl Prices {
     /// The cost of `input` and `output` tokens, in billionths of the currency.
     pub fn nanos(&self, input: u64, output: u64) -> u64 {
-        let cost = (input as f64 * self.input_per_million + output as f64 * self.output_per_million)
-            / 1e6;
+        let cost =
+            (input as f64 * self.input_per_million + output as f64 * self.output_per_million) / 1e6;
         (cost * NANO).round() as u64
     }
 }
@@ -60,11 +60,11 @@ impl Unit {
         }
     }
 
-    /// `amount` as a person reads it: `1234 tokens`, or `0.0123` (money).
+    /// `amount` as a person reads it: `1234 tokens`, or `0.012300` (money).
     pub fn show(&self, amount: u64) -> String {
         match self {
             Unit::Tokens => format!("{amount} tokens"),
-            Unit::Money(_) => format!("{:.4}", amount as f64 / NANO),
+            Unit::Money(_) => format!("{:.6}", amount as f64 / NANO),
         }
     }
 
@@ -157,7 +157,12 @@ impl SpendBudget {
     /// Reserves `amount` for a call, if it fits.
     pub fn reserve(&mut self, now: Instant, amount: u64) -> Result<(), Exhausted> {
         self.roll(now);
-        if self.spent.saturating_add(self.reserved).saturating_add(amount) <= self.limit {
+        if self
+            .spent
+            .saturating_add(self.reserved)
+            .saturating_add(amount)
+            <= self.limit
+        {
             self.reserved += amount;
             return Ok(());
         }
@@ -253,6 +258,6 @@ mod tests {
         assert_eq!(p.nanos(1_000_000, 0), 20_000_000);
         assert_eq!(Unit::Money(p).cost(500, 100), 10_000 + 60_000);
         assert_eq!(Unit::of_money(0.5), 500_000_000);
-        assert_eq!(Unit::Money(p).show(20_000_000), "0.0200");
+        assert_eq!(Unit::Money(p).show(20_000_000), "0.020000");
     }
 }

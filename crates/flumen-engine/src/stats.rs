@@ -21,6 +21,8 @@ pub struct Stats {
     records_sent: AtomicU64,
     resent: AtomicU64,
     tokens_sent: AtomicU64,
+    output_tokens: AtomicU64,
+    cost_nanos: AtomicU64,
     max_batch: AtomicUsize,
     breaker: AtomicU8,
     transitions: Mutex<VecDeque<(Instant, BreakerState)>>,
@@ -46,6 +48,12 @@ pub struct StatsSnapshot {
     /// ([`ItemCost::tokens`](flumen_core::ItemCost)), once per send (a retry pays
     /// again; a record answered from the cache pays nothing).
     pub tokens_sent: u64,
+    /// Output tokens of the answers received so far
+    /// ([`Backend::output_tokens`](flumen_core::Backend::output_tokens)).
+    pub output_tokens: u64,
+    /// What the calls so far cost at the engine's prices, in billionths of the
+    /// currency (0 without prices): input tokens sent and output tokens received.
+    pub cost_nanos: u64,
     /// The largest batch sent so far.
     pub max_batch: usize,
     /// The circuit breaker's phase (`Closed` when the engine has none).
@@ -74,6 +82,8 @@ impl Stats {
             records_sent: self.records_sent.load(Relaxed),
             resent: self.resent.load(Relaxed),
             tokens_sent: self.tokens_sent.load(Relaxed),
+            output_tokens: self.output_tokens.load(Relaxed),
+            cost_nanos: self.cost_nanos.load(Relaxed),
             max_batch: self.max_batch.load(Relaxed),
             breaker: BreakerPhase::from_level(self.breaker.load(Relaxed)),
         }
@@ -108,6 +118,12 @@ impl Stats {
         self.queued.store(queued, Relaxed);
         self.in_flight.store(in_flight, Relaxed);
         self.limit.store(limit, Relaxed);
+    }
+
+    /// Counts a call's answer; returns the cost so far.
+    pub(crate) fn call_answered(&self, output_tokens: u64, cost_nanos: u64) -> u64 {
+        self.output_tokens.fetch_add(output_tokens, Relaxed);
+        self.cost_nanos.fetch_add(cost_nanos, Relaxed) + cost_nanos
     }
 
     pub(crate) fn call_sent(&self, items: usize, first_sends: usize, tokens: u64) {

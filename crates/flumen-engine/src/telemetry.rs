@@ -42,6 +42,14 @@ pub const BREAKER_TRANSITIONS: &str = "flumen_breaker_transitions_total";
 /// Fallback stages run, by stage and result (counter). Labels `stage`, `result`.
 pub const FALLBACKS: &str = "flumen_fallbacks_total";
 
+/// Tokens the backend was sent and answered, by direction: `input` (counted when a
+/// call is sent, once per send) and `output` (when it answers) (counter, tokens).
+/// Label `direction`.
+pub const TOKENS: &str = "flumen_tokens_total";
+/// What the calls so far cost at the engine's configured prices, in the prices'
+/// currency (a gauge that only grows: the `metrics` facade's counters count whole
+/// units).
+pub const COST: &str = "flumen_cost";
 /// Result cache lookups, by result: `hit` (answered from the store), `miss` (sent
 /// on, or waiting for an identical record's call), `shared` (of the misses, answered
 /// by an identical record's call) (counter, records). Labels `store`, `result`.
@@ -89,6 +97,12 @@ pub fn describe() {
         "breaker transitions by state entered"
     );
     describe_counter!(
+        TOKENS,
+        Unit::Count,
+        "tokens sent and answered, by direction"
+    );
+    describe_gauge!(COST, "cost of the calls so far at the configured prices");
+    describe_counter!(
         CACHE_LOOKUPS,
         Unit::Count,
         "result cache lookups by result (hit, miss, shared)"
@@ -127,6 +141,9 @@ pub(crate) struct Instruments {
     attempts: Histogram,
     pub(crate) budget_exhausted: Counter,
     pub(crate) hedges: Counter,
+    input_tokens: Counter,
+    output_tokens: Counter,
+    cost: Gauge,
     ok: Counter,
     failed: Vec<Counter>,
     retries: Vec<Counter>,
@@ -155,6 +172,9 @@ impl Instruments {
             attempts: metrics::histogram!(ATTEMPTS, "engine" => engine.clone()),
             budget_exhausted: metrics::counter!(BUDGET_EXHAUSTED, "engine" => engine.clone()),
             hedges: metrics::counter!(HEDGES, "engine" => engine.clone()),
+            input_tokens: metrics::counter!(TOKENS, "engine" => engine.clone(), "direction" => "input"),
+            output_tokens: metrics::counter!(TOKENS, "engine" => engine.clone(), "direction" => "output"),
+            cost: metrics::gauge!(COST, "engine" => engine.clone()),
             ok: outcome("ok"),
             failed: ErrorKind::ALL.iter().map(|k| outcome(k.as_str())).collect(),
             retries: ErrorKind::ALL.iter().map(|k| retry(k.as_str())).collect(),
@@ -168,6 +188,19 @@ impl Instruments {
         match failed {
             None => self.ok.increment(1),
             Some(kind) => self.failed[index(kind)].increment(1),
+        }
+    }
+
+    /// A call was sent with `tokens` input tokens.
+    pub(crate) fn call_tokens(&self, tokens: u64) {
+        self.input_tokens.increment(tokens);
+    }
+
+    /// A call answered with `output` tokens; the engine's cost so far is `total_nanos`.
+    pub(crate) fn call_cost(&self, output: u64, total_nanos: u64) {
+        self.output_tokens.increment(output);
+        if total_nanos > 0 {
+            self.cost.set(total_nanos as f64 / 1e9);
         }
     }
 

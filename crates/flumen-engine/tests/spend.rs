@@ -73,7 +73,10 @@ impl Backend for Llm {
         sleep(Duration::from_millis(50)).await;
         let outs: Vec<u64> = {
             let mut rng = self.rng.lock().unwrap();
-            batch.iter().map(|_| rng.random_range(0..=self.max_out)).collect()
+            batch
+                .iter()
+                .map(|_| rng.random_range(0..=self.max_out))
+                .collect()
         };
         let cost: u64 = batch.iter().sum::<u64>() + outs.iter().sum::<u64>();
         self.paid.lock().unwrap().push((Instant::now(), cost));
@@ -127,14 +130,20 @@ async fn sixty_four_concurrent_callers_stay_within_the_budget_bound() {
     // Output estimate holds (answers of 0–20 tokens): never over the limit. Answers
     // of up to 40 tokens: over by at most what the calls in flight cost beyond their
     // reservations, 4 calls × 8 records × 20 tokens.
-    for (max_out, bound) in [(OUT_ESTIMATE, 0), (40, CALLS as u64 * MAX_BATCH as u64 * 20)] {
+    for (max_out, bound) in [
+        (OUT_ESTIMATE, 0),
+        (40, CALLS as u64 * MAX_BATCH as u64 * 20),
+    ] {
         let backend = Arc::new(Llm::new(max_out));
         let budget = SpendBudget::new("test", Unit::Tokens, limit, None, Instant::now());
         let engine = engine(&backend, budget, OnExhausted::Fail);
         let outcomes = sixty_four_callers(&engine).await;
         let paid = backend.total();
         eprintln!("max_out {max_out}: paid {paid} of {limit} (bound +{bound})");
-        assert!(paid <= limit + bound, "paid {paid}, limit {limit} + bound {bound}");
+        assert!(
+            paid <= limit + bound,
+            "paid {paid}, limit {limit} + bound {bound}"
+        );
         // It stops only when it must: what is left is less than one record's
         // reservation (59 input + 20 output tokens).
         assert!(paid + 59 + OUT_ESTIMATE >= limit, "stopped early at {paid}");
@@ -164,7 +173,10 @@ async fn a_periodic_budget_with_wait_holds_each_period_and_answers_every_record(
         .map(|_| engine.submit(rng.random_range(10..60), Some(deadline)))
         .collect();
     let outcomes = futures::future::join_all(pending).await;
-    assert!(outcomes.iter().all(Result::is_ok), "every record waits its turn");
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "every record waits its turn"
+    );
     let paid = backend.paid.lock().unwrap().clone();
     let mut by_period = std::collections::BTreeMap::new();
     for (at, cost) in &paid {

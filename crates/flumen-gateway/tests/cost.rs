@@ -21,7 +21,11 @@ type Embedded = Arc<Mutex<HashMap<String, u32>>>;
 async fn embeddings(State(seen): State<Embedded>, Json(body): Json<Value>) -> Json<Value> {
     let inputs: Vec<String> = body["input"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let mut seen = seen.lock().unwrap();
     let data: Vec<Value> = inputs
@@ -88,7 +92,11 @@ async fn replicas_sharing_redis_pay_once_per_input_and_a_spent_budget_answers_42
     let (status, answer) = embed(&http, &base_b, &all).await;
     assert_eq!(status, 200, "{answer}");
     for (i, d) in answer["data"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(d["embedding"], json!([texts[i].len() as f32, 1.0]), "input {i}");
+        assert_eq!(
+            d["embedding"],
+            json!([texts[i].len() as f32, 1.0]),
+            "input {i}"
+        );
     }
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 40);
@@ -137,5 +145,8 @@ async fn replicas_sharing_redis_pay_once_per_input_and_a_spent_budget_answers_42
     let body = refused.expect("the budget ran out within 200 requests");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("budget `vec-test` is spent"), "{message}");
-    assert!(answered > 5, "{answered} answered before the budget ran out");
+    assert!(
+        answered > 5,
+        "{answered} answered before the budget ran out"
+    );
 }

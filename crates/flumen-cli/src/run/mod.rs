@@ -16,6 +16,7 @@ use flumen_core::ErrorKind;
 use flumen_engine::{Engine, InferExt, OrderMode, Outcome};
 use flumen_gateway::signals::{Signal, Signals};
 use futures::StreamExt;
+use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::progress::{Progress, Snapshot};
@@ -23,7 +24,7 @@ use crate::progress::{Progress, Snapshot};
 mod records;
 mod setup;
 
-use records::{failure_line, key_of, model_input, parse_line, success_line};
+use records::{failure_line, key_of, model_input, parse_line, success_line, usage};
 use records::{Outgoing, Quarantine, Writers, Written};
 use setup::{from_file, from_flags, pipeline_path};
 
@@ -46,6 +47,10 @@ pub struct RunArgs {
     /// The field the prediction is written to.
     #[arg(long, default_value = "prediction")]
     output_field: String,
+    /// Also write what each record cost to this field of its output:
+    /// `{"input_tokens", "output_tokens", "cost" (with [prices]), "cached"}`.
+    #[arg(long)]
+    usage_field: Option<String>,
     /// Output order.
     #[arg(long, value_enum, default_value_t = Order::Unordered)]
     order: Order,
@@ -310,6 +315,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         .cache
         .build(&setup.backend, &mut flumen_config::Stores::default())
         .map_err(|e| anyhow::anyhow!("cannot open the result cache: {e}"))?;
+    let spend = engine_config.spend.clone();
     let engine = Engine::new(backend, engine_config);
     let capacity = setup.operator.capacity;
     let patience = setup.delivery.patience;
@@ -400,7 +406,10 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         for (
             i,
             Outcome {
-                mut record, result, ..
+                mut record,
+                result,
+                receipt,
+                ..
             },
         ) in chunk.into_iter().enumerate()
         {
@@ -410,7 +419,10 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             match result {
                 Ok(prediction) => {
                     tally.ok += 1;
-                    let json = success_line(&record, &setup.output_field, prediction);
+                    let mut json = success_line(&record, &setup.output_field, prediction);
+                    if let (Some(field), Value::Object(map)) = (&setup.usage_field, &mut json) {
+                        map.insert(field.clone(), usage(&receipt));
+                    }
                     out.output(i, key, json, false);
                 }
                 Err(failure) => {
@@ -497,7 +509,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             .cache_stats()
             .map(|c| {
                 format!(
-                    "; cache: {} hits, {} shared, {} to the backend{}",
+                    "; cache: {} hits, {} shared, {} misses{}",
                     c.hits,
                     c.shared,
                     c.misses,
@@ -512,11 +524,27 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 )
             })
             .unwrap_or_default();
-        let tokens = if stats.tokens_sent > 0 {
-            format!(", {} tokens sent", stats.tokens_sent)
-        } else {
-            String::new()
-        };
+        let mut tokens = String::new();
+        if stats.tokens_sent + stats.output_tokens > 0 {
+            tokens = format!(
+                ", {} tokens sent, {} received",
+                stats.tokens_sent, stats.output_tokens
+            );
+        }
+        if setup.prices.is_some() {
+            tokens.push_str(&format!(", cost {:.6}", stats.cost_nanos as f64 / 1e9));
+        }
+        if let Some(spend) = &spend {
+            let mut budget = spend.budget.lock().expect("spend lock");
+            let s = budget.snapshot(Instant::now());
+            let unit = budget.unit();
+            tokens.push_str(&format!(
+                "; budget `{}`: {} of {} spent",
+                budget.name(),
+                unit.show(s.spent),
+                unit.show(s.limit)
+            ));
+        }
         eprintln!(
             "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{tokens}{cache}{}{}",
             total as f64 / elapsed.max(1e-9),

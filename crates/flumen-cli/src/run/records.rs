@@ -95,6 +95,18 @@ pub(super) fn success_line(line: &Line, output_field: &str, prediction: Value) -
     }
 }
 
+/// What a record cost, for `--usage-field`.
+pub(super) fn usage(receipt: &flumen_engine::Receipt) -> Value {
+    let mut u = Map::new();
+    u.insert("input_tokens".into(), receipt.input_tokens.into());
+    u.insert("output_tokens".into(), receipt.output_tokens.into());
+    if let Some(cost) = receipt.cost {
+        u.insert("cost".into(), cost.into());
+    }
+    u.insert("cached".into(), receipt.from_cache.into());
+    Value::Object(u)
+}
+
 /// A dead letter: where the record came from, its size, the record itself when it is
 /// at most `excerpt_bytes` long (else its first `excerpt_bytes` as `excerpt`), and why
 /// it failed (`kind`: an [`flumen_core::ErrorKind`], or `sink_refused`).

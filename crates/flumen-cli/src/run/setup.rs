@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use flumen_config::engine::concurrency_flag;
-use flumen_config::{BackendConfig, BudgetSection, CacheSection, EmbeddedSection, FileConfig};
 use flumen_config::PricesSection;
+use flumen_config::{BackendConfig, BudgetSection, CacheSection, EmbeddedSection, FileConfig};
 use flumen_config::{EngineSection, OperatorSection};
 use flumen_connect::{Patience, SinkConfig, SourceConfig};
 use flumen_engine::{EngineConfig, OperatorConfig};
@@ -29,6 +29,7 @@ pub(super) struct Setup {
     pub(super) backend: BackendConfig,
     pub(super) engine: EngineConfig,
     pub(super) cache: CacheSection,
+    pub(super) prices: Option<PricesSection>,
     pub(super) operator: OperatorConfig,
     pub(super) key: Option<KeyBy>,
     pub(super) source: SourceConfig,
@@ -36,6 +37,7 @@ pub(super) struct Setup {
     pub(super) dead_letter: Option<SinkConfig>,
     pub(super) field: Option<String>,
     pub(super) output_field: String,
+    pub(super) usage_field: Option<String>,
     pub(super) max_record_bytes: usize,
     pub(super) delivery: Delivery,
 }
@@ -121,6 +123,8 @@ pub(super) struct MappingSection {
     input: Option<String>,
     /// The field the prediction is written to.
     output: Option<String>,
+    /// The field what the record cost is written to (none by default).
+    usage: Option<String>,
     /// Longer records fail alone (default 1 MiB).
     max_record_bytes: Option<usize>,
 }
@@ -134,6 +138,7 @@ pub(super) const FLAGS_BESIDE_A_FILE: &[&str] = &[
     "dead_letter",
     "field",
     "output_field",
+    "usage_field",
     "max_record_bytes",
     "excerpt_bytes",
     "quarantine",
@@ -257,6 +262,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
             Some(o) if !given(args, "output_field") => o,
             _ => args.output_field.clone(),
         },
+        usage_field: args.usage_field.clone().or(mapping.usage),
         max_record_bytes: match mapping.max_record_bytes {
             Some(m) if !given(args, "max_record_bytes") => m,
             _ => args.max_record_bytes,
@@ -279,6 +285,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
         },
         backend: file.backend,
         cache: file.cache,
+        prices: file.prices,
     })
 }
 
@@ -412,11 +419,13 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
         key: key_of(&file.operator),
         backend: file.backend,
         cache: file.cache,
+        prices: file.prices,
         source: source_of_flags(args),
         sink: args.output.as_deref().map_or(SinkConfig::Stdout, file_sink),
         dead_letter: args.dead_letter.as_deref().map(file_sink),
         field: args.field.clone(),
         output_field: args.output_field.clone(),
+        usage_field: args.usage_field.clone(),
         max_record_bytes: args.max_record_bytes,
         delivery: Delivery {
             excerpt_bytes: args.excerpt_bytes,

@@ -85,8 +85,9 @@ pub(crate) struct CacheCounters {
 pub struct CacheStats {
     /// Records answered from the store.
     pub hits: u64,
-    /// Records looked up and not found (or whose lookup failed), and so queued for
-    /// the backend.
+    /// Records looked up and not found (or whose lookup failed or was skipped), and
+    /// so queued for the backend (where a spent budget or a deadline may still fail
+    /// them before they are sent).
     pub misses: u64,
     /// Records answered by an identical record's lookup or call, without a lookup or
     /// a call of their own.

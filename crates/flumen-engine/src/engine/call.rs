@@ -46,6 +46,7 @@ pub(super) struct Call<B> {
     pub(super) hedge_after: Option<Duration>,
     /// The spending budget, and what this call reserved from it.
     pub(super) spend: Option<(Arc<Mutex<SpendBudget>>, u64)>,
+    pub(super) prices: Option<crate::spend::Prices>,
 }
 
 /// A record in a call, while it waits for its result.
@@ -110,21 +111,27 @@ impl<B: Backend> Call<B> {
 
         let hedged = AtomicBool::new(false);
         let ended = self.call(&inputs, &mut waiting, &hedged).await;
+        // What the call cost: its input, and its answers' output tokens; nothing
+        // for a call refused as overloaded (not billed).
+        let billed = match &ended {
+            Ended::Returned(Err(e)) if e.kind == ErrorKind::Overloaded => None,
+            Ended::Returned(Ok(results)) => Some((
+                tokens,
+                results
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok())
+                    .map(|o| self.backend.output_tokens(o))
+                    .sum(),
+            )),
+            _ => Some((tokens, 0)),
+        };
+        let (input, output) = billed.unwrap_or((0, 0));
+        let nanos = self.prices.map_or(0, |p| p.nanos(input, output));
+        let total = self.stats.call_answered(output, nanos);
+        self.instruments.call_cost(output, total);
         if let Some((budget, reserved)) = &self.spend {
             let mut budget = budget.lock().expect("spend lock");
-            let actual = match &ended {
-                // Refused as overloaded: not billed.
-                Ended::Returned(Err(e)) if e.kind == ErrorKind::Overloaded => 0,
-                Ended::Returned(Ok(results)) => {
-                    let output = results
-                        .iter()
-                        .filter_map(|r| r.as_ref().ok())
-                        .map(|o| self.backend.output_tokens(o))
-                        .sum();
-                    budget.unit().cost(tokens, output)
-                }
-                _ => budget.unit().cost(tokens, 0),
-            };
+            let actual = budget.unit().cost(input, output);
             budget.settle(Instant::now(), *reserved, actual);
         }
         let rtt = self.sent_at.elapsed();
@@ -264,6 +271,7 @@ impl<B: Backend> Call<B> {
             self.instruments.hedges.increment(1);
             let tokens = inputs.iter().map(|i| self.backend.cost(i).tokens).sum();
             self.stats.call_sent(inputs.len(), 0, tokens);
+            self.instruments.call_tokens(tokens);
             AssertUnwindSafe(self.backend.call(inputs))
                 .catch_unwind()
                 .await

@@ -57,6 +57,7 @@ pub(super) struct Dispatcher<B: Backend> {
     hedge_after: Option<Duration>,
     retry: RetryConfig,
     spend: Option<SpendConfig>,
+    prices: Option<crate::spend::Prices>,
     /// With `on_exhausted = wait`: no call is sent until then (the budget's next
     /// period), or until a call in flight settles for less than it reserved.
     spend_wait: Option<Instant>,
@@ -105,6 +106,7 @@ impl<B: Backend> Dispatcher<B> {
                 .filter(|_| caps.idempotent && config.spend.is_none()),
             retry: config.retry.clone(),
             spend: config.spend.clone(),
+            prices: config.prices,
             spend_wait: None,
         }
     }
@@ -514,6 +516,7 @@ impl<B: Backend> Dispatcher<B> {
         self.in_flight_items += batch.len();
         let tokens = batch.iter().map(|j| j.meta.cost.tokens).sum();
         self.stats.call_sent(batch.len(), first, tokens);
+        self.instruments.call_tokens(tokens);
         self.instruments.batch_size.record(batch.len() as f64);
         let call = Call {
             backend: Arc::clone(&self.backend),
@@ -530,6 +533,7 @@ impl<B: Backend> Dispatcher<B> {
                 .spend
                 .as_ref()
                 .map(|s| (Arc::clone(&s.budget), reserved)),
+            prices: self.prices,
         };
         self.calls.spawn(call.run(batch));
     }

@@ -70,6 +70,9 @@ pub struct EngineConfig {
     /// [`spend`](crate::spend)); `None` (the default): none. With one, hedging is off
     /// (a hedge would spend twice for one answer).
     pub spend: Option<crate::spend::SpendConfig>,
+    /// What the backend's tokens cost, for the cost in [`StatsSnapshot::cost_nanos`]
+    /// and the `flumen_cost_total` metric; `None` (the default): not counted.
+    pub prices: Option<crate::spend::Prices>,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;
@@ -94,6 +97,7 @@ struct Shared<B: Backend> {
     stats: Arc<Stats>,
     instruments: Arc<Instruments>,
     cache: Option<cache::Cache>,
+    prices: Option<crate::spend::Prices>,
     name: String,
 }
 
@@ -158,6 +162,7 @@ impl<B: Backend> Engine<B> {
                 stats,
                 instruments,
                 cache,
+                prices: config.prices,
                 name: config.name,
             }),
         }
@@ -173,28 +178,54 @@ impl<B: Backend> Engine<B> {
     /// up, and shares the call of an identical record in flight (see
     /// [`CacheConfig`]); it is queued only when the future is first polled.
     pub fn submit(&self, input: B::Input, deadline: Option<Instant>) -> Pending<B::Output> {
+        let input_tokens = self.shared.backend.cost(&input).tokens;
         if let Some(cache) = &self.shared.cache {
             if let Some(content) = self.shared.backend.cache_key(&input) {
                 let key = cache.key(&content);
                 let engine = self.clone();
                 return Pending {
                     inner: PendingInner::Cached(Box::pin(engine.cached(key, input, deadline))),
+                    input_tokens,
                 };
             }
         }
         Pending {
             inner: PendingInner::Queued(self.enqueue(input, deadline)),
+            input_tokens,
+        }
+    }
+
+    /// What a record that had `outcome` cost: its input tokens (one send's worth),
+    /// its answer's output tokens, at the engine's prices; nothing when the answer
+    /// came from the cache.
+    pub fn receipt(&self, outcome: &Result<B::Output, Failure>, detail: Detail) -> Receipt {
+        let output_tokens = outcome
+            .as_ref()
+            .map_or(0, |o| self.shared.backend.output_tokens(o));
+        let paid = !detail.from_cache && outcome.is_ok();
+        Receipt {
+            from_cache: detail.from_cache,
+            input_tokens: detail.input_tokens,
+            output_tokens,
+            cost: self.shared.prices.map(|p| {
+                if paid {
+                    p.nanos(detail.input_tokens, output_tokens) as f64 / 1e9
+                } else {
+                    0.0
+                }
+            }),
         }
     }
 
     /// A record through the result cache: led or followed, then looked up, then
-    /// queued (see `cache.rs`).
+    /// queued (see `cache.rs`). True with an answer from the store or another
+    /// record's call.
     async fn cached(
         self,
         key: flumen_core::CacheKey,
         input: B::Input,
         deadline: Option<Instant>,
-    ) -> Result<B::Output, Failure> {
+    ) -> (Result<B::Output, Failure>, bool) {
         let cache = self
             .shared
             .cache
@@ -210,13 +241,13 @@ impl<B: Backend> Engine<B> {
                         Some(output) => {
                             cache.shared();
                             instruments.outcome(0, None);
-                            return Ok(output);
+                            return (Ok(output), true);
                         }
                         None => cache.undecodable(),
                     },
                     Ok(Some(Err(failure))) | Err(failure) => {
                         instruments.outcome(failure.attempts, Some(failure.kind));
-                        return Err(failure);
+                        return (Err(failure), false);
                     }
                     Ok(None) => {}
                 },
@@ -228,7 +259,7 @@ impl<B: Backend> Engine<B> {
                     cache.hit();
                     instruments.outcome(0, None);
                     guard.answer(bytes);
-                    return Ok(output);
+                    return (Ok(output), true);
                 }
                 None => cache.undecodable(),
             }
@@ -248,7 +279,7 @@ impl<B: Backend> Engine<B> {
             // The leader's own failure: its followers lead again (the guard drops).
             Err(_) => {}
         }
-        result
+        (result, false)
     }
 
     /// Queues one input for the dispatcher; its outcome comes on the receiver.
@@ -308,6 +339,7 @@ impl<B: Backend> Engine<B> {
 #[must_use = "a record's outcome is only observed by awaiting its Pending"]
 pub struct Pending<O> {
     inner: PendingInner<O>,
+    input_tokens: u64,
 }
 
 type Outcome<O> = Result<O, Failure>;
@@ -315,8 +347,33 @@ type Outcome<O> = Result<O, Failure>;
 enum PendingInner<O> {
     /// Queued: the dispatcher will answer.
     Queued(oneshot::Receiver<Outcome<O>>),
-    /// Through the result cache.
-    Cached(Pin<Box<dyn Future<Output = Outcome<O>> + Send>>),
+    /// Through the result cache (true: answered from it).
+    Cached(Pin<Box<dyn Future<Output = (Outcome<O>, bool)> + Send>>),
+}
+
+/// How a record was answered, beside its outcome: see [`Pending::poll_detailed`]
+/// and [`Engine::receipt`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Detail {
+    /// Answered from the result cache, or by an identical record's call.
+    pub from_cache: bool,
+    /// The record's input tokens, by the backend's count.
+    pub input_tokens: u64,
+}
+
+/// What one record cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Receipt {
+    /// Answered from the result cache (or by an identical record's call): it cost
+    /// nothing.
+    pub from_cache: bool,
+    /// Its input tokens (one send's worth: a retried record was paid again, which
+    /// the engine's totals count).
+    pub input_tokens: u64,
+    /// Its answer's output tokens.
+    pub output_tokens: u64,
+    /// What it cost at the engine's prices (`None` without prices).
+    pub cost: Option<f64>,
 }
 
 impl<O> std::fmt::Debug for Pending<O> {
@@ -343,14 +400,35 @@ async fn recv<O>(rx: oneshot::Receiver<Outcome<O>>) -> Outcome<O> {
     received(rx.await)
 }
 
+impl<O> Pending<O> {
+    /// Polls for the outcome with how it was answered.
+    pub fn poll_detailed(&mut self, cx: &mut Context<'_>) -> Poll<(Outcome<O>, Detail)> {
+        let input_tokens = self.input_tokens;
+        let (outcome, from_cache) = match &mut self.inner {
+            PendingInner::Queued(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Ready(r) => (received(r), false),
+                Poll::Pending => return Poll::Pending,
+            },
+            PendingInner::Cached(f) => match f.as_mut().poll(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        Poll::Ready((
+            outcome,
+            Detail {
+                from_cache,
+                input_tokens,
+            },
+        ))
+    }
+}
+
 impl<O> Future for Pending<O> {
     type Output = Outcome<O>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.inner {
-            PendingInner::Queued(rx) => Pin::new(rx).poll(cx).map(received),
-            PendingInner::Cached(f) => f.as_mut().poll(cx),
-        }
+        self.poll_detailed(cx).map(|(outcome, _)| outcome)
     }
 }
 

@@ -206,7 +206,10 @@ impl ServeConfig {
             if let Some(prices) = &m.prices {
                 p.extend(prices.validate(&format!("{path}.prices")));
             }
-            p.extend(m.budget.validate(&format!("{path}.budget"), m.prices.as_ref()));
+            p.extend(
+                m.budget
+                    .validate(&format!("{path}.budget"), m.prices.as_ref()),
+            );
             if let Some(k) = &m.kserve {
                 if matches!(m.backend, BackendConfig::Kserve(_)) {
                     p.push(format!(

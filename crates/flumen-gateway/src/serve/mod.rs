@@ -193,6 +193,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         let openai_chat = backend.is_openai_chat();
         let mut engine_config = m.engine.config(&m.name);
         engine_config.spend = m.budget.build(m.prices.as_ref());
+        engine_config.prices = m.prices.map(|p| p.prices());
         engine_config.cache = m.cache.build(&m.backend, &mut stores).map_err(|e| {
             anyhow::anyhow!("model `{}`: cannot open its result cache: {e}", m.name)
         })?;
