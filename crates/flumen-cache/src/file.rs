@@ -48,13 +48,17 @@ fn failed(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 impl FileStore {
     /// Opens (or creates) the store at `path`. Entries expire `ttl` after they were
-    /// written, if given (checked when read; expired entries are replaced by the
-    /// next write of their key).
+    /// written, if given: an expired entry is not answered, and is removed when the
+    /// store is next opened (so the file does not keep them across restarts).
     pub fn open(path: &Path, ttl: Option<Duration>) -> Result<FileStore, StoreError> {
         let db = Database::create(path).map_err(|e| failed(&path.display().to_string(), e))?;
         {
+            let now = unix_ms();
             let tx = db.begin_write().map_err(|e| failed("open", e))?;
-            tx.open_table(ANSWERS).map_err(|e| failed("open", e))?;
+            tx.open_table(ANSWERS)
+                .map_err(|e| failed("open", e))?
+                .retain(|_, (expiry, _)| expiry == 0 || expiry > now)
+                .map_err(|e| failed("open", e))?;
             tx.commit().map_err(|e| failed("open", e))?;
         }
         let db = Arc::new(db);
@@ -157,7 +161,7 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         {
             let store = FileStore::open(&dir, None).unwrap();
-            // Sent together, committed together.
+            // Sent before any is awaited: the writer thread may commit them together.
             let keys: Vec<CacheKey> = (0..50u8).map(|i| [i; 32]).collect();
             let values: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 10]).collect();
             let puts: Vec<_> = keys

@@ -322,7 +322,10 @@ fn demo_writes_the_built_in_reviews_with_their_embeddings() {
     // The summary says what the model was sent and what the cache saved: the built-in
     // reviews repeat some texts, answered once.
     assert!(err.contains(" tokens sent, 0 received"), "{err}");
-    assert!(err.contains("cache: ") && !err.contains("cache: 0 hits, 0 shared"), "{err}");
+    assert!(
+        err.contains("cache: ") && !err.contains("cache: 0 hits, 0 shared"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -114,7 +114,7 @@ impl BudgetSection {
         };
         match self.on_exhausted.as_deref() {
             None | Some("fail") => {}
-            Some("wait") if period.is_none() && self.period.is_none() => p.push(format!(
+            Some("wait") if period.is_none() => p.push(format!(
                 "{path}.on_exhausted: `wait` needs a period (minute, hour or day): a budget for the whole run never comes back"
             )),
             Some("wait") => {}
@@ -167,12 +167,16 @@ mod tests {
                 "{path}: {problems:?}"
             );
         }
-        let text = "[backend]\nkind = \"sim\"\n[budget]\ntokens = 10\non_exhausted = \"wait\"\n";
-        let problems = FileConfig::parse("p", text).unwrap().validate();
-        assert!(
-            problems[0].starts_with("budget.on_exhausted: `wait` needs a period"),
-            "{problems:?}"
-        );
+        for period in ["", "period = \"run\"\n"] {
+            let text = format!(
+                "[backend]\nkind = \"sim\"\n[budget]\ntokens = 10\n{period}on_exhausted = \"wait\"\n"
+            );
+            let problems = FileConfig::parse("p", &text).unwrap().validate();
+            assert!(
+                problems[0].starts_with("budget.on_exhausted: `wait` needs a period"),
+                "{problems:?}"
+            );
+        }
         let text = "[backend]\nkind = \"sim\"\n[prices]\ninput_per_million = -1.0\n[budget]\nmoney = 1.0\nperiod = \"day\"\n";
         let problems = FileConfig::parse("p", text).unwrap().validate();
         assert!(

@@ -114,9 +114,15 @@ impl CacheSection {
         let timeout = Duration::from_millis(self.timeout_ms.unwrap_or(100));
         let ttl = self.ttl_s.map(Duration::from_secs);
         let kind = self.store.as_deref().unwrap_or("memory");
+        // A store is shared by models that name the same one with the same TTL and
+        // timeout (both belong to the store); the same file with other settings is
+        // refused when it is opened twice.
         let id = match kind {
-            "file" => format!("file:{:?}", self.path),
-            "redis" => format!("redis:{}", self.url.as_deref().unwrap_or_default()),
+            "file" => format!("file:{:?} ttl={ttl:?}", self.path),
+            "redis" => format!(
+                "redis:{} ttl={ttl:?} timeout={timeout:?}",
+                self.url.as_deref().unwrap_or_default()
+            ),
             // One memory store per engine: its bound is the engine's.
             _ => format!("memory:{}", stores.0.len()),
         };

@@ -225,12 +225,28 @@ impl Backend for AnyBackend {
         }
     }
 
-    /// A text record's answer may cost the configured completion budget. (A whole chat
-    /// request's budget is part of its cost already: `request_tokens`.)
+    /// A whole chat request is billed its messages; its completion budget, which
+    /// its cost counts for the rate limits, is output (below).
+    fn billed_input_tokens(&self, record: &Value) -> Option<u64> {
+        match self {
+            AnyBackend::Chat(_) if is_chat_request(record) => Some(
+                flumen_openai::request_tokens(record)
+                    .saturating_sub(flumen_openai::completion_budget(record)),
+            ),
+            _ => None,
+        }
+    }
+
+    /// A chat answer may cost its completion budget: the request's (`max_tokens` or
+    /// `max_completion_tokens`, times `n`), else the configured one.
     fn max_output_tokens(&self, record: &Value) -> u64 {
         match self {
-            AnyBackend::Chat(b) if !is_chat_request(record) => {
-                u64::from(b.max_completion_tokens().unwrap_or(0))
+            AnyBackend::Chat(b) => {
+                let configured = u64::from(b.max_completion_tokens().unwrap_or(0));
+                match flumen_openai::completion_budget(record) {
+                    0 => configured,
+                    asked => asked,
+                }
             }
             _ => 0,
         }
@@ -301,6 +317,29 @@ impl Backend for AnyBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chat_request_is_billed_its_messages_and_may_cost_its_completion_budget() {
+        let mut config = flumen_openai::OpenAiConfig::new("http://127.0.0.1:9/v1", "m");
+        config.max_completion_tokens = Some(50);
+        let chat = AnyBackend::Chat(flumen_openai::Chat::new(config).unwrap());
+        let request = serde_json::json!({
+            "messages": [{"role": "user", "content": "hello there, how are you today?"}],
+            "max_tokens": 100,
+            "n": 2
+        });
+        let messages = flumen_openai::estimate_tokens(&request["messages"].to_string());
+        // The cost (for rate limits) counts the completion budget; the bill does not.
+        assert_eq!(chat.cost(&request).tokens, messages + 200);
+        assert_eq!(chat.billed_input_tokens(&request), Some(messages));
+        assert_eq!(chat.max_output_tokens(&request), 200);
+        // A text record: billed as its cost; its answer may cost the configured 50.
+        let text = Value::from("hello");
+        assert_eq!(chat.billed_input_tokens(&text), None);
+        assert_eq!(chat.max_output_tokens(&text), 50);
+        let answer = serde_json::json!({"usage": {"completion_tokens": 17}});
+        assert_eq!(chat.output_tokens(&answer), 17);
+    }
 
     #[test]
     fn vectors_are_written_short_and_read_back_exactly() {

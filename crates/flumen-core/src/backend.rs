@@ -80,6 +80,13 @@ pub trait Backend: Send + Sync + 'static {
         ItemCost::default()
     }
 
+    /// The input tokens a provider bills for this input, when they differ from
+    /// [`cost`](Backend::cost)'s tokens (which may include a completion budget, for
+    /// rate limits); `None` (the default): the same.
+    fn billed_input_tokens(&self, _input: &Self::Input) -> Option<u64> {
+        None
+    }
+
     /// The most output tokens this input's answer may cost (a chat model's
     /// `max_tokens`), for a spending budget's reservation. Zero by default (the
     /// answer costs nothing beyond the input: embeddings, tensors).

@@ -92,6 +92,8 @@ pub struct Exhausted {
     /// Whether what is already spent leaves no room for the call: `false` when only
     /// the reservations of calls in flight are in the way (they may settle for less).
     pub spent: bool,
+    /// Whether the call costs more than the whole limit: it can never be paid for.
+    pub never_fits: bool,
     /// Why, for the record's failure: the budget's name, what is spent and reserved.
     pub message: String,
 }
@@ -167,9 +169,23 @@ impl SpendBudget {
             return Ok(());
         }
         let resets_at = self.period.map(|p| self.window_start + p);
+        if amount > self.limit {
+            return Err(Exhausted {
+                resets_at,
+                spent: true,
+                never_fits: true,
+                message: format!(
+                    "budget `{}`: this call needs {}, more than the whole budget of {}",
+                    self.name,
+                    self.unit.show(amount),
+                    self.unit.show(self.limit)
+                ),
+            });
+        }
         Err(Exhausted {
             resets_at,
             spent: self.spent.saturating_add(amount) > self.limit,
+            never_fits: false,
             message: format!(
                 "budget `{}` is spent: {} of {} {}, {} reserved by calls in flight, this call needs {}{}",
                 self.name,

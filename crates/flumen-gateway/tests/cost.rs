@@ -104,7 +104,8 @@ async fn replicas_sharing_redis_pay_once_per_input_and_a_spent_budget_answers_42
         seen.values().all(|n| *n == 1),
         "an input reached the upstream twice: {seen:?}"
     );
-    // Replica B's metrics say where its answers came from.
+    // The metrics say where the answers came from (one recorder per process: both
+    // replicas' counts, of which A's hits are none — its repeat was shared in flight).
     let metrics = http
         .get(format!("{base_b}/metrics"))
         .send()

@@ -107,12 +107,18 @@ impl Chat {
 /// A whole request's tokens, estimated from its text, and its completion budget for
 /// each of its `n` choices (saturating: a caller's huge budget cannot wrap).
 pub fn request_tokens(body: &Value) -> u64 {
+    estimate_tokens(&body["messages"].to_string()).saturating_add(completion_budget(body))
+}
+
+/// A whole request's completion budget: `max_completion_tokens` (or `max_tokens`)
+/// for each of its `n` choices; 0 when it sets none.
+pub fn completion_budget(body: &Value) -> u64 {
     let budget = body["max_completion_tokens"]
         .as_u64()
         .or_else(|| body["max_tokens"].as_u64())
         .unwrap_or(0);
     let n = body["n"].as_u64().unwrap_or(1).max(1);
-    estimate_tokens(&body["messages"].to_string()).saturating_add(budget.saturating_mul(n))
+    budget.saturating_mul(n)
 }
 
 impl Backend for Chat {

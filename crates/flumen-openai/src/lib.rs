@@ -20,7 +20,7 @@ mod embeddings;
 mod limits;
 mod tokens;
 
-pub use chat::{request_tokens, Chat};
+pub use chat::{completion_budget, request_tokens, Chat};
 pub use config::{ApiKey, OpenAiConfig, OverflowPolicy};
 pub use embeddings::Embeddings;
 pub use limits::RateLimits;

@@ -180,7 +180,9 @@ pub(crate) enum Role<'a> {
 /// senders, so each follower goes on alone.
 pub(crate) struct LeaderGuard<'a> {
     cache: &'a Cache,
-    key: CacheKey,
+    /// Taken when the key is freed, so that it is freed once: after that, a new
+    /// leader of the same key may hold it.
+    key: Option<CacheKey>,
 }
 
 impl LeaderGuard<'_> {
@@ -200,8 +202,9 @@ impl LeaderGuard<'_> {
         self.hand_over(Err(failure));
     }
 
-    fn hand_over(self, shared: Shared) {
-        for f in self.cache.release(&self.key) {
+    fn hand_over(mut self, shared: Shared) {
+        let Some(key) = self.key.take() else { return };
+        for f in self.cache.release(&key) {
             let _ = f.send(shared.clone());
         }
     }
@@ -209,8 +212,9 @@ impl LeaderGuard<'_> {
 
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        // After `answer` the key is gone already and this finds nothing.
-        drop(self.cache.release(&self.key));
+        if let Some(key) = self.key.take() {
+            drop(self.cache.release(&key));
+        }
     }
 }
 
@@ -288,13 +292,17 @@ impl Cache {
         }
     }
 
-    /// Writes an answer, within the store's timeout; a failure is counted, never
-    /// passed on.
-    pub(crate) async fn put(&self, key: &CacheKey, bytes: &[u8]) {
+    /// Writes an answer, within the store's timeout and the record's deadline; a
+    /// failure is counted, never passed on.
+    pub(crate) async fn put(&self, key: &CacheKey, bytes: &[u8], deadline: Option<Instant>) {
         if !self.usable() {
             return;
         }
-        match timeout(self.timeout, self.store.put(key, bytes)).await {
+        let mut until = Instant::now() + self.timeout;
+        if let Some(d) = deadline {
+            until = until.min(d);
+        }
+        match timeout_at(until, self.store.put(key, bytes)).await {
             Ok(Ok(())) => self.answered(),
             Ok(Err(_)) | Err(_) => self.failed(&self.instruments.put_error),
         }
@@ -332,7 +340,10 @@ impl Cache {
             }
             None => {
                 map.insert(key, Vec::new());
-                Role::Leader(LeaderGuard { cache: self, key })
+                Role::Leader(LeaderGuard {
+                    cache: self,
+                    key: Some(key),
+                })
             }
         }
     }

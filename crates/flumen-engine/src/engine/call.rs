@@ -47,6 +47,8 @@ pub(super) struct Call<B> {
     /// The spending budget, and what this call reserved from it.
     pub(super) spend: Option<(Arc<Mutex<SpendBudget>>, u64)>,
     pub(super) prices: Option<crate::spend::Prices>,
+    /// The input tokens one send of this batch is billed.
+    pub(super) billed_input: u64,
 }
 
 /// A record in a call, while it waits for its result.
@@ -55,6 +57,7 @@ struct Waiting<O> {
     meta: QueuedMeta,
     attempts: u32,
     uncounted: u32,
+    billed: u64,
     last_error: Option<BackendError>,
 }
 
@@ -105,27 +108,31 @@ impl<B: Backend> Call<B> {
                 meta: job.meta,
                 attempts: job.attempts,
                 uncounted: job.uncounted,
+                billed: job.billed,
                 last_error: job.last_error,
             });
         }
 
         let hedged = AtomicBool::new(false);
         let ended = self.call(&inputs, &mut waiting, &hedged).await;
-        // What the call cost: its input, and its answers' output tokens; nothing
-        // for a call refused as overloaded (not billed).
-        let billed = match &ended {
-            Ended::Returned(Err(e)) if e.kind == ErrorKind::Overloaded => None,
-            Ended::Returned(Ok(results)) => Some((
-                tokens,
-                results
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok())
-                    .map(|o| self.backend.output_tokens(o))
-                    .sum(),
-            )),
-            _ => Some((tokens, 0)),
+        // What the call cost: its input (twice if hedged), and its answers' output
+        // tokens; nothing for a call refused as overloaded (not billed). The
+        // backend's count is its code: a panic there counts no output.
+        let sends = 1 + u64::from(hedged.load(Relaxed));
+        let (input, output) = match &ended {
+            Ended::Returned(Err(e)) if e.kind == ErrorKind::Overloaded => (0, 0),
+            Ended::Returned(Ok(results)) => {
+                let counted = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    results
+                        .iter()
+                        .filter_map(|r| r.as_ref().ok())
+                        .map(|o| self.backend.output_tokens(o))
+                        .sum()
+                }));
+                (self.billed_input * sends, counted.unwrap_or(0))
+            }
+            _ => (self.billed_input * sends, 0),
         };
-        let (input, output) = billed.unwrap_or((0, 0));
         let nanos = self.prices.map_or(0, |p| p.nanos(input, output));
         let total = self.stats.call_answered(output, nanos);
         self.instruments.call_cost(output, total);
@@ -151,6 +158,7 @@ impl<B: Backend> Call<B> {
                     last_error: w.last_error,
                     starved: false,
                     uncounted: w.uncounted,
+                    billed: w.billed,
                     reply,
                 })
             })
@@ -269,9 +277,8 @@ impl<B: Backend> Call<B> {
             }
             hedged.store(true, Relaxed);
             self.instruments.hedges.increment(1);
-            let tokens = inputs.iter().map(|i| self.backend.cost(i).tokens).sum();
-            self.stats.call_sent(inputs.len(), 0, tokens);
-            self.instruments.call_tokens(tokens);
+            self.stats.call_sent(inputs.len(), 0, self.billed_input);
+            self.instruments.call_tokens(self.billed_input);
             AssertUnwindSafe(self.backend.call(inputs))
                 .catch_unwind()
                 .await

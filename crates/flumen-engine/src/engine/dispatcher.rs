@@ -146,6 +146,9 @@ impl<B: Backend> Dispatcher<B> {
                     self.in_flight -= 1;
                     self.freed_at = Some(Instant::now());
                     // A call task never panics: backend panics are caught inside it.
+                    // (Were it to, its budget reservation would stay reserved; the
+                    // records waiting for the budget look again all the same.)
+                    self.spend_wait = None;
                     if let Ok(report) = done {
                         self.in_flight_items -= report.sample.items;
                         self.on_report(report);
@@ -331,7 +334,7 @@ impl<B: Backend> Dispatcher<B> {
             match self.policy.decide(now, slots, metas, &self.latency) {
                 Decision::Send(n) => {
                     let jobs: Vec<Job<B>> = self.queue.drain(..n).collect();
-                    self.launch(jobs, now);
+                    self.launch(jobs, now, false);
                 }
                 Decision::RejectOversized => self.reject_head(),
                 Decision::RejectHopeless { expected } => self.fail_hopeless_head(now, expected),
@@ -377,7 +380,7 @@ impl<B: Backend> Dispatcher<B> {
                 self.instruments.retry(e.kind);
             }
         }
-        self.launch(paid, now);
+        self.launch(paid, now, true);
         true
     }
 
@@ -416,80 +419,97 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// Reserves the spending budget for the longest prefix of `jobs` it pays for;
-    /// the rest fail (`BudgetExhausted`) or go back to the front of the queue to wait
-    /// for the next period. Returns the prefix and what it reserved.
-    fn reserve(&mut self, mut jobs: Vec<Job<B>>, now: Instant) -> (Vec<Job<B>>, u64) {
-        let Some(spend) = &self.spend else {
+    /// Reserves the spending budget for the longest prefix of `jobs` it pays for,
+    /// failing (`BudgetExhausted`) any record larger than the whole budget on the
+    /// way. The rest fail too, or — with `on_exhausted = wait`, or when only the
+    /// reservations of calls in flight stand in the way — go back where they came
+    /// from (the queue's front, or the bisection groups') and no call is sent until
+    /// the budget's next period, or until a call settles (looking again every 50 ms:
+    /// the calls may be another engine's). Returns the prefix and what it reserved.
+    fn reserve(&mut self, jobs: Vec<Job<B>>, now: Instant, isolated: bool) -> (Vec<Job<B>>, u64) {
+        let Some(spend) = self.spend.clone() else {
             return (jobs, 0);
         };
         let mut budget = spend.budget.lock().expect("spend lock");
         let unit = budget.unit();
         let mut reserved = 0;
+        let mut paid = Vec::with_capacity(jobs.len());
+        let mut never = Vec::new();
         let mut refused = None;
-        let mut paid = 0;
-        for job in &jobs {
-            let cost = unit.cost(
-                job.meta.cost.tokens,
-                self.backend.max_output_tokens(&job.input),
-            );
+        let mut jobs = jobs.into_iter();
+        for job in jobs.by_ref() {
+            let cost = unit.cost(job.billed, self.backend.max_output_tokens(&job.input));
             match budget.reserve(now, cost) {
                 Ok(()) => {
                     reserved += cost;
-                    paid += 1;
+                    paid.push(job);
                 }
+                Err(e) if e.never_fits => never.push((job, e.message)),
                 Err(e) => {
-                    refused = Some(e);
+                    refused = Some((job, e));
                     break;
                 }
             }
         }
         drop(budget);
-        let Some(exhausted) = refused else {
-            return (jobs, reserved);
+        let fail = |instruments: &Instruments, job: Job<B>, message: String| {
+            let failure = Failure::new(
+                ErrorKind::BudgetExhausted,
+                with_last_error(message, job.last_error.as_ref()),
+                job.attempts,
+            );
+            finish(instruments, job.reply, job.attempts, Err(failure));
         };
-        let rest = jobs.split_off(paid);
-        // Only the reservations of calls in flight are in the way: wait for them to
-        // settle, whatever the mode (they may cost less than they reserved).
-        let wait = spend.on_exhausted == OnExhausted::Wait || !exhausted.spent;
-        match wait {
-            false => {
+        for (job, message) in never {
+            fail(&self.instruments, job, message);
+        }
+        let Some((first, exhausted)) = refused else {
+            return (paid, reserved);
+        };
+        let rest: Vec<Job<B>> = std::iter::once(first).chain(jobs).collect();
+        let wait_for = if !exhausted.spent {
+            // Only reservations in the way: they settle soon, here or in another
+            // engine that shares the budget.
+            Some(now + Duration::from_millis(50))
+        } else if spend.on_exhausted == OnExhausted::Wait {
+            // A budget without periods never comes back: fail rather than wait.
+            exhausted.resets_at
+        } else {
+            None
+        };
+        match wait_for {
+            None => {
                 for job in rest {
-                    let failure = Failure::new(
-                        ErrorKind::BudgetExhausted,
-                        with_last_error(exhausted.message.clone(), job.last_error.as_ref()),
-                        job.attempts,
-                    );
-                    finish(&self.instruments, job.reply, job.attempts, Err(failure));
+                    fail(&self.instruments, job, exhausted.message.clone());
                 }
             }
-            true => {
-                for job in rest.into_iter().rev() {
+            Some(until) => {
+                for job in &rest {
                     self.note_deadline(job.meta.deadline);
-                    self.queue.push_front(job);
                 }
-                // Until the next period (or, without one, the records' deadlines),
-                // or until a call in flight settles.
-                let far = now + Duration::from_secs(86_400 * 365);
-                let until = if exhausted.spent {
-                    exhausted.resets_at.unwrap_or(far)
+                if isolated {
+                    self.isolated.push_front(rest);
                 } else {
-                    far
-                };
+                    for job in rest.into_iter().rev() {
+                        self.queue.push_front(job);
+                    }
+                }
                 self.spend_wait = Some(until);
             }
         }
-        (jobs, reserved)
+        (paid, reserved)
     }
 
-    fn launch(&mut self, jobs: Vec<Job<B>>, now: Instant) {
-        let (jobs, reserved) = self.reserve(jobs, now);
+    fn launch(&mut self, jobs: Vec<Job<B>>, now: Instant, isolated: bool) {
+        // Records whose submitter went away are dropped before anything is reserved.
+        let jobs: Vec<Job<B>> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        let (jobs, reserved) = self.reserve(jobs, now, isolated);
+        if jobs.is_empty() {
+            return;
+        }
         let mut batch: Vec<Job<B>> = Vec::with_capacity(jobs.len());
         let mut first = 0;
         for mut job in jobs {
-            if job.reply.is_closed() {
-                continue;
-            }
             if job.attempts == 0 {
                 self.instruments
                     .queue_time
@@ -499,13 +519,6 @@ impl<B: Backend> Dispatcher<B> {
             job.attempts += 1;
             batch.push(job);
         }
-        if batch.is_empty() {
-            if let Some(spend) = &self.spend {
-                let mut budget = spend.budget.lock().expect("spend lock");
-                budget.settle(now, reserved, 0);
-            }
-            return;
-        }
         self.budget.lock().expect("budget lock").deposit(now, first);
         let probe = self.breaker.as_mut().is_some_and(|b| {
             let half_open = b.state(now) == BreakerState::HalfOpen;
@@ -514,9 +527,9 @@ impl<B: Backend> Dispatcher<B> {
         });
         self.in_flight += 1;
         self.in_flight_items += batch.len();
-        let tokens = batch.iter().map(|j| j.meta.cost.tokens).sum();
-        self.stats.call_sent(batch.len(), first, tokens);
-        self.instruments.call_tokens(tokens);
+        let billed_input = batch.iter().map(|j| j.billed).sum();
+        self.stats.call_sent(batch.len(), first, billed_input);
+        self.instruments.call_tokens(billed_input);
         self.instruments.batch_size.record(batch.len() as f64);
         let call = Call {
             backend: Arc::clone(&self.backend),
@@ -534,6 +547,7 @@ impl<B: Backend> Dispatcher<B> {
                 .as_ref()
                 .map(|s| (Arc::clone(&s.budget), reserved)),
             prices: self.prices,
+            billed_input,
         };
         self.calls.spawn(call.run(batch));
     }

@@ -88,6 +88,9 @@ struct Job<B: Backend> {
     /// backend asked us to wait) and breaker probes (the breaker, not the record,
     /// was being tested) — for records with a deadline, which bounds them instead.
     uncounted: u32,
+    /// The input tokens a send of this record is billed (see
+    /// [`Backend::billed_input_tokens`]).
+    billed: u64,
     reply: Reply<B::Output>,
 }
 
@@ -177,21 +180,38 @@ impl<B: Backend> Engine<B> {
     /// With a result cache, a record whose backend gives it a key is first looked
     /// up, and shares the call of an identical record in flight (see
     /// [`CacheConfig`]); it is queued only when the future is first polled.
+    ///
+    /// Identical records share the first one's lookup and call, which run while
+    /// *its* future is polled: await records together (as the operator and
+    /// `join_all` do), not one after another while an earlier one is left unpolled.
     pub fn submit(&self, input: B::Input, deadline: Option<Instant>) -> Pending<B::Output> {
-        let input_tokens = self.shared.backend.cost(&input).tokens;
+        let backend = &self.shared.backend;
+        let cost = backend.cost(&input);
+        let billed = backend.billed_input_tokens(&input).unwrap_or(cost.tokens);
         if let Some(cache) = &self.shared.cache {
-            if let Some(content) = self.shared.backend.cache_key(&input) {
+            if let Some(content) = backend.cache_key(&input) {
                 let key = cache.key(&content);
                 let engine = self.clone();
+                let queued = Queued {
+                    input,
+                    deadline,
+                    cost,
+                    billed,
+                };
                 return Pending {
-                    inner: PendingInner::Cached(Box::pin(engine.cached(key, input, deadline))),
-                    input_tokens,
+                    inner: PendingInner::Cached(Box::pin(engine.cached(key, queued))),
+                    input_tokens: billed,
                 };
             }
         }
         Pending {
-            inner: PendingInner::Queued(self.enqueue(input, deadline)),
-            input_tokens,
+            inner: PendingInner::Queued(self.enqueue(Queued {
+                input,
+                deadline,
+                cost,
+                billed,
+            })),
+            input_tokens: billed,
         }
     }
 
@@ -223,9 +243,9 @@ impl<B: Backend> Engine<B> {
     async fn cached(
         self,
         key: flumen_core::CacheKey,
-        input: B::Input,
-        deadline: Option<Instant>,
+        queued: Queued<B::Input>,
     ) -> (Result<B::Output, Failure>, bool) {
+        let deadline = queued.deadline;
         let cache = self
             .shared
             .cache
@@ -265,11 +285,11 @@ impl<B: Backend> Engine<B> {
             }
         }
         cache.miss();
-        let result = recv(self.enqueue(input, deadline)).await;
+        let result = recv(self.enqueue(queued)).await;
         match &result {
             Ok(output) => {
                 if let Some(bytes) = backend.encode_output(output) {
-                    cache.put(&key, &bytes).await;
+                    cache.put(&key, &bytes, deadline).await;
                     guard.answer(bytes);
                 }
             }
@@ -283,24 +303,20 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Queues one input for the dispatcher; its outcome comes on the receiver.
-    fn enqueue(
-        &self,
-        input: B::Input,
-        deadline: Option<Instant>,
-    ) -> oneshot::Receiver<Result<B::Output, Failure>> {
+    fn enqueue(&self, q: Queued<B::Input>) -> oneshot::Receiver<Result<B::Output, Failure>> {
         let (reply, rx) = oneshot::channel();
-        let cost = self.shared.backend.cost(&input);
         let job = Job {
-            input,
+            input: q.input,
             meta: QueuedMeta {
                 enqueued: Instant::now(),
-                deadline,
-                cost,
+                deadline: q.deadline,
+                cost: q.cost,
             },
             attempts: 0,
             last_error: None,
             starved: false,
             uncounted: 0,
+            billed: q.billed,
             reply,
         };
         // If the dispatcher is gone, the job (and its sender) is dropped here and
@@ -333,6 +349,14 @@ impl<B: Backend> Engine<B> {
     pub fn name(&self) -> &str {
         &self.shared.name
     }
+}
+
+/// A record about to be queued: its input and what was computed of it once.
+struct Queued<I> {
+    input: I,
+    deadline: Option<Instant>,
+    cost: flumen_core::ItemCost,
+    billed: u64,
 }
 
 /// The outcome of one submitted record, to come.
