@@ -347,6 +347,10 @@ mod tests {
             (Reason::Failed(ErrorKind::Transient), Code::Unavailable),
             (Reason::Failed(ErrorKind::Shutdown), Code::Unavailable),
             (Reason::Failed(ErrorKind::Permanent), Code::Internal),
+            (
+                Reason::Failed(ErrorKind::BudgetExhausted),
+                Code::ResourceExhausted,
+            ),
         ];
         for (reason, expected) in cases {
             assert_eq!(code(reason), expected, "{reason:?}");

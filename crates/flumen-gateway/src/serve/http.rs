@@ -529,6 +529,10 @@ mod tests {
                 Reason::Failed(ErrorKind::Permanent),
                 StatusCode::BAD_GATEWAY,
             ),
+            (
+                Reason::Failed(ErrorKind::BudgetExhausted),
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
         ];
         for (reason, expected) in cases {
             assert_eq!(status(reason), expected, "{reason:?}");
