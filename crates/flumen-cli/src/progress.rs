@@ -1,14 +1,16 @@
-//! Progress on a terminal: a bar for inputs of known size (records, rate, ETA), a
-//! live status line for unbounded ones (ok, failed, rate, mean batch, p99). Nothing is
-//! drawn when stderr is not a terminal or with `--quiet`; the end-of-run summary is
-//! printed either way.
+//! Progress on a terminal, drawn by `indicatif`: a bar for inputs of known size
+//! (bytes done, percent, ETA) and a spinner for unbounded ones, each with a status
+//! message (records, rate, ok, failed, retried, mean batch, p99). Nothing is drawn
+//! when stderr is not a terminal or with `--quiet` (indicatif's hidden target); the
+//! end-of-run summary is printed either way.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::time::Instant;
 
-/// What the status line shows.
+/// What the status message shows.
 pub struct Snapshot {
     pub ok: u64,
     pub failed: u64,
@@ -17,88 +19,73 @@ pub struct Snapshot {
     pub p99: Option<Duration>,
 }
 
-/// Draws at most every `EVERY` on stderr.
+/// The bar (or spinner) and when its message was last rebuilt.
 pub struct Progress {
-    enabled: bool,
-    total_bytes: Option<u64>,
+    bar: ProgressBar,
     started: Instant,
     last: Option<Instant>,
 }
 
+/// The message is rebuilt at most this often (indicatif redraws at most 20 times a
+/// second on its own).
 const EVERY: Duration = Duration::from_millis(200);
 
 impl Progress {
     /// `total_bytes`: the input's size, when known (a file), for a bar and an ETA.
     pub fn new(quiet: bool, total_bytes: Option<u64>) -> Progress {
+        let target = if quiet || !std::io::stderr().is_terminal() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let bar = match total_bytes.filter(|t| *t > 0) {
+            Some(total) => ProgressBar::with_draw_target(Some(total), target).with_style(
+                ProgressStyle::with_template("[{bar:24}] {percent:>3} %  ETA {eta}  {msg}")
+                    .expect("a valid template")
+                    .progress_chars("#>."),
+            ),
+            None => ProgressBar::with_draw_target(None, target).with_style(
+                ProgressStyle::with_template("{spinner} {msg}").expect("a valid template"),
+            ),
+        };
         Progress {
-            enabled: !quiet && std::io::stderr().is_terminal(),
-            total_bytes: total_bytes.filter(|t| *t > 0),
+            bar,
             started: Instant::now(),
             last: None,
         }
     }
 
-    /// Redraws if enough time has passed; `done_bytes`: input bytes whose records
-    /// have their outcome.
+    /// Updates the position (input bytes whose records have their outcome) and, if
+    /// enough time has passed, the message.
     pub fn tick(&mut self, done_bytes: u64, snap: impl FnOnce() -> Snapshot) {
-        if !self.enabled {
+        if self.bar.is_hidden() {
             return;
         }
+        self.bar.set_position(done_bytes);
         let now = Instant::now();
         if self.last.is_some_and(|l| now.duration_since(l) < EVERY) {
             return;
         }
         self.last = Some(now);
-        let line = render(
-            &snap(),
-            self.total_bytes,
-            done_bytes,
-            now.duration_since(self.started),
-        );
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[2K{line}");
-        let _ = err.flush();
+        self.bar
+            .set_message(message(&snap(), now.duration_since(self.started)));
+        self.bar.tick();
     }
 
-    /// Clears the line, before the summary.
+    /// Clears the bar, before the summary.
     pub fn finish(&mut self) {
-        if self.enabled && self.last.is_some() {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
-        }
+        self.bar.finish_and_clear();
     }
 }
 
-/// One status line (pure, for tests).
-pub fn render(
-    s: &Snapshot,
-    total_bytes: Option<u64>,
-    done_bytes: u64,
-    elapsed: Duration,
-) -> String {
+/// The status message (pure, for tests).
+pub fn message(s: &Snapshot, elapsed: Duration) -> String {
     let done = s.ok + s.failed;
-    let secs = elapsed.as_secs_f64().max(1e-3);
-    let rate = done as f64 / secs;
-    let mut line = String::new();
-    if let Some(total) = total_bytes {
-        let frac = (done_bytes as f64 / total as f64).clamp(0.0, 1.0);
-        let width = 24;
-        let filled = (frac * width as f64).round() as usize;
-        let eta = if frac > 0.0 {
-            format!("{:.0} s", secs * (1.0 - frac) / frac)
-        } else {
-            "?".into()
-        };
-        line.push_str(&format!(
-            "[{}{}] {:>3.0} %  ETA {eta}  ",
-            "#".repeat(filled),
-            ".".repeat(width - filled),
-            frac * 100.0
-        ));
-    }
-    line.push_str(&format!(
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    let mut line = format!(
         "{done} records ({rate:.0}/s): {} ok, {} failed, {} retried; mean batch {:.1}",
         s.ok, s.failed, s.retried, s.mean_batch
-    ));
+    );
     if let Some(p99) = s.p99 {
         line.push_str(&format!(", p99 {:.0} ms", p99.as_secs_f64() * 1e3));
     }
@@ -110,7 +97,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_bar_for_known_sizes_and_a_status_line_otherwise() {
+    fn the_message_says_records_rate_outcomes_batch_and_p99() {
         let s = Snapshot {
             ok: 90,
             failed: 10,
@@ -118,16 +105,13 @@ mod tests {
             mean_batch: 12.5,
             p99: Some(Duration::from_millis(42)),
         };
-        let bar = render(&s, Some(1000), 250, Duration::from_secs(2));
-        assert!(bar.starts_with("[######.................."), "{bar}");
-        assert!(bar.contains(" 25 %  ETA 6 s"), "{bar}");
-        assert!(
-            bar.contains(
-                "100 records (50/s): 90 ok, 10 failed, 3 retried; mean batch 12.5, p99 42 ms"
-            ),
-            "{bar}"
+        assert_eq!(
+            message(&s, Duration::from_secs(2)),
+            "100 records (50/s): 90 ok, 10 failed, 3 retried; mean batch 12.5, p99 42 ms"
         );
-        let status = render(&s, None, 250, Duration::from_secs(2));
-        assert!(status.starts_with("100 records"), "{status}");
+        // Hidden when quiet: nothing is drawn, ticks cost nothing.
+        let mut p = Progress::new(true, Some(1_000));
+        p.tick(500, || unreachable!("a hidden bar builds no message"));
+        p.finish();
     }
 }

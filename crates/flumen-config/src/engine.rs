@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use flumen_engine::{
-    AimdConfig, BatchConfig, BreakerConfig, ConcurrencyConfig, EngineConfig, GradientConfig,
-    OperatorConfig, OrderMode, RetryConfig,
+    AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, ConcurrencyConfig, EngineConfig,
+    GradientConfig, OperatorConfig, OrderMode, RetryConfig,
 };
 use serde::Deserialize;
 
@@ -38,6 +38,9 @@ pub struct EngineSection {
     pub breaker: bool,
     /// Calls the breaker's window must hold before it may open (default 20).
     pub breaker_min_calls: Option<usize>,
+    /// Judge the calls that finished in the last this many seconds, rather than the
+    /// last 100 calls (default: by count).
+    pub breaker_window_s: Option<u64>,
     /// How long the breaker stays open before half-open probes, ms (default 30,000).
     pub breaker_open_ms: Option<u64>,
 }
@@ -73,14 +76,19 @@ impl EngineSection {
             ("attempt_timeout_ms", self.attempt_timeout_ms == Some(0)),
             ("hedge_after_ms", self.hedge_after_ms == Some(0)),
             ("breaker_min_calls", self.breaker_min_calls == Some(0)),
+            ("breaker_window_s", self.breaker_window_s == Some(0)),
         ] {
             if zero {
                 p.push(format!("{path}.{field}: must be > 0"));
             }
         }
-        if !self.breaker && (self.breaker_min_calls.is_some() || self.breaker_open_ms.is_some()) {
+        if !self.breaker
+            && (self.breaker_min_calls.is_some()
+                || self.breaker_open_ms.is_some()
+                || self.breaker_window_s.is_some())
+        {
             p.push(format!(
-                "{path}.breaker: set it to true to use breaker_min_calls or breaker_open_ms"
+                "{path}.breaker: set it to true to use breaker_min_calls, breaker_open_ms or breaker_window_s"
             ));
         }
         p
@@ -113,6 +121,9 @@ impl EngineSection {
                 let d = BreakerConfig::default();
                 BreakerConfig {
                     min_calls: e.breaker_min_calls.unwrap_or(d.min_calls),
+                    window: e
+                        .breaker_window_s
+                        .map_or(d.window, |s| BreakerWindow::Time(Duration::from_secs(s))),
                     open_wait: e
                         .breaker_open_ms
                         .map(Duration::from_millis)
@@ -243,6 +254,7 @@ mod tests {
             hedge_after_ms: Some(0),
             breaker: true,
             breaker_min_calls: Some(0),
+            breaker_window_s: Some(0),
             ..EngineSection::default()
         };
         let p = zero.validate("engine");
@@ -253,11 +265,12 @@ mod tests {
             "attempt_timeout_ms",
             "hedge_after_ms",
             "breaker_min_calls",
+            "breaker_window_s",
         ] {
             let want = format!("engine.{field}: must be > 0");
             assert!(p.contains(&want), "{want} missing in {p:#?}");
         }
-        assert_eq!(p.len(), 6, "{p:#?}");
+        assert_eq!(p.len(), 7, "{p:#?}");
         assert!(EngineSection::default().validate("engine").is_empty());
     }
 

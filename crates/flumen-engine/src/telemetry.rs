@@ -9,7 +9,11 @@ use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
 };
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::reliability::BreakerState;
+use crate::stats::Stats;
 
 /// Records queued in the engine, waiting for a batch or a retry (gauge).
 pub const QUEUE_DEPTH: &str = "flumen_queue_depth";
@@ -148,6 +152,7 @@ pub(crate) struct Instruments {
     failed: Vec<Counter>,
     retries: Vec<Counter>,
     transitions: [Counter; 3],
+    stats: Arc<Stats>,
 }
 
 fn index(kind: ErrorKind) -> usize {
@@ -155,7 +160,7 @@ fn index(kind: ErrorKind) -> usize {
 }
 
 impl Instruments {
-    pub(crate) fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str, stats: Arc<Stats>) -> Self {
         let engine = name.to_owned();
         let outcome = |o: &'static str| metrics::counter!(OUTCOMES, "engine" => engine.clone(), "outcome" => o);
         let retry =
@@ -179,11 +184,14 @@ impl Instruments {
             failed: ErrorKind::ALL.iter().map(|k| outcome(k.as_str())).collect(),
             retries: ErrorKind::ALL.iter().map(|k| retry(k.as_str())).collect(),
             transitions: [to("closed"), to("half_open"), to("open")],
+            stats,
         }
     }
 
-    /// One record's outcome after `attempts` calls: `None` for success.
-    pub(crate) fn outcome(&self, attempts: u32, failed: Option<ErrorKind>) {
+    /// One record's outcome after `attempts` calls (`None` for success), `latency`
+    /// after it was submitted.
+    pub(crate) fn outcome(&self, attempts: u32, failed: Option<ErrorKind>, latency: Duration) {
+        self.stats.outcome(failed, latency);
         self.attempts.record(attempts as f64);
         match failed {
             None => self.ok.increment(1),

@@ -299,14 +299,6 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             );
         }
     }
-    if let Some(addr) = args.metrics_addr {
-        let bound = flumen_gateway::serve::serve_metrics(addr)
-            .await
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        if !args.quiet {
-            eprintln!("flumen: metrics on http://{bound}/metrics");
-        }
-    }
     let backend = AnyBackend::build(&setup.backend)
         .await
         .map_err(|p| anyhow::anyhow!("cannot start the backend: {}", p.join("; ")))?;
@@ -317,6 +309,17 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("cannot open the result cache: {e}"))?;
     let spend = engine_config.spend.clone();
     let engine = Engine::new(backend, engine_config);
+    if let Some(addr) = args.metrics_addr {
+        let bound = flumen_gateway::serve::serve_metrics(
+            addr,
+            vec![Arc::new(engine.clone()) as Arc<dyn flumen_gateway::serve::status::Watched>],
+        )
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        if !args.quiet {
+            eprintln!("flumen: metrics on http://{bound}/metrics");
+        }
+    }
     let capacity = setup.operator.capacity;
     let patience = setup.delivery.patience;
     let source = match input {

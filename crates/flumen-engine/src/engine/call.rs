@@ -189,7 +189,13 @@ impl<B: Backend> Call<B> {
         let fail_all = |jobs: Vec<Job<B>>, e: &BackendError| {
             for job in jobs {
                 let f = Failure::from_backend(e.clone(), job.attempts);
-                finish(&self.instruments, job.reply, job.attempts, Err(f));
+                finish(
+                    &self.instruments,
+                    job.meta.enqueued,
+                    job.reply,
+                    job.attempts,
+                    Err(f),
+                );
             }
         };
         match ended {
@@ -240,12 +246,24 @@ impl<B: Backend> Call<B> {
                     settled.end.count(result.as_ref().err());
                     match result {
                         Ok(output) => {
-                            finish(&self.instruments, job.reply, job.attempts, Ok(output));
+                            finish(
+                                &self.instruments,
+                                job.meta.enqueued,
+                                job.reply,
+                                job.attempts,
+                                Ok(output),
+                            );
                         }
                         Err(e) if RetryConfig::retryable(e.kind) => settled.retry.push((job, e)),
                         Err(e) => {
                             let f = Failure::from_backend(e, job.attempts);
-                            finish(&self.instruments, job.reply, job.attempts, Err(f));
+                            finish(
+                                &self.instruments,
+                                job.meta.enqueued,
+                                job.reply,
+                                job.attempts,
+                                Err(f),
+                            );
                         }
                     }
                 }
@@ -326,7 +344,13 @@ impl<B: Backend> Call<B> {
                         w.last_error.as_ref(),
                     );
                     let failure = Failure::new(ErrorKind::Timeout, message, w.attempts);
-                    finish(&self.instruments, reply, w.attempts, Err(failure));
+                    finish(
+                        &self.instruments,
+                        w.meta.enqueued,
+                        reply,
+                        w.attempts,
+                        Err(failure),
+                    );
                 }
             }
         }

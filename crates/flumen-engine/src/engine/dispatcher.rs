@@ -202,7 +202,14 @@ impl<B: Backend> Dispatcher<B> {
             ),
             job.attempts,
         );
-        finish(&self.instruments, job.reply, job.attempts, Err(failure));
+        self.stats.shed();
+        finish(
+            &self.instruments,
+            job.meta.enqueued,
+            job.reply,
+            job.attempts,
+            Err(failure),
+        );
     }
 
     /// Moves retries whose backoff is over to the front of the queue (they are the
@@ -278,7 +285,13 @@ impl<B: Backend> Dispatcher<B> {
                     job.last_error.as_ref(),
                 );
                 let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
-                finish(&self.instruments, job.reply, job.attempts, Err(failure));
+                finish(
+                    &self.instruments,
+                    job.meta.enqueued,
+                    job.reply,
+                    job.attempts,
+                    Err(failure),
+                );
             }
             deadline => {
                 *next = earliest(*next, deadline);
@@ -400,7 +413,13 @@ impl<B: Backend> Dispatcher<B> {
                 job.last_error.as_ref(),
             );
             let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
-            finish(&self.instruments, job.reply, job.attempts, Err(failure));
+            finish(
+                &self.instruments,
+                job.meta.enqueued,
+                job.reply,
+                job.attempts,
+                Err(failure),
+            );
         }
     }
 
@@ -415,7 +434,13 @@ impl<B: Backend> Dispatcher<B> {
                 ),
                 job.attempts,
             );
-            finish(&self.instruments, job.reply, job.attempts, Err(failure));
+            finish(
+                &self.instruments,
+                job.meta.enqueued,
+                job.reply,
+                job.attempts,
+                Err(failure),
+            );
         }
     }
 
@@ -458,7 +483,13 @@ impl<B: Backend> Dispatcher<B> {
                 with_last_error(message, job.last_error.as_ref()),
                 job.attempts,
             );
-            finish(instruments, job.reply, job.attempts, Err(failure));
+            finish(
+                instruments,
+                job.meta.enqueued,
+                job.reply,
+                job.attempts,
+                Err(failure),
+            );
         };
         for (job, message) in never {
             fail(&self.instruments, job, message);
@@ -606,7 +637,13 @@ impl<B: Backend> Dispatcher<B> {
         match verdict {
             Verdict::Fail => {
                 let failure = Failure::from_backend(error, job.attempts);
-                finish(&self.instruments, job.reply, job.attempts, Err(failure));
+                finish(
+                    &self.instruments,
+                    job.meta.enqueued,
+                    job.reply,
+                    job.attempts,
+                    Err(failure),
+                );
             }
             Verdict::TimeOut => {
                 let message = with_last_error(
@@ -617,7 +654,13 @@ impl<B: Backend> Dispatcher<B> {
                     Some(&error),
                 );
                 let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
-                finish(&self.instruments, job.reply, job.attempts, Err(failure));
+                finish(
+                    &self.instruments,
+                    job.meta.enqueued,
+                    job.reply,
+                    job.attempts,
+                    Err(failure),
+                );
             }
             Verdict::RetryAt(at) => {
                 job.last_error = Some(error);

@@ -145,7 +145,7 @@ impl<B: Backend> Engine<B> {
     pub fn from_arc(backend: Arc<B>, config: EngineConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
-        let instruments = Arc::new(Instruments::new(&config.name));
+        let instruments = Arc::new(Instruments::new(&config.name, Arc::clone(&stats)));
         let dispatcher = Dispatcher::new(
             Arc::clone(&backend),
             &config,
@@ -246,6 +246,7 @@ impl<B: Backend> Engine<B> {
         queued: Queued<B::Input>,
     ) -> (Result<B::Output, Failure>, bool) {
         let deadline = queued.deadline;
+        let started = Instant::now();
         let cache = self
             .shared
             .cache
@@ -260,13 +261,17 @@ impl<B: Backend> Engine<B> {
                     Ok(Some(Ok(bytes))) => match backend.decode_output(&bytes) {
                         Some(output) => {
                             cache.shared();
-                            instruments.outcome(0, None);
+                            instruments.outcome(0, None, started.elapsed());
                             return (Ok(output), true);
                         }
                         None => cache.undecodable(),
                     },
                     Ok(Some(Err(failure))) | Err(failure) => {
-                        instruments.outcome(failure.attempts, Some(failure.kind));
+                        instruments.outcome(
+                            failure.attempts,
+                            Some(failure.kind),
+                            started.elapsed(),
+                        );
                         return (Err(failure), false);
                     }
                     Ok(None) => {}
@@ -277,7 +282,7 @@ impl<B: Backend> Engine<B> {
             match backend.decode_output(&bytes) {
                 Some(output) => {
                     cache.hit();
-                    instruments.outcome(0, None);
+                    instruments.outcome(0, None, started.elapsed());
                     guard.answer(bytes);
                     return (Ok(output), true);
                 }
@@ -459,11 +464,13 @@ impl<O> Future for Pending<O> {
 /// Sends a record's one outcome and counts it.
 fn finish<O>(
     instruments: &Instruments,
+    enqueued: Instant,
     reply: Reply<O>,
     attempts: u32,
     result: Result<O, Failure>,
 ) {
-    instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind));
+    let latency = enqueued.elapsed();
+    instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind), latency);
     let _ = reply.send(result);
 }
 

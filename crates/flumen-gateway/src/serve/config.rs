@@ -52,7 +52,8 @@ pub struct ServerSection {
     /// HTTP connections open at once; one more is answered 503 and closed.
     pub max_connections: usize,
     /// With `api_key_env`, endpoints answered without the token: `"health"`
-    /// (`/health/*`, `/v2/health/*`, gRPC ServerLive/ServerReady) and `"metrics"`
+    /// (`/health/*`, `/v2/health/*`, gRPC ServerLive/ServerReady), `"status"` (the
+    /// status page `/`, `/status.json` and its `/assets/`) and `"metrics"`
     /// (`/metrics`). Empty by default: the token guards everything.
     pub unauthenticated: Vec<String>,
 }
@@ -262,9 +263,9 @@ impl ServeConfig {
             }
         }
         for (i, e) in s.unauthenticated.iter().enumerate() {
-            if e != "health" && e != "metrics" {
+            if !matches!(e.as_str(), "health" | "metrics" | "status") {
                 p.push(format!(
-                    "server.unauthenticated[{i}]: `{e}` is not \"health\" or \"metrics\""
+                    "server.unauthenticated[{i}]: `{e}` is not \"health\", \"metrics\" or \"status\""
                 ));
             }
         }

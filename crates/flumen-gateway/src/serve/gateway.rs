@@ -83,6 +83,8 @@ pub(crate) enum Endpoint {
     Health,
     /// Prometheus `/metrics`.
     Metrics,
+    /// The status page: `/`, `/status.json` and the page's assets.
+    Status,
     /// Everything else: models, their metadata and readiness, inference, the server's
     /// metadata.
     Model,
@@ -93,6 +95,7 @@ pub(crate) enum Endpoint {
 pub(crate) struct Open {
     pub(crate) health: bool,
     pub(crate) metrics: bool,
+    pub(crate) status: bool,
 }
 
 impl Open {
@@ -100,6 +103,7 @@ impl Open {
         match endpoint {
             Endpoint::Health => self.health,
             Endpoint::Metrics => self.metrics,
+            Endpoint::Status => self.status,
             Endpoint::Model => false,
         }
     }

@@ -355,6 +355,8 @@ fn endpoint(path: &str) -> Endpoint {
             Endpoint::Health
         }
         "/metrics" => Endpoint::Metrics,
+        "/" | "/status.json" => Endpoint::Status,
+        p if p.starts_with("/assets/") => Endpoint::Status,
         _ => Endpoint::Model,
     }
 }

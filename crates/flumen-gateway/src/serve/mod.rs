@@ -50,6 +50,7 @@ mod grpc;
 mod http;
 mod kserve;
 mod openai;
+pub mod status;
 mod tensors;
 #[cfg(feature = "tls")]
 mod tls;
@@ -142,7 +143,8 @@ fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
         std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let recorder = telemetry_buckets(metrics_exporter_prometheus::PrometheusBuilder::new())
+                .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_ok() {
                 flumen_engine::telemetry::describe();
@@ -152,20 +154,57 @@ fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
         .clone()
 }
 
+/// Histograms as Prometheus histograms (buckets), not summaries: Prometheus can
+/// then aggregate them across processes and compute any quantile.
+fn telemetry_buckets(
+    builder: metrics_exporter_prometheus::PrometheusBuilder,
+) -> metrics_exporter_prometheus::PrometheusBuilder {
+    use flumen_engine::telemetry::{
+        ATTEMPTS, BACKEND_LATENCY, BATCH_SIZE, END_TO_END_LATENCY, QUEUE_TIME,
+    };
+    use metrics_exporter_prometheus::Matcher;
+    const SECONDS: &[f64] = &[
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    const RECORDS: &[f64] = &[
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+    ];
+    const CALLS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
+    let mut b = builder;
+    for (name, buckets) in [
+        (BATCH_SIZE, RECORDS),
+        (ATTEMPTS, CALLS),
+        (QUEUE_TIME, SECONDS),
+        (BACKEND_LATENCY, SECONDS),
+        (END_TO_END_LATENCY, SECONDS),
+    ] {
+        b = b
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), buckets)
+            .expect("buckets are not empty");
+    }
+    b
+}
+
 /// Installs the process's Prometheus recorder (engine metrics, names in
-/// `flumen_engine::telemetry`) and serves `GET /metrics` on `addr` in the background,
-/// for `flumen run --metrics-addr`. Returns the bound address (port 0 picks one).
-pub async fn serve_metrics(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+/// `flumen_engine::telemetry`) and serves `GET /metrics`, and the status page of
+/// `watched` (`/`, `/status.json`), on `addr` in the background, for `flumen run
+/// --metrics-addr`. Returns the bound address (port 0 picks one).
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    watched: Vec<Arc<dyn status::Watched>>,
+) -> std::io::Result<std::net::SocketAddr> {
     let handle = prometheus();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .merge(status::routes(status::Monitor::start(watched)));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(bound)
 }
@@ -218,6 +257,12 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     };
     let stop = Stopper(Arc::new(tokio::sync::watch::channel(false).0));
     let mut servers = Vec::new();
+    let monitor = status::Monitor::start(
+        models
+            .values()
+            .map(|m| Arc::new(m.engine.clone()) as Arc<dyn status::Watched>)
+            .collect(),
+    );
     let gateway = Arc::new(Gateway {
         models,
         metrics: handle,
@@ -225,6 +270,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         open: gateway::Open {
             health: s.unauthenticated.iter().any(|e| e == "health"),
             metrics: s.unauthenticated.iter().any(|e| e == "metrics"),
+            status: s.unauthenticated.iter().any(|e| e == "status"),
         },
         max_items: s.max_items,
         max_pending: s.max_pending,
@@ -269,6 +315,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
             "/v2/models/{model}/versions/{version}/infer",
             post(kserve::kserve_infer),
         )
+        .merge(status::routes(monitor))
         .fallback(http::no_route)
         .layer(DefaultBodyLimit::max(s.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
