@@ -12,8 +12,38 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "flumen", version, about)]
 struct Cli {
+    /// How logs are written to stderr: `text` (for people) or `json` (one object a
+    /// line, for machines). What is logged: `RUST_LOG` (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs through `tracing` to stderr, filtered by `RUST_LOG` (default `info`). The
+/// summaries and progress of `flumen run` are output, not logs: they are printed as
+/// they are.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +166,7 @@ async fn demo(output: std::path::PathBuf) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    init_logging(cli.log_format);
     if let (Command::Run(args), Some(("run", m))) = (&mut cli.command, matches.subcommand()) {
         // Which flags were typed, not defaulted: a pipeline file refuses those it sets.
         args.explicit = m

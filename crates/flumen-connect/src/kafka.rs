@@ -66,10 +66,9 @@ impl ConsumerContext for Rebalancing {
                         .lock()
                         .expect("tracker lock")
                         .committed(&points),
-                    Err(e) => eprintln!(
-                        "flumen: kafka {}: commit before revocation failed: {e}",
-                        self.topic
-                    ),
+                    Err(e) => {
+                        tracing::warn!("kafka {}: commit before revocation failed: {e}", self.topic)
+                    }
                 }
             }
             drop(serial);
@@ -78,10 +77,7 @@ impl ConsumerContext for Rebalancing {
                 tracker.forget(*p);
             }
             drop(tracker);
-            eprintln!(
-                "flumen: kafka {}: revoked partitions {revoked:?}",
-                self.topic
-            );
+            tracing::info!("kafka {}: revoked partitions {revoked:?}", self.topic);
         }
     }
 
@@ -90,12 +86,9 @@ impl ConsumerContext for Rebalancing {
             Rebalance::Assign(list) => {
                 let mut parts: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
                 parts.sort_unstable();
-                eprintln!(
-                    "flumen: kafka {}: assigned partitions {parts:?}",
-                    self.topic
-                );
+                tracing::info!("kafka {}: assigned partitions {parts:?}", self.topic);
             }
-            Rebalance::Error(e) => eprintln!("flumen: kafka {}: rebalance failed: {e}", self.topic),
+            Rebalance::Error(e) => tracing::warn!("kafka {}: rebalance failed: {e}", self.topic),
             Rebalance::Revoke(_) => {}
         }
     }
@@ -138,14 +131,16 @@ impl SourceState {
                         .expect("tracker lock")
                         .delivered(partition, offset);
                     match gap {
-                        Delivered::First => eprintln!(
-                            "flumen: {}: {}/{partition}: reading from offset {offset}",
-                            self.what, self.topic
+                        Delivered::First => tracing::info!(
+                            "{}: {}/{partition}: reading from offset {offset}",
+                            self.what,
+                            self.topic
                         ),
-                        Delivered::After(first, last) => eprintln!(
-                            "flumen: {}: {}/{partition}: offsets {first}..={last} were not served \
+                        Delivered::After(first, last) => tracing::info!(
+                            "{}: {}/{partition}: offsets {first}..={last} were not served \
                              (compacted away, or skipped by the broker)",
-                            self.what, self.topic
+                            self.what,
+                            self.topic
                         ),
                         Delivered::Next => {}
                     }
@@ -178,8 +173,8 @@ impl SourceState {
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
         if due {
             self.waiting_reported = Some(Instant::now());
-            eprintln!(
-                "flumen: {}: waiting for a partition assignment of {} in group {} ({:.0} s so far)",
+            tracing::info!(
+                "{}: waiting for a partition assignment of {} in group {} ({:.0} s so far)",
                 self.what,
                 self.topic,
                 self.group,
@@ -207,10 +202,7 @@ impl SourceState {
                     let now = Instant::now();
                     if self.quiet_until.is_none_or(|t| now >= t) {
                         self.quiet_until = Some(now + Duration::from_secs(10));
-                        eprintln!(
-                            "flumen: {}: {error}; the broker answers, going on",
-                            self.what
-                        );
+                        tracing::warn!("{}: {error}; the broker answers, going on", self.what);
                     }
                     return Ok(());
                 }
@@ -372,16 +364,12 @@ impl Commits {
             match self.commit_now().await {
                 Ok(()) if failing => {
                     failing = false;
-                    eprintln!("flumen: {}: offset commits go through again", self.what);
+                    tracing::info!("{}: offset commits go through again", self.what);
                 }
                 Ok(()) => {}
                 Err(e) if !failing => {
                     failing = true;
-                    eprintln!(
-                        "flumen: {}; retrying every {} ms",
-                        e.error,
-                        interval.as_millis()
-                    );
+                    tracing::warn!("{}; retrying every {} ms", e.error, interval.as_millis());
                 }
                 Err(_) => {}
             }
@@ -431,8 +419,8 @@ impl KafkaCommitter {
                     // say in an outage): the partitions' new owners resume from the
                     // last commit that went through. Nothing is lost; what this worker
                     // wrote since is seen again.
-                    eprintln!(
-                        "flumen: {}; no longer in the group, the final commit is left to the partitions' new owners",
+                    tracing::warn!(
+                        "{}; no longer in the group, the final commit is left to the partitions' new owners",
                         e.error
                     );
                     return Ok(());

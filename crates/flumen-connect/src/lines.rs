@@ -118,8 +118,8 @@ impl LinesSink {
                     .await
                     .map_err(|e| fail("cannot repair", e))?;
                 if torn > 0 {
-                    eprintln!(
-                        "flumen: {shown}: cut a torn last line ({torn} bytes without a newline, \
+                    tracing::info!(
+                        "{shown}: cut a torn last line ({torn} bytes without a newline, \
                          left by an interrupted write and never acknowledged)"
                     );
                 }

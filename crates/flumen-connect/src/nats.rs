@@ -77,7 +77,7 @@ async fn wait_for_server(
     if client.connection_state() == State::Connected {
         let now = tokio::time::Instant::now();
         if quiet_until.is_none_or(|t| now >= t) {
-            eprintln!("flumen: {what} ({role}): {error}; the server answers, going on");
+            tracing::warn!("{what} ({role}): {error}; the server answers, going on");
             *quiet_until = Some(now + Duration::from_secs(10));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -202,8 +202,8 @@ impl Pulling {
         // messages come back after ack_wait anyway).
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
         if n > 0 {
-            eprintln!(
-                "flumen: {}: handed back {n} messages not started, for redelivery now",
+            tracing::info!(
+                "{}: handed back {n} messages not started, for redelivery now",
                 self.what
             );
         }

@@ -68,7 +68,7 @@ impl Outage {
             .max_outage
             .map(|l| format!("at most {} s", l.as_secs_f64()))
             .unwrap_or_else(|| "until it is back".into());
-        eprintln!("flumen: {what} ({role}): cannot reach the broker ({error}); waiting, {limit}");
+        tracing::warn!("{what} ({role}): cannot reach the broker ({error}); waiting, {limit}");
         let now = Instant::now();
         gauges(role, Some(0.0));
         Outage {
@@ -103,8 +103,8 @@ impl Outage {
         }
         if self.last_log.elapsed() >= REPORT_EVERY {
             self.last_log = Instant::now();
-            eprintln!(
-                "flumen: {} ({}): still unreachable after {:.0} s ({error}); waiting",
+            tracing::warn!(
+                "{} ({}): still unreachable after {:.0} s ({error}); waiting",
                 self.what,
                 self.role,
                 waited.as_secs_f64()
@@ -122,8 +122,8 @@ impl Outage {
     /// The broker answers again.
     pub(crate) fn end(self) {
         gauges(self.role, None);
-        eprintln!(
-            "flumen: {} ({}): reachable again after {:.1} s",
+        tracing::info!(
+            "{} ({}): reachable again after {:.1} s",
             self.what,
             self.role,
             self.elapsed().as_secs_f64()

@@ -59,6 +59,9 @@ struct Waiting<O> {
     uncounted: u32,
     billed: u64,
     last_error: Option<BackendError>,
+    span: tracing::Span,
+    /// Held, so that it closes when the call ends for this record.
+    _attempt: tracing::Span,
 }
 
 /// The records still waiting for their outcome.
@@ -110,6 +113,8 @@ impl<B: Backend> Call<B> {
                 uncounted: job.uncounted,
                 billed: job.billed,
                 last_error: job.last_error,
+                span: job.span,
+                _attempt: job.attempt,
             });
         }
 
@@ -159,6 +164,8 @@ impl<B: Backend> Call<B> {
                     starved: false,
                     uncounted: w.uncounted,
                     billed: w.billed,
+                    span: w.span,
+                    attempt: tracing::Span::none(),
                     reply,
                 })
             })
@@ -191,6 +198,7 @@ impl<B: Backend> Call<B> {
                 let f = Failure::from_backend(e.clone(), job.attempts);
                 finish(
                     &self.instruments,
+                    &job.span,
                     job.meta.enqueued,
                     job.reply,
                     job.attempts,
@@ -248,6 +256,7 @@ impl<B: Backend> Call<B> {
                         Ok(output) => {
                             finish(
                                 &self.instruments,
+                                &job.span,
                                 job.meta.enqueued,
                                 job.reply,
                                 job.attempts,
@@ -259,6 +268,7 @@ impl<B: Backend> Call<B> {
                             let f = Failure::from_backend(e, job.attempts);
                             finish(
                                 &self.instruments,
+                                &job.span,
                                 job.meta.enqueued,
                                 job.reply,
                                 job.attempts,
@@ -346,6 +356,7 @@ impl<B: Backend> Call<B> {
                     let failure = Failure::new(ErrorKind::Timeout, message, w.attempts);
                     finish(
                         &self.instruments,
+                        &w.span,
                         w.meta.enqueued,
                         reply,
                         w.attempts,

@@ -58,6 +58,8 @@ pub(super) struct Dispatcher<B: Backend> {
     retry: RetryConfig,
     spend: Option<SpendConfig>,
     prices: Option<crate::spend::Prices>,
+    /// The engine's name, on its `call` spans.
+    name: Arc<str>,
     /// With `on_exhausted = wait`: no call is sent until then (the budget's next
     /// period), or until a call in flight settles for less than it reserved.
     spend_wait: Option<Instant>,
@@ -107,6 +109,7 @@ impl<B: Backend> Dispatcher<B> {
             retry: config.retry.clone(),
             spend: config.spend.clone(),
             prices: config.prices,
+            name: Arc::from(config.name.as_str()),
             spend_wait: None,
         }
     }
@@ -205,6 +208,7 @@ impl<B: Backend> Dispatcher<B> {
         self.stats.shed();
         finish(
             &self.instruments,
+            &job.span,
             job.meta.enqueued,
             job.reply,
             job.attempts,
@@ -287,6 +291,7 @@ impl<B: Backend> Dispatcher<B> {
                 let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
                 finish(
                     &self.instruments,
+                    &job.span,
                     job.meta.enqueued,
                     job.reply,
                     job.attempts,
@@ -415,6 +420,7 @@ impl<B: Backend> Dispatcher<B> {
             let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
             finish(
                 &self.instruments,
+                &job.span,
                 job.meta.enqueued,
                 job.reply,
                 job.attempts,
@@ -436,6 +442,7 @@ impl<B: Backend> Dispatcher<B> {
             );
             finish(
                 &self.instruments,
+                &job.span,
                 job.meta.enqueued,
                 job.reply,
                 job.attempts,
@@ -485,6 +492,7 @@ impl<B: Backend> Dispatcher<B> {
             );
             finish(
                 instruments,
+                &job.span,
                 job.meta.enqueued,
                 job.reply,
                 job.attempts,
@@ -532,15 +540,29 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     fn launch(&mut self, jobs: Vec<Job<B>>, now: Instant, isolated: bool) {
-        // Records whose submitter went away are dropped before anything is reserved.
-        let jobs: Vec<Job<B>> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
-        let (jobs, reserved) = self.reserve(jobs, now, isolated);
-        if jobs.is_empty() {
-            return;
-        }
+        // Records whose submitter went away are dropped before anything is reserved
+        // (without a budget, in the loop below: no second pass over the batch).
+        let (jobs, reserved) = if self.spend.is_some() {
+            let open: Vec<Job<B>> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+            self.reserve(open, now, isolated)
+        } else {
+            (jobs, 0)
+        };
         let mut batch: Vec<Job<B>> = Vec::with_capacity(jobs.len());
         let mut first = 0;
+        // Spans (debug level; nothing is made when disabled): the call, linked to the
+        // records it carries, and under each record an attempt linked to the call.
+        let call_span = tracing::debug_span!("call", engine = %self.name, items = jobs.len());
         for mut job in jobs {
+            if job.reply.is_closed() {
+                continue;
+            }
+            if !call_span.is_disabled() {
+                call_span.follows_from(&job.span);
+                let attempt = tracing::debug_span!(parent: &job.span, "attempt", n = u64::from(job.attempts) + 1);
+                attempt.follows_from(&call_span);
+                job.attempt = attempt;
+            }
             if job.attempts == 0 {
                 self.instruments
                     .queue_time
@@ -549,6 +571,10 @@ impl<B: Backend> Dispatcher<B> {
             }
             job.attempts += 1;
             batch.push(job);
+        }
+        if batch.is_empty() {
+            // Nothing reserved: with a budget, only open records were.
+            return;
         }
         self.budget.lock().expect("budget lock").deposit(now, first);
         let probe = self.breaker.as_mut().is_some_and(|b| {
@@ -580,7 +606,8 @@ impl<B: Backend> Dispatcher<B> {
             prices: self.prices,
             billed_input,
         };
-        self.calls.spawn(call.run(batch));
+        self.calls
+            .spawn(tracing::Instrument::instrument(call.run(batch), call_span));
     }
 
     fn on_report(&mut self, report: Report<B>) {
@@ -639,6 +666,7 @@ impl<B: Backend> Dispatcher<B> {
                 let failure = Failure::from_backend(error, job.attempts);
                 finish(
                     &self.instruments,
+                    &job.span,
                     job.meta.enqueued,
                     job.reply,
                     job.attempts,
@@ -656,6 +684,7 @@ impl<B: Backend> Dispatcher<B> {
                 let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
                 finish(
                     &self.instruments,
+                    &job.span,
                     job.meta.enqueued,
                     job.reply,
                     job.attempts,

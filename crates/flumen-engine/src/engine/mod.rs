@@ -91,6 +91,10 @@ struct Job<B: Backend> {
     /// The input tokens a send of this record is billed (see
     /// [`Backend::billed_input_tokens`]).
     billed: u64,
+    /// The record's span (`record`, at debug level): open from submission to outcome.
+    span: tracing::Span,
+    /// The span of the attempt in flight (`attempt`, a child of `span`).
+    attempt: tracing::Span,
     reply: Reply<B::Output>,
 }
 
@@ -188,6 +192,13 @@ impl<B: Backend> Engine<B> {
         let backend = &self.shared.backend;
         let cost = backend.cost(&input);
         let billed = backend.billed_input_tokens(&input).unwrap_or(cost.tokens);
+        let span = tracing::debug_span!(
+            "record",
+            engine = %self.shared.name,
+            outcome = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            cached = tracing::field::Empty,
+        );
         if let Some(cache) = &self.shared.cache {
             if let Some(content) = backend.cache_key(&input) {
                 let key = cache.key(&content);
@@ -197,6 +208,7 @@ impl<B: Backend> Engine<B> {
                     deadline,
                     cost,
                     billed,
+                    span,
                 };
                 return Pending {
                     inner: PendingInner::Cached(Box::pin(engine.cached(key, queued))),
@@ -210,6 +222,7 @@ impl<B: Backend> Engine<B> {
                 deadline,
                 cost,
                 billed,
+                span,
             })),
             input_tokens: billed,
         }
@@ -247,6 +260,7 @@ impl<B: Backend> Engine<B> {
     ) -> (Result<B::Output, Failure>, bool) {
         let deadline = queued.deadline;
         let started = Instant::now();
+        let span = queued.span.clone();
         let cache = self
             .shared
             .cache
@@ -262,6 +276,8 @@ impl<B: Backend> Engine<B> {
                         Some(output) => {
                             cache.shared();
                             instruments.outcome(0, None, started.elapsed());
+                            span.record("outcome", "ok");
+                            span.record("cached", true);
                             return (Ok(output), true);
                         }
                         None => cache.undecodable(),
@@ -283,6 +299,8 @@ impl<B: Backend> Engine<B> {
                 Some(output) => {
                     cache.hit();
                     instruments.outcome(0, None, started.elapsed());
+                    span.record("outcome", "ok");
+                    span.record("cached", true);
                     guard.answer(bytes);
                     return (Ok(output), true);
                 }
@@ -322,6 +340,8 @@ impl<B: Backend> Engine<B> {
             starved: false,
             uncounted: 0,
             billed: q.billed,
+            span: q.span,
+            attempt: tracing::Span::none(),
             reply,
         };
         // If the dispatcher is gone, the job (and its sender) is dropped here and
@@ -362,6 +382,7 @@ struct Queued<I> {
     deadline: Option<Instant>,
     cost: flumen_core::ItemCost,
     billed: u64,
+    span: tracing::Span,
 }
 
 /// The outcome of one submitted record, to come.
@@ -464,12 +485,18 @@ impl<O> Future for Pending<O> {
 /// Sends a record's one outcome and counts it.
 fn finish<O>(
     instruments: &Instruments,
+    span: &tracing::Span,
     enqueued: Instant,
     reply: Reply<O>,
     attempts: u32,
     result: Result<O, Failure>,
 ) {
     let latency = enqueued.elapsed();
+    span.record(
+        "outcome",
+        result.as_ref().err().map_or("ok", |f| f.kind.as_str()),
+    );
+    span.record("attempts", u64::from(attempts));
     instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind), latency);
     let _ = reply.send(result);
 }
