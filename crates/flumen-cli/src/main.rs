@@ -32,8 +32,11 @@ enum LogFormat {
 /// they are.
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // librdkafka's and async-nats's own logs only from warnings up by default: our
+    // connectors report outages themselves, once every few seconds.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,async_nats=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

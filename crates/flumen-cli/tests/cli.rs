@@ -749,3 +749,34 @@ fn an_interrupted_file_run_exits_130_and_says_how_far_it_got() {
         "{err}"
     );
 }
+
+#[test]
+fn log_format_stands_beside_a_pipeline_file_and_logs_json() {
+    let input = write_temp("logjson.jsonl", "{\"id\": 1}\n{\"id\": 2}\n");
+    let output = input.with_extension("out");
+    let pipe = file_pipeline("logjson.toml", &input, &output);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["--log-format", "json", "run", pipe.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flumen starts");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(std::fs::read_to_string(&output).unwrap().lines().count(), 2);
+    // The run's start is logged at debug level: one JSON object, with its fields.
+    let logs: Vec<Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let start = logs
+        .iter()
+        .find(|v| v["fields"]["message"] == "run starting")
+        .unwrap_or_else(|| panic!("no JSON log of the run's start in: {err}"));
+    assert_eq!(start["level"], "DEBUG");
+    assert_eq!(start["fields"]["source"], "file");
+}

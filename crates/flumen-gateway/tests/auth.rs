@@ -1,6 +1,7 @@
 //! With a bearer token set, every endpoint needs it — models, their metadata and
 //! readiness, unknown paths, health and metrics — unless `server.unauthenticated`
-//! opens health or metrics; over HTTP and (with the `grpc` feature) gRPC.
+//! opens health, metrics or the status page; over HTTP and (with the `grpc` feature)
+//! gRPC.
 
 use flumen_gateway::serve::{start, Running, ServeConfig};
 
@@ -18,7 +19,10 @@ async fn gateway(open: &str) -> Running {
     start(&config).await.unwrap()
 }
 
-const PATHS: [&str; 9] = [
+const PATHS: [&str; 12] = [
+    "/",
+    "/status.json",
+    "/assets/uPlot.iife.min.js",
     "/v1/models",
     "/v2/models/echo",
     "/v2/models/echo/ready",
@@ -62,6 +66,7 @@ fn the_token_guards_every_endpoint_unless_health_or_metrics_are_opened() {
         .unwrap();
     rt.block_on(guarded_by_default());
     rt.block_on(health_and_metrics_open_only_when_named());
+    rt.block_on(the_status_page_opens_only_when_named());
 }
 
 async fn guarded_by_default() {
@@ -94,6 +99,15 @@ async fn health_and_metrics_open_only_when_named() {
     }
     #[cfg(feature = "grpc")]
     grpc::check(&running, true).await;
+    running.stopper().stop();
+}
+
+async fn the_status_page_opens_only_when_named() {
+    let running = gateway("unauthenticated = [\"status\"]").await;
+    for (path, without, _) in statuses(&running).await {
+        let open = path == "/" || path == "/status.json" || path.starts_with("/assets/");
+        assert_eq!(without == 200, open, "{path}: {without} without the token");
+    }
     running.stopper().stop();
 }
 

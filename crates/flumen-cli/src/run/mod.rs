@@ -299,6 +299,18 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             );
         }
     }
+    // The metrics recorder is installed before the engine exists, so that the
+    // engine's metrics are registered with it.
+    let mut status = None;
+    if let Some(addr) = args.metrics_addr {
+        let (bound, monitor) = flumen_gateway::serve::serve_metrics(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        status = Some(monitor);
+        if !args.quiet {
+            eprintln!("flumen: metrics on http://{bound}/metrics");
+        }
+    }
     let backend = AnyBackend::build(&setup.backend)
         .await
         .map_err(|p| anyhow::anyhow!("cannot start the backend: {}", p.join("; ")))?;
@@ -309,19 +321,21 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("cannot open the result cache: {e}"))?;
     let spend = engine_config.spend.clone();
     let engine = Engine::new(backend, engine_config);
-    if let Some(addr) = args.metrics_addr {
-        let bound = flumen_gateway::serve::serve_metrics(
-            addr,
-            vec![Arc::new(engine.clone()) as Arc<dyn flumen_gateway::serve::status::Watched>],
-        )
-        .await
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        if !args.quiet {
-            eprintln!("flumen: metrics on http://{bound}/metrics");
-        }
+    if let Some(monitor) = &status {
+        // The status page watches the engine from now on.
+        monitor
+            .lock()
+            .expect("monitor lock")
+            .watch(Arc::new(engine.clone()));
     }
     let capacity = setup.operator.capacity;
     let patience = setup.delivery.patience;
+    tracing::debug!(
+        source = setup.source.kind(),
+        backend = engine.name(),
+        capacity,
+        "run starting"
+    );
     let source = match input {
         Input::Builtin(bytes) => Source::from_bytes(bytes),
         Input::FromArgs => Source::open(&setup.source, capacity, patience).await?,

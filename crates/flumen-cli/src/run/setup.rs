@@ -139,6 +139,7 @@ pub(super) const FLAGS_BESIDE_A_FILE: &[&str] = &[
     "field",
     "output_field",
     "usage_field",
+    "log_format",
     "max_record_bytes",
     "excerpt_bytes",
     "quarantine",

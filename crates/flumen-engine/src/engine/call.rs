@@ -362,6 +362,9 @@ impl<B: Backend> Call<B> {
                         w.attempts,
                         Err(failure),
                     );
+                    // The record has its outcome: its spans end now, not with the call.
+                    w.span = tracing::Span::none();
+                    w._attempt = tracing::Span::none();
                 }
             }
         }

@@ -573,7 +573,15 @@ impl<B: Backend> Dispatcher<B> {
             batch.push(job);
         }
         if batch.is_empty() {
-            // Nothing reserved: with a budget, only open records were.
+            // Every record's submitter went away (some between the reservation and
+            // now): give back what was reserved for them.
+            if let (Some(spend), true) = (&self.spend, reserved > 0) {
+                spend
+                    .budget
+                    .lock()
+                    .expect("spend lock")
+                    .settle(now, reserved, 0);
+            }
             return;
         }
         self.budget.lock().expect("budget lock").deposit(now, first);

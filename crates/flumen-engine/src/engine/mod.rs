@@ -288,6 +288,7 @@ impl<B: Backend> Engine<B> {
                             Some(failure.kind),
                             started.elapsed(),
                         );
+                        span.record("outcome", failure.kind.as_str());
                         return (Err(failure), false);
                     }
                     Ok(None) => {}
@@ -308,6 +309,8 @@ impl<B: Backend> Engine<B> {
             }
         }
         cache.miss();
+        // From here the job carries the record's span, to its outcome.
+        drop(span);
         let result = recv(self.enqueue(queued)).await;
         match &result {
             Ok(output) => {

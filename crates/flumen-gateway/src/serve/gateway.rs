@@ -74,8 +74,8 @@ impl Model {
 }
 
 /// What a request is for, as far as the bearer token goes: every endpoint needs it
-/// when one is set, except health and metrics when `server.unauthenticated` names
-/// them.
+/// when one is set, except health, metrics and the status page when
+/// `server.unauthenticated` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
     /// Liveness and readiness of the server (HTTP `/health/*`, `/v2/health/*`; gRPC

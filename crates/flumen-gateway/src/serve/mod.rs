@@ -186,16 +186,18 @@ fn telemetry_buckets(
 }
 
 /// Installs the process's Prometheus recorder (engine metrics, names in
-/// `flumen_engine::telemetry`) and serves `GET /metrics`, and the status page of
-/// `watched` (`/`, `/status.json`), on `addr` in the background, for `flumen run
-/// --metrics-addr`. Returns the bound address (port 0 picks one).
+/// `flumen_engine::telemetry`) and serves `GET /metrics` and a status page (`/`,
+/// `/status.json`) on `addr` in the background, for `flumen run --metrics-addr`.
+/// Returns the bound address (port 0 picks one) and the page's monitor, which
+/// watches the engines given to [`status::Monitor::watch`]. Call it before creating
+/// the engines, so that their metrics are registered with the recorder.
 pub async fn serve_metrics(
     addr: std::net::SocketAddr,
-    watched: Vec<Arc<dyn status::Watched>>,
-) -> std::io::Result<std::net::SocketAddr> {
+) -> std::io::Result<(std::net::SocketAddr, Arc<std::sync::Mutex<status::Monitor>>)> {
     let handle = prometheus();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let monitor = status::Monitor::start(Vec::new());
     let app = Router::new()
         .route(
             "/metrics",
@@ -204,9 +206,9 @@ pub async fn serve_metrics(
                 async move { handle.render() }
             }),
         )
-        .merge(status::routes(status::Monitor::start(watched)));
+        .merge(status::routes(Arc::clone(&monitor)));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(bound)
+    Ok((bound, monitor))
 }
 
 /// Starts a gateway for a validated configuration: connects every model's backend,

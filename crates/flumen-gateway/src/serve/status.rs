@@ -95,23 +95,16 @@ impl Monitor {
     /// Watches `engines`, sampling them every second from now on (a task on the
     /// current runtime, which ends when the returned monitor is dropped).
     pub fn start(engines: Vec<Arc<dyn Watched>>) -> Arc<Mutex<Monitor>> {
-        let monitor = Arc::new(Mutex::new(Monitor {
-            models: engines
-                .into_iter()
-                .map(|engine| Model {
-                    engine,
-                    last: None,
-                    t: VecDeque::with_capacity(KEPT),
-                    series: SERIES
-                        .iter()
-                        .map(|s| (*s, VecDeque::with_capacity(KEPT)))
-                        .collect(),
-                })
-                .collect(),
-        }));
+        let mut monitor = Monitor { models: Vec::new() };
+        for engine in engines {
+            monitor.watch(engine);
+        }
+        let monitor = Arc::new(Mutex::new(monitor));
         let weak = Arc::downgrade(&monitor);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // A late tick is not made up with a burst of samples a millisecond apart.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(m) = weak.upgrade() else { return };
@@ -121,6 +114,19 @@ impl Monitor {
             }
         });
         monitor
+    }
+
+    /// Watches one more engine, from the next sample on.
+    pub fn watch(&mut self, engine: Arc<dyn Watched>) {
+        self.models.push(Model {
+            engine,
+            last: None,
+            t: VecDeque::with_capacity(KEPT),
+            series: SERIES
+                .iter()
+                .map(|s| (*s, VecDeque::with_capacity(KEPT)))
+                .collect(),
+        });
     }
 
     /// Takes one sample of every engine.
@@ -162,7 +168,7 @@ impl Monitor {
                         s.pop_front();
                     }
                 }
-                m.t.push_back(unix.round());
+                m.t.push_back((unix * 1e3).round() / 1e3);
                 for (name, v) in SERIES.iter().zip(point) {
                     m.series
                         .get_mut(name)
@@ -221,7 +227,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>(monitor: Arc<Mutex<Monitor>>) ->
             "/status.json",
             get(move || {
                 let monitor = Arc::clone(&monitor);
-                async move { Json(monitor.lock().expect("monitor lock").json()).into_response() }
+                async move {
+                    let status = monitor.lock().expect("monitor lock").json();
+                    Json(status).into_response()
+                }
             }),
         )
         .route(
