@@ -71,4 +71,4 @@ pub use reliability::{
     Verdict,
 };
 pub use spend::{OnExhausted, Prices, SpendBudget, SpendConfig, SpendSnapshot, Unit};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{Stats, StatsSnapshot, LATENCY_BUCKETS};
