@@ -60,6 +60,17 @@ fn chromium(args: &[&str], url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The gateway's `/status.json`.
+async fn status_json(http: &reqwest::Client, base: &str) -> Value {
+    http.get(format!("{base}/status.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The value of attribute `attr` on the element with `id`, in serialized HTML.
 fn attribute(dom: &str, id: &str, attr: &str) -> Option<String> {
     let at = dom.find(&format!("id=\"{id}\""))?;
@@ -112,14 +123,7 @@ async fn the_status_page_draws_live_series_and_shows_the_breaker_open() {
     }
     // A few samples (one a second) under load.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let status: Value = http
-        .get(format!("{base}/status.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = status_json(&http, &base).await;
     let m = &status["models"][0];
     assert_eq!(m["name"], "m");
     assert!(m["t"].as_array().unwrap().len() >= 3, "{m}");
@@ -178,28 +182,14 @@ async fn the_status_page_draws_live_series_and_shows_the_breaker_open() {
     // successes have left that window.
     let mut open = false;
     for _ in 0..200 {
-        let s: Value = http
-            .get(format!("{base}/status.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = status_json(&http, &base).await;
         if s["models"][0]["breaker"] == "open" {
             open = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let last: Value = http
-        .get(format!("{base}/status.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let last = status_json(&http, &base).await;
     assert!(
         open,
         "the breaker did not open within 40 s of the backend going down: {}",

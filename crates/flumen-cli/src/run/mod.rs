@@ -23,6 +23,7 @@ use crate::progress::{Progress, Snapshot};
 
 mod records;
 mod setup;
+mod summary;
 
 use records::{failure_line, key_of, model_input, parse_line, success_line, usage};
 use records::{Outgoing, Quarantine, Writers, Written};
@@ -522,46 +523,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         if failed.is_empty() {
             failed.push("none".into());
         }
-        let cache = engine
-            .cache_stats()
-            .map(|c| {
-                format!(
-                    "; cache: {} hits, {} shared, {} misses{}",
-                    c.hits,
-                    c.shared,
-                    c.misses,
-                    if c.errors + c.bypassed > 0 {
-                        format!(
-                            ", {} store errors, {} lookups and writes skipped while it was down",
-                            c.errors, c.bypassed
-                        )
-                    } else {
-                        String::new()
-                    }
-                )
-            })
-            .unwrap_or_default();
-        let mut tokens = String::new();
-        if stats.tokens_sent + stats.output_tokens > 0 {
-            tokens = format!(
-                ", {} tokens sent, {} received",
-                stats.tokens_sent, stats.output_tokens
-            );
-        }
-        if setup.prices.is_some() {
-            tokens.push_str(&format!(", cost {:.6}", stats.cost_nanos as f64 / 1e9));
-        }
-        if let Some(spend) = &spend {
-            let mut budget = spend.budget.lock().expect("spend lock");
-            let s = budget.snapshot(Instant::now());
-            let unit = budget.unit();
-            tokens.push_str(&format!(
-                "; budget `{}`: {} of {} spent",
-                budget.name(),
-                unit.show(s.spent),
-                unit.show(s.limit)
-            ));
-        }
+        let (tokens, cache) = summary::costs(&engine, setup.prices.is_some(), spend.as_ref());
         eprintln!(
             "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{tokens}{cache}{}{}",
             total as f64 / elapsed.max(1e-9),

@@ -196,14 +196,7 @@ impl<B: Backend> Call<B> {
         let fail_all = |jobs: Vec<Job<B>>, e: &BackendError| {
             for job in jobs {
                 let f = Failure::from_backend(e.clone(), job.attempts);
-                finish(
-                    &self.instruments,
-                    &job.span,
-                    job.meta.enqueued,
-                    job.reply,
-                    job.attempts,
-                    Err(f),
-                );
+                job.finish(&self.instruments, Err(f));
             }
         };
         match ended {
@@ -254,26 +247,12 @@ impl<B: Backend> Call<B> {
                     settled.end.count(result.as_ref().err());
                     match result {
                         Ok(output) => {
-                            finish(
-                                &self.instruments,
-                                &job.span,
-                                job.meta.enqueued,
-                                job.reply,
-                                job.attempts,
-                                Ok(output),
-                            );
+                            job.finish(&self.instruments, Ok(output));
                         }
                         Err(e) if RetryConfig::retryable(e.kind) => settled.retry.push((job, e)),
                         Err(e) => {
                             let f = Failure::from_backend(e, job.attempts);
-                            finish(
-                                &self.instruments,
-                                &job.span,
-                                job.meta.enqueued,
-                                job.reply,
-                                job.attempts,
-                                Err(f),
-                            );
+                            job.finish(&self.instruments, Err(f));
                         }
                     }
                 }

@@ -504,6 +504,20 @@ fn finish<O>(
     let _ = reply.send(result);
 }
 
+impl<B: Backend> Job<B> {
+    /// Sends this record's one outcome and counts it.
+    fn finish(self, instruments: &Instruments, result: Result<B::Output, Failure>) {
+        finish(
+            instruments,
+            &self.span,
+            self.meta.enqueued,
+            self.reply,
+            self.attempts,
+            result,
+        );
+    }
+}
+
 /// "message (last error: …)" when there was one.
 fn with_last_error(message: String, last: Option<&BackendError>) -> String {
     match last {
