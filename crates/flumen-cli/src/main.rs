@@ -2,11 +2,13 @@
 
 mod progress;
 mod run;
+mod telemetry;
 mod toml_keys;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use telemetry::LogFormat;
 
 /// Flumen: a streaming-native AI inference runtime.
 #[derive(Debug, Parser)]
@@ -16,37 +18,10 @@ struct Cli {
     /// line, for machines). What is logged: `RUST_LOG` (default `info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    traces: telemetry::TraceArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Logs through `tracing` to stderr, filtered by `RUST_LOG` (default `info`). The
-/// summaries and progress of `flumen run` are output, not logs: they are printed as
-/// they are.
-fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
-    // librdkafka's and async-nats's own logs only from warnings up by default: our
-    // connectors report outages themselves, once every few seconds.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,async_nats=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-    };
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,7 +144,20 @@ async fn demo(output: std::path::PathBuf) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    init_logging(cli.log_format);
+    let typed = |m: &clap::ArgMatches, id: &str| {
+        m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let explicit_ratio = typed(&matches, "trace_sample_ratio")
+        || matches
+            .subcommand()
+            .is_some_and(|(_, m)| typed(m, "trace_sample_ratio"));
+    let telemetry = match telemetry::init(cli.log_format, &cli.traces, explicit_ratio) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("flumen: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if let (Command::Run(args), Some(("run", m))) = (&mut cli.command, matches.subcommand()) {
         // Which flags were typed, not defaulted: a pipeline file refuses those it sets.
         args.explicit = m
@@ -201,7 +189,7 @@ fn main() -> ExitCode {
     // Not waiting for what cannot be cancelled (a read of stdin blocks until a line
     // comes): an interrupted `flumen run` on a terminal exits at once.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<flumen_config::BadConfig>().is_some() => {
             eprintln!("flumen: {e}");
@@ -211,5 +199,8 @@ fn main() -> ExitCode {
             eprintln!("flumen: {e:#}");
             ExitCode::from(1)
         }
-    }
+    };
+    // The traces still buffered are sent before the process goes.
+    telemetry.shutdown();
+    code
 }

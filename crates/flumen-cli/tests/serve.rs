@@ -1,4 +1,5 @@
-//! `flumen serve` as a command: a bad configuration file, HTTPS, the access log, and
+//! `flumen serve` as a command: a bad configuration file, HTTPS, the access log (in
+//! the JSON logs), and
 //! SIGTERM draining every listener, with the official `openai` package and
 //! `tritonclient` (installed from PyPI by `scripts/pyclients.sh`) as callers. The
 //! gateway's protocols with those clients are tested in process in
@@ -126,7 +127,7 @@ fn the_gateway_speaks_https_with_its_certificate() {
 // Waiting (bounded) for a child process to listen is not timing logic under test.
 #[allow(clippy::disallowed_methods)]
 #[test]
-fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
+fn the_access_log_is_one_event_per_request_without_payloads_or_tokens() {
     use std::io::{BufRead, Read};
     let dir = std::env::temp_dir().join(format!("flumen-serve-log-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -138,8 +139,9 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["serve", config.to_str().unwrap()])
+        .args(["--log-format", "json", "serve", config.to_str().unwrap()])
         .env("FLUMEN_TEST_LOG_TOKEN", "sekrit-token-42")
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -177,7 +179,7 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
         logged = lines.lock().unwrap().clone();
         if logged
             .iter()
-            .filter(|l| l.contains("\"event\":\"request\""))
+            .filter(|l| l.contains("\"message\":\"request\""))
             .count()
             >= 2
         {
@@ -185,19 +187,22 @@ fn the_access_log_is_one_json_line_per_request_without_payloads_or_tokens() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let requests: Vec<serde_json::Value> = logged
+    let events: Vec<serde_json::Value> = logged
         .iter()
-        .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).expect("each log line is JSON"))
+        .collect();
+    let requests: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["fields"]["message"] == "request")
+        .map(|e| &e["fields"])
         .collect();
     assert_eq!(requests.len(), 2, "{logged:#?}");
     assert_eq!(requests[0]["path"], "/v1/chat/completions");
     assert_eq!(requests[0]["method"], "POST");
     assert_eq!(requests[0]["status"], 200);
     assert_eq!(requests[1]["status"], 401);
-    assert!(requests
-        .iter()
-        .all(|r| r["ms"].as_f64().is_some() && r["ts"].as_f64().is_some()));
+    assert!(requests.iter().all(|r| r["ms"].as_f64().is_some()));
+    assert!(events.iter().all(|e| e["timestamp"].is_string()));
     let all = logged.join("\n");
     for secret in ["sekrit-token-42", "payload-secret-text", "hidden"] {
         assert!(

@@ -140,6 +140,8 @@ pub(super) const FLAGS_BESIDE_A_FILE: &[&str] = &[
     "output_field",
     "usage_field",
     "log_format",
+    "otlp_endpoint",
+    "trace_sample_ratio",
     "max_record_bytes",
     "excerpt_bytes",
     "quarantine",

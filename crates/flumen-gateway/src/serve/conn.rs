@@ -88,7 +88,7 @@ pub(super) async fn serve<H: Handshake>(
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
                     // EMFILE, ENFILE, ECONNABORTED…: the listener itself is fine.
-                    eprintln!("flumen serve: cannot accept a connection: {e}");
+                    tracing::warn!(error = %e, "flumen serve: cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -132,7 +132,7 @@ pub(super) async fn serve<H: Handshake>(
         .await
         .is_err()
     {
-        eprintln!(
+        tracing::warn!(
             "flumen serve: stopped with requests still in flight after {:?}",
             limits.grace
         );
@@ -253,7 +253,7 @@ pub(super) fn grpc_incoming(
             let tcp = match listener.accept().await {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
-                    eprintln!("flumen serve: cannot accept a gRPC connection: {e}");
+                    tracing::warn!(error = %e, "flumen serve: cannot accept a gRPC connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

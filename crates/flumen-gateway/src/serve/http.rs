@@ -422,29 +422,26 @@ pub(crate) async fn ready(State(g): State<Shared>, uri: axum::http::Uri) -> Resp
     }
 }
 
-/// The access log: one JSON object per request on stderr. Only the method, the path,
-/// the status and the time are written — no body, query or header, so neither
+/// The access log: one `request` event per request (target `flumen::access`), as
+/// text or JSON with the rest of the logs (`--log-format`). Only the method, the
+/// path, the status and the time are written — no body, query or header, so neither
 /// payloads nor tokens reach the log.
 pub(crate) async fn access_log(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let method = req.method().to_string();
+    let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let started = Instant::now();
     let response = next.run(req).await;
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let line = json!({
-        "ts": (ts * 1e3).round() / 1e3,
-        "event": "request",
-        "method": method,
-        "path": path,
-        "status": response.status().as_u16(),
-        "ms": (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
-    });
-    eprintln!("{line}");
+    tracing::info!(
+        target: "flumen::access",
+        method = %method,
+        path,
+        status = response.status().as_u16(),
+        ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        "request"
+    );
     response
 }
 

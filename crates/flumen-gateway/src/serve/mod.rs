@@ -77,12 +77,12 @@ pub async fn serve(path: &std::path::Path) -> Result<()> {
     } else {
         "http"
     };
-    eprintln!("flumen serve: listening on {scheme}://{}", running.addr);
+    tracing::info!(url = %format!("{scheme}://{}", running.addr), "flumen serve: listening");
     let stop = running.stopper();
     let mut signals = crate::signals::Signals::listen();
     tokio::spawn(async move {
         signals.recv().await;
-        eprintln!("flumen serve: stopping: answering the requests in flight");
+        tracing::info!("flumen serve: stopping: answering the requests in flight");
         stop.stop();
     });
     running.finished().await
@@ -356,7 +356,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
             .await
             .with_context(|| format!("cannot listen on {addr} (server.grpc_listen)"))?;
         let bound = listener.local_addr()?;
-        eprintln!("flumen serve: KServe v2 gRPC on {bound}");
+        tracing::info!(addr = %bound, "flumen serve: KServe v2 gRPC listening");
         grpc_addr = Some(bound);
         // The same connection cap (its own count) and time for a first byte as
         // HTTP; HTTP/2 pings find peers that went away.
@@ -379,8 +379,8 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     let stopped = stop.stopped();
     if let Some(files) = open_files_limit() {
         if s.max_connections as u64 + 64 > files {
-            eprintln!(
-                "flumen serve: warning: server.max_connections = {} is near or above this process's open-file limit ({files}): \
+            tracing::warn!(
+                "flumen serve: server.max_connections = {} is near or above this process's open-file limit ({files}): \
                  past that limit connections fail to be accepted; raise `ulimit -n` or lower max_connections",
                 s.max_connections
             );
