@@ -780,3 +780,69 @@ fn log_format_stands_beside_a_pipeline_file_and_logs_json() {
     assert_eq!(start["level"], "DEBUG");
     assert_eq!(start["fields"]["source"], "file");
 }
+
+/// 200 bulk records, then 10 interactive ones, read at once into an engine of one
+/// call at a time (200 ms, 8 records each): the interactive records ride the calls
+/// right after the first, far ahead of the bulk backlog read before them. A
+/// priority that is not a class fails its record alone, naming the field.
+#[test]
+fn interactive_records_overtake_a_bulk_backlog_and_a_bad_class_fails_alone() {
+    let mut input = String::new();
+    for i in 0..200 {
+        input.push_str(&format!(
+            "{{\"id\": {i}, \"text\": \"b{i}\", \"p\": \"bulk\"}}\n"
+        ));
+    }
+    for i in 200..210 {
+        input.push_str(&format!(
+            "{{\"id\": {i}, \"text\": \"i{i}\", \"p\": \"interactive\", \"who\": \"ann\"}}\n"
+        ));
+    }
+    input.push_str("{\"id\": 300, \"text\": \"x\", \"p\": \"urgent\"}\n");
+    input.push_str("{\"id\": 301, \"text\": \"y\", \"p\": 9}\n");
+    input.push_str("{\"id\": 302, \"text\": \"z\", \"p\": 0}\n");
+    let args = [
+        "run",
+        "--field",
+        "text",
+        "--priority-field",
+        "p",
+        "--tenant-field",
+        "who",
+        "--backend",
+        "sim",
+        "--sim-a-ms",
+        "200",
+        "--sim-b-ms",
+        "0.01",
+        "--concurrency",
+        "1",
+        "--max-batch",
+        "8",
+    ];
+    let out = flumen(&args, input.as_bytes());
+    let lines = stdout_lines(&out);
+    assert_eq!(lines.len(), 213);
+    // A failure carries its record under `record`.
+    let position = |id: u64| {
+        lines
+            .iter()
+            .position(|l| l["id"] == id || l["record"]["id"] == id)
+            .unwrap()
+    };
+    // The first call leaves at once with what was read by then (at most 8); the
+    // interactive records (and id 302, level 0) fill the next two.
+    for id in (200..210).chain([302]) {
+        assert!(position(id) < 8 + 16, "id {id} at {}", position(id));
+        assert!(lines[position(id)].get("prediction").is_some());
+    }
+    for (id, value) in [(300, "\"urgent\""), (301, "9")] {
+        let line = &lines[position(id)];
+        assert_eq!(line["error"]["kind"], "invalid_input", "{line}");
+        let message = line["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("field `p`") && message.contains(value),
+            "{message}"
+        );
+    }
+}

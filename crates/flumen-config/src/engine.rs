@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flumen_engine::{
     AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, ConcurrencyConfig, EngineConfig,
-    GradientConfig, OperatorConfig, OrderMode, RetryConfig,
+    GradientConfig, OperatorConfig, OrderMode, RetryConfig, SchedulingConfig,
 };
 use serde::Deserialize;
 
@@ -43,6 +43,10 @@ pub struct EngineSection {
     pub breaker_window_s: Option<u64>,
     /// How long the breaker stays open before half-open probes, ms (default 30,000).
     pub breaker_open_ms: Option<u64>,
+    /// The share of each call's records owed to a less urgent priority class while
+    /// it waits, 0 to 0.5 (default 0.1): a bulk stream keeps at least this much of
+    /// the backend under any interactive load.
+    pub min_share: Option<f64>,
 }
 
 /// `[operator]`.
@@ -80,6 +84,13 @@ impl EngineSection {
         ] {
             if zero {
                 p.push(format!("{path}.{field}: must be > 0"));
+            }
+        }
+        if let Some(share) = self.min_share {
+            if !(0.0..=0.5).contains(&share) {
+                p.push(format!(
+                    "{path}.min_share: must be between 0 and 0.5, not {share}"
+                ));
             }
         }
         if !self.breaker
@@ -138,6 +149,11 @@ impl EngineSection {
             cache: None,
             spend: None,
             prices: None,
+            scheduling: SchedulingConfig {
+                min_share: e
+                    .min_share
+                    .unwrap_or(flumen_engine::schedule::DEFAULT_MIN_SHARE),
+            },
         }
     }
 }

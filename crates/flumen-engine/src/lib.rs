@@ -54,6 +54,7 @@ mod latency;
 pub mod limiter;
 mod operator;
 pub mod reliability;
+pub mod schedule;
 pub mod spend;
 mod stats;
 pub mod telemetry;
@@ -70,5 +71,6 @@ pub use reliability::{
     Breaker, BreakerConfig, BreakerPhase, BreakerState, BreakerWindow, RetryBudget, RetryConfig,
     Verdict,
 };
+pub use schedule::{Class, Lane, SchedulingConfig};
 pub use spend::{OnExhausted, Prices, SpendBudget, SpendConfig, SpendSnapshot, Unit};
 pub use stats::{Stats, StatsSnapshot, LATENCY_BUCKETS};

@@ -94,6 +94,7 @@ pub trait InferExt: Stream + Sized {
 impl<S: Stream> InferExt for S {}
 
 type KeyFn<R> = Box<dyn FnMut(&R) -> u64 + Send>;
+type LaneFn<R> = Box<dyn FnMut(&R) -> crate::Lane + Send>;
 
 struct Entry<R, O> {
     record: R,
@@ -141,6 +142,7 @@ pub struct Infer<S: Stream, B: Backend, F> {
     engine: Engine<B>,
     extract: F,
     key: Option<KeyFn<S::Item>>,
+    lane: Option<LaneFn<S::Item>>,
     config: OperatorConfig,
     entries: Slab<Entry<S::Item, B::Output>>,
     pending: FuturesUnordered<Tagged<B::Output>>,
@@ -167,6 +169,7 @@ where
             engine: engine.clone(),
             extract,
             key: None,
+            lane: None,
             config: OperatorConfig {
                 capacity: config.capacity.max(1),
                 ..config
@@ -194,6 +197,14 @@ where
             std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
         self.key = Some(Box::new(move |r| hasher.hash_one(key(r))));
         self.config.order = OrderMode::Keyed;
+        self
+    }
+
+    /// Gives each record its lane — priority class and tenant — in the engine's
+    /// queue (see [`schedule`](crate::schedule)); without it, every record is in
+    /// [`Lane::default`](crate::Lane::default).
+    pub fn lane_by(mut self, lane: impl FnMut(&S::Item) -> crate::Lane + Send + 'static) -> Self {
+        self.lane = Some(Box::new(lane));
         self
     }
 
@@ -243,7 +254,11 @@ where
         match input {
             Ok(input) => {
                 let deadline = self.config.timeout.map(|t| now + t);
-                let pending = self.engine.submit(input, deadline);
+                let lane = self
+                    .lane
+                    .as_mut()
+                    .map_or_else(crate::Lane::default, |f| f(&self.entries[slot].record));
+                let pending = self.engine.submit_in(input, deadline, lane);
                 self.pending.push(Tagged { slot, pending });
             }
             Err(reason) => {

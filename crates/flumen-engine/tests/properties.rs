@@ -4,7 +4,9 @@
 //! actually received never exceed what the retry budget allows. With the result
 //! cache on (a share of cases, with duplicate inputs), every record still has one
 //! outcome, the one its input calls for, and with a working store no input reaches
-//! the backend once a record with that input has been answered. Each case runs on
+//! the backend once a record with that input has been answered. In a share of cases
+//! the records are spread over priority classes and weighted tenants, which change
+//! the order they are sent in and none of the above. Each case runs on
 //! its own paused clock with a seeded simulator, so a failure replays exactly.
 
 use std::collections::{HashMap, HashSet};
@@ -17,8 +19,9 @@ use flumen_core::{
     Backend, BatchResult, CacheKey, Capabilities, ErrorKind, Store, StoreError, StoreFuture,
 };
 use flumen_engine::{
-    AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, CacheConfig, ConcurrencyConfig, Engine,
-    EngineConfig, GradientConfig, InferExt, OperatorConfig, OrderMode, RetryConfig,
+    AimdConfig, BatchConfig, BreakerConfig, BreakerWindow, CacheConfig, Class, ConcurrencyConfig,
+    Engine, EngineConfig, GradientConfig, InferExt, Lane, OperatorConfig, OrderMode, RetryConfig,
+    SchedulingConfig,
 };
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, StreamExt};
@@ -131,6 +134,9 @@ struct Case {
     consumer_delay_ms: u64,
     /// The result cache: distinct contents among the records, and its store.
     cache: Option<(u32, StoreKind)>,
+    /// Lanes: how many priority classes and tenants the records are spread over,
+    /// and the share owed to a waiting class.
+    lanes: Option<(u8, u32, f64)>,
 }
 
 fn concurrency() -> impl Strategy<Value = ConcurrencyConfig> {
@@ -237,6 +243,7 @@ fn case() -> impl Strategy<Value = Case> {
             2 => Just(None),
             1 => (1u32..40, prop_oneof![Just(StoreKind::Memory), Just(StoreKind::Failing)]).prop_map(Some),
         ],
+        proptest::option::of((1u8..4, 1u32..4, 0.0..0.5f64)),
     )
         .prop_map(
             |(
@@ -248,6 +255,7 @@ fn case() -> impl Strategy<Value = Case> {
                 consumer_delay_ms,
                 (retry, breaker, attempt_timeout_ms, hedge_after_ms),
                 cache,
+                lanes,
             )| Case {
                 records,
                 keys,
@@ -275,6 +283,7 @@ fn case() -> impl Strategy<Value = Case> {
                 },
                 consumer_delay_ms,
                 cache,
+                lanes,
             },
         )
 }
@@ -331,6 +340,9 @@ fn run(case: &Case) -> Run {
                 attempt_timeout: case.attempt_timeout_ms.map(Duration::from_millis),
                 hedge_after: case.hedge_after_ms.map(Duration::from_millis),
                 cache,
+                scheduling: SchedulingConfig {
+                    min_share: case.lanes.map_or(0.1, |(_, _, share)| share),
+                },
                 ..EngineConfig::default()
             },
         );
@@ -351,6 +363,15 @@ fn run(case: &Case) -> Run {
             Some(m) if r.id % m == 0 => Err(format!("record {} is invalid", r.id)),
             _ => Ok(*r),
         });
+        // Records spread over classes (0, 2, 4…) and tenants of weights 1, 2, 3.
+        let op = match case.lanes {
+            Some((classes, tenants, _)) => op.lane_by(move |r: &Rec| {
+                let class = Class::level((r.id % u32::from(classes)) as u8 * 2).unwrap();
+                let tenant = (r.id / 7) % tenants;
+                Lane::tenant(class, &format!("t{tenant}"), f64::from(tenant + 1))
+            }),
+            None => op,
+        };
         let op = if case.order == OrderMode::Keyed {
             op.keyed_by(|r: &Rec| r.key)
         } else {

@@ -52,6 +52,15 @@ pub struct RunArgs {
     /// `{"input_tokens", "output_tokens", "cost" (with [prices]), "cached"}`.
     #[arg(long)]
     usage_field: Option<String>,
+    /// The record field holding its priority class: `interactive`, `default`,
+    /// `bulk` or a level 0–7 (0 the most urgent). Without the field a record is
+    /// `default`; a value that is not a class fails the record, naming the field.
+    #[arg(long)]
+    priority_field: Option<String>,
+    /// The record field holding its tenant: tenants of one class share the backend
+    /// equally (weighted fair queuing), so one tenant's flood waits behind itself.
+    #[arg(long)]
+    tenant_field: Option<String>,
     /// Output order.
     #[arg(long, value_enum, default_value_t = Order::Unordered)]
     order: Order,
@@ -402,9 +411,15 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     });
     let keyed = setup.operator.order == OrderMode::Keyed;
     let field = setup.field.clone();
-    let outcomes = lines.infer(&engine, setup.operator, move |line| {
-        model_input(line, field.as_deref())
-    });
+    let lanes = setup.lanes.clone();
+    let lanes_too = lanes.clone();
+    let outcomes = lines
+        .infer(&engine, setup.operator, move |line| {
+            // A record whose class is not one fails alone, naming the field.
+            lanes.lane(line)?;
+            model_input(line, field.as_deref())
+        })
+        .lane_by(move |line| lanes_too.lane(line).unwrap_or_default());
     let key = setup.key;
     let outcomes = if keyed {
         outcomes.keyed_by(move |line| key_of(line, key.as_ref()))

@@ -68,6 +68,55 @@ pub(super) fn model_input(line: &Line, field: Option<&str>) -> Result<Value, Str
     }
 }
 
+/// Which record fields give its priority class and tenant (`--priority-field`,
+/// `--tenant-field`, `[mapping] priority` and `tenant`).
+#[derive(Debug, Clone, Default)]
+pub(super) struct LaneFields {
+    pub(super) priority: Option<String>,
+    pub(super) tenant: Option<String>,
+}
+
+impl LaneFields {
+    /// The record's lane, or why its priority field is not a class.
+    pub(super) fn lane(&self, line: &Line) -> Result<flumen_engine::Lane, String> {
+        let mut lane = flumen_engine::Lane::default();
+        let Ok(record) = &line.record else {
+            return Ok(lane);
+        };
+        if let Some(f) = &self.priority {
+            let class = match record.get(f) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(flumen_engine::Class::parse(s).ok_or(s.clone())),
+                Some(Value::Number(n)) => Some(
+                    n.as_u64()
+                        .and_then(|n| u8::try_from(n).ok())
+                        .and_then(flumen_engine::Class::level)
+                        .ok_or(n.to_string()),
+                ),
+                Some(other) => Some(Err(other.to_string())),
+            };
+            match class {
+                Some(Ok(c)) => lane.class = c,
+                Some(Err(v)) => {
+                    return Err(format!(
+                        "{}: field `{f}`: {v:?} is not a priority class (interactive, default, bulk, or a level 0-7)",
+                        line.position
+                    ))
+                }
+                None => {}
+            }
+        }
+        if let Some(f) = &self.tenant {
+            lane.tenant = match record.get(f) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.as_str().into()),
+                Some(other) => Some(other.to_string().into()),
+            };
+        }
+        Ok(lane)
+    }
+}
+
 pub(super) fn key_of(line: &Line, key: Option<&KeyBy>) -> String {
     match (key, &line.record) {
         (Some(KeyBy::Partition), _) => line.partition.to_string(),

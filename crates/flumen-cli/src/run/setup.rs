@@ -11,6 +11,8 @@ use flumen_config::{BackendConfig, BudgetSection, CacheSection, EmbeddedSection,
 use flumen_config::{EngineSection, OperatorSection};
 use flumen_connect::{Patience, SinkConfig, SourceConfig};
 use flumen_engine::{EngineConfig, OperatorConfig};
+
+use super::records::LaneFields;
 use serde::Deserialize;
 
 use super::{BackendKind, BadConfig, Order, RunArgs};
@@ -38,6 +40,7 @@ pub(super) struct Setup {
     pub(super) field: Option<String>,
     pub(super) output_field: String,
     pub(super) usage_field: Option<String>,
+    pub(super) lanes: LaneFields,
     pub(super) max_record_bytes: usize,
     pub(super) delivery: Delivery,
 }
@@ -125,6 +128,10 @@ pub(super) struct MappingSection {
     output: Option<String>,
     /// The field what the record cost is written to (none by default).
     usage: Option<String>,
+    /// The field holding a record's priority class (see `--priority-field`).
+    priority: Option<String>,
+    /// The field holding a record's tenant (see `--tenant-field`).
+    tenant: Option<String>,
     /// Longer records fail alone (default 1 MiB).
     max_record_bytes: Option<usize>,
 }
@@ -139,6 +146,8 @@ pub(super) const FLAGS_BESIDE_A_FILE: &[&str] = &[
     "field",
     "output_field",
     "usage_field",
+    "priority_field",
+    "tenant_field",
     "log_format",
     "otlp_endpoint",
     "trace_sample_ratio",
@@ -266,6 +275,10 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
             _ => args.output_field.clone(),
         },
         usage_field: args.usage_field.clone().or(mapping.usage),
+        lanes: LaneFields {
+            priority: args.priority_field.clone().or(mapping.priority),
+            tenant: args.tenant_field.clone().or(mapping.tenant),
+        },
         max_record_bytes: match mapping.max_record_bytes {
             Some(m) if !given(args, "max_record_bytes") => m,
             _ => args.max_record_bytes,
@@ -429,6 +442,10 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
         field: args.field.clone(),
         output_field: args.output_field.clone(),
         usage_field: args.usage_field.clone(),
+        lanes: LaneFields {
+            priority: args.priority_field.clone(),
+            tenant: args.tenant_field.clone(),
+        },
         max_record_bytes: args.max_record_bytes,
         delivery: Delivery {
             excerpt_bytes: args.excerpt_bytes,

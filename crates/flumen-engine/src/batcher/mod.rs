@@ -145,6 +145,15 @@ impl BatchPolicy {
         (n, false)
     }
 
+    /// The records of a full call when `queue` (in sending order) holds at least
+    /// one: the call the front records would ride in behind a backlog.
+    pub fn full_call<'a>(&self, queue: impl Iterator<Item = &'a QueuedMeta>) -> Option<usize> {
+        match self.fill(queue) {
+            (n, true) => Some(n),
+            _ => None,
+        }
+    }
+
     /// Decides what to do with `queue` (oldest first) at `now`, given the calls in
     /// flight and the free slots.
     pub fn decide<'a, Q>(

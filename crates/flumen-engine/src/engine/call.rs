@@ -59,6 +59,7 @@ struct Waiting<O> {
     uncounted: u32,
     billed: u64,
     last_error: Option<BackendError>,
+    lane: crate::Lane,
     span: tracing::Span,
     /// Held, so that it closes when the call ends for this record.
     _attempt: tracing::Span,
@@ -113,6 +114,7 @@ impl<B: Backend> Call<B> {
                 uncounted: job.uncounted,
                 billed: job.billed,
                 last_error: job.last_error,
+                lane: job.lane,
                 span: job.span,
                 _attempt: job.attempt,
             });
@@ -164,6 +166,7 @@ impl<B: Backend> Call<B> {
                     starved: false,
                     uncounted: w.uncounted,
                     billed: w.billed,
+                    lane: w.lane,
                     span: w.span,
                     attempt: tracing::Span::none(),
                     reply,

@@ -73,6 +73,8 @@ pub struct EngineConfig {
     /// What the backend's tokens cost, for the cost in [`StatsSnapshot::cost_nanos`]
     /// and the `flumen_cost_total` metric; `None` (the default): not counted.
     pub prices: Option<crate::spend::Prices>,
+    /// How priority classes share the engine (see [`schedule`](crate::schedule)).
+    pub scheduling: crate::SchedulingConfig,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;
@@ -91,6 +93,8 @@ struct Job<B: Backend> {
     /// The input tokens a send of this record is billed (see
     /// [`Backend::billed_input_tokens`]).
     billed: u64,
+    /// Its class and tenant: where it waits in the queue.
+    lane: crate::Lane,
     /// The record's span (`record`, at debug level): open from submission to outcome.
     span: tracing::Span,
     /// The span of the attempt in flight (`attempt`, a child of `span`).
@@ -189,6 +193,17 @@ impl<B: Backend> Engine<B> {
     /// *its* future is polled: await records together (as the operator and
     /// `join_all` do), not one after another while an earlier one is left unpolled.
     pub fn submit(&self, input: B::Input, deadline: Option<Instant>) -> Pending<B::Output> {
+        self.submit_in(input, deadline, crate::Lane::default())
+    }
+
+    /// [`submit`](Self::submit) in a lane: a priority class and a tenant, which say
+    /// where the record waits in the queue (see [`schedule`](crate::schedule)).
+    pub fn submit_in(
+        &self,
+        input: B::Input,
+        deadline: Option<Instant>,
+        lane: crate::Lane,
+    ) -> Pending<B::Output> {
         let backend = &self.shared.backend;
         let cost = backend.cost(&input);
         let billed = backend.billed_input_tokens(&input).unwrap_or(cost.tokens);
@@ -208,6 +223,7 @@ impl<B: Backend> Engine<B> {
                     deadline,
                     cost,
                     billed,
+                    lane,
                     span,
                 };
                 return Pending {
@@ -222,6 +238,7 @@ impl<B: Backend> Engine<B> {
                 deadline,
                 cost,
                 billed,
+                lane,
                 span,
             })),
             input_tokens: billed,
@@ -343,6 +360,7 @@ impl<B: Backend> Engine<B> {
             starved: false,
             uncounted: 0,
             billed: q.billed,
+            lane: q.lane,
             span: q.span,
             attempt: tracing::Span::none(),
             reply,
@@ -385,6 +403,7 @@ struct Queued<I> {
     deadline: Option<Instant>,
     cost: flumen_core::ItemCost,
     billed: u64,
+    lane: crate::Lane,
     span: tracing::Span,
 }
 
@@ -502,6 +521,15 @@ fn finish<O>(
     span.record("attempts", u64::from(attempts));
     instruments.outcome(attempts, result.as_ref().err().map(|f| f.kind), latency);
     let _ = reply.send(result);
+}
+
+impl<B: Backend> crate::schedule::Scheduled for Job<B> {
+    fn lane(&self) -> &crate::Lane {
+        &self.lane
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.meta.deadline
+    }
 }
 
 impl<B: Backend> Job<B> {

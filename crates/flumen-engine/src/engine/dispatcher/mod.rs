@@ -23,6 +23,7 @@ use crate::limiter::Limiter;
 use crate::limiter::SampleOutcome;
 use crate::reliability::pause::Pause;
 use crate::reliability::{Breaker, BreakerState, RetryBudget, RetryConfig, Verdict};
+use crate::schedule::Schedule;
 use crate::spend::SpendConfig;
 use crate::stats::Stats;
 use crate::telemetry::Instruments;
@@ -31,8 +32,8 @@ use crate::LatencyModel;
 pub(super) struct Dispatcher<B: Backend> {
     backend: Arc<B>,
     rx: mpsc::UnboundedReceiver<Job<B>>,
-    /// Records ready to send, oldest first.
-    queue: VecDeque<Job<B>>,
+    /// Records ready to send, in sending order (classes, tenants, deadlines).
+    queue: Schedule<Job<B>>,
     /// Records waiting out a backoff, by when they may go again.
     delayed: BTreeMap<(Instant, u64), Job<B>>,
     /// Halves of batches that failed as a whole, each sent alone to find the record
@@ -84,14 +85,15 @@ impl<B: Backend> Dispatcher<B> {
         instruments: Arc<Instruments>,
     ) -> Self {
         let caps = backend.capabilities();
+        let policy = BatchPolicy::new(&config.batch, &caps);
         Dispatcher {
             backend,
             rx,
-            queue: VecDeque::new(),
+            queue: Schedule::new(&config.scheduling, policy.max_items()),
             delayed: BTreeMap::new(),
             isolated: VecDeque::new(),
             seq: 0,
-            policy: BatchPolicy::new(&config.batch, &caps),
+            policy,
             limiter: Limiter::new(&config.concurrency),
             breaker: config.breaker.clone().map(Breaker::new),
             budget: Arc::new(Mutex::new(RetryBudget::new(&config.retry))),
@@ -179,7 +181,9 @@ impl<B: Backend> Dispatcher<B> {
     fn enqueue(&mut self, job: Job<B>) {
         if let Some(deadline) = job.meta.deadline {
             let now = Instant::now();
-            let queued = self.queue.len();
+            // The records it would wait behind: more urgent classes, and its own
+            // class's records due before it by the tenants' fair shares.
+            let queued = self.queue.ahead(&job.lane);
             let limit = self.limiter.limit();
             if let Some(answer) = self
                 .policy
@@ -190,7 +194,7 @@ impl<B: Backend> Dispatcher<B> {
             }
         }
         self.note_deadline(job.meta.deadline);
-        self.queue.push_back(job);
+        self.queue.push(job);
     }
 
     /// Fails a record that would miss its deadline behind the queue, before queueing
@@ -202,7 +206,7 @@ impl<B: Backend> Dispatcher<B> {
             ErrorKind::Overloaded,
             format!(
                 "shed before queueing: {} records ahead, an answer in about {} ms, the deadline in {} ms",
-                self.queue.len(),
+                self.queue.ahead(&job.lane),
                 answer.duration_since(now).as_millis(),
                 deadline.saturating_duration_since(now).as_millis()
             ),
@@ -249,7 +253,7 @@ impl<B: Backend> Dispatcher<B> {
         drop(budget);
         for job in due.into_iter().rev() {
             self.note_deadline(job.meta.deadline);
-            self.queue.push_front(job);
+            self.queue.push_first(job);
         }
     }
 
@@ -264,53 +268,47 @@ impl<B: Backend> Dispatcher<B> {
             self.breaker.as_mut().map(|b| b.state(now)),
             Some(BreakerState::Open { .. })
         );
-        let keep = |job: Job<B>, kept: &mut Vec<Job<B>>, next: &mut Option<Instant>| match job
-            .meta
-            .deadline
-        {
-            _ if job.reply.is_closed() => {}
-            Some(d) if d <= now => {
-                let waited = now.duration_since(job.meta.enqueued).as_millis();
-                let why = if job.starved {
-                    "waiting for the retry budget"
-                } else if breaker_open {
-                    "while the circuit breaker was open"
-                } else {
-                    "in the queue"
-                };
-                let message = with_last_error(
-                    format!(
-                        "deadline passed after {waited} ms, {why}, before the record could be sent"
-                    ),
-                    job.last_error.as_ref(),
-                );
-                let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
-                job.finish(&self.instruments, Err(failure));
-            }
-            deadline => {
-                *next = earliest(*next, deadline);
-                kept.push(job);
+        let keep = |job: Job<B>, next: &mut Option<Instant>| -> Option<Job<B>> {
+            match job.meta.deadline {
+                _ if job.reply.is_closed() => None,
+                Some(d) if d <= now => {
+                    let waited = now.duration_since(job.meta.enqueued).as_millis();
+                    let why = if job.starved {
+                        "waiting for the retry budget"
+                    } else if breaker_open {
+                        "while the circuit breaker was open"
+                    } else {
+                        "in the queue"
+                    };
+                    let message = with_last_error(
+                        format!(
+                            "deadline passed after {waited} ms, {why}, before the record could be sent"
+                        ),
+                        job.last_error.as_ref(),
+                    );
+                    let failure = Failure::new(ErrorKind::Timeout, message, job.attempts);
+                    job.finish(&self.instruments, Err(failure));
+                    None
+                }
+                deadline => {
+                    *next = earliest(*next, deadline);
+                    Some(job)
+                }
             }
         };
         let mut next = None;
-        let mut kept = Vec::with_capacity(self.queue.len());
-        for job in std::mem::take(&mut self.queue) {
-            keep(job, &mut kept, &mut next);
-        }
-        self.queue = kept.into();
+        self.queue.retain_with(|job| keep(job, &mut next));
         for group in std::mem::take(&mut self.isolated) {
-            let mut kept = Vec::with_capacity(group.len());
-            for job in group {
-                keep(job, &mut kept, &mut next);
-            }
+            let kept: Vec<Job<B>> = group
+                .into_iter()
+                .filter_map(|job| keep(job, &mut next))
+                .collect();
             if !kept.is_empty() {
                 self.isolated.push_back(kept);
             }
         }
         for ((at, seq), job) in std::mem::take(&mut self.delayed) {
-            let mut kept = Vec::with_capacity(1);
-            keep(job, &mut kept, &mut next);
-            if let Some(job) = kept.pop() {
+            if let Some(job) = keep(job, &mut next) {
                 self.delayed.insert((at, seq), job);
             }
         }
@@ -331,6 +329,7 @@ impl<B: Backend> Dispatcher<B> {
             if free_slots > 0 && self.launch_isolated(now) {
                 continue;
             }
+            self.fail_hopeless_in_first_call(now, self.in_flight);
             let metas = self.queue.iter().map(|j| &j.meta);
             let slots = Slots {
                 free: free_slots,
@@ -340,7 +339,7 @@ impl<B: Backend> Dispatcher<B> {
             };
             match self.policy.decide(now, slots, metas, &self.latency) {
                 Decision::Send(n) => {
-                    let jobs: Vec<Job<B>> = self.queue.drain(..n).collect();
+                    let jobs: Vec<Job<B>> = self.queue.take(n);
                     self.launch(jobs, now, false);
                 }
                 Decision::RejectOversized => self.reject_head(),
@@ -393,6 +392,39 @@ impl<B: Backend> Dispatcher<B> {
 
     fn fail_hopeless_head(&mut self, now: Instant, expected: Duration) {
         if let Some(job) = self.queue.pop_front() {
+            self.fail_hopeless(job, now, expected);
+        }
+    }
+
+    /// Behind a backlog while calls run, the front records go out in a full call:
+    /// those of them that cannot make their deadline in it are failed unsent, as
+    /// the policy fails such a record at the head. In one FIFO lane the head is
+    /// the nearest deadline; with classes and tenants the records of the first call
+    /// come from several lanes, and one near its deadline further in would make
+    /// the policy cut the call short for it.
+    fn fail_hopeless_in_first_call(&mut self, now: Instant, busy: usize) {
+        if busy == 0 || self.latency.coefficients().is_none() {
+            return;
+        }
+        loop {
+            let Some(full) = self.policy.full_call(self.queue.iter().map(|j| &j.meta)) else {
+                return;
+            };
+            let expected = self.latency.estimate(full);
+            let hopeless = self.queue.remove_in_first(full, |j| {
+                j.meta.deadline.is_some_and(|d| now + expected > d)
+            });
+            if hopeless.is_empty() {
+                return;
+            }
+            for job in hopeless {
+                self.fail_hopeless(job, now, expected);
+            }
+        }
+    }
+
+    fn fail_hopeless(&mut self, job: Job<B>, now: Instant, expected: Duration) {
+        {
             let left = job
                 .meta
                 .deadline

@@ -93,7 +93,7 @@ impl<B: Backend> Dispatcher<B> {
                     self.isolated.push_front(rest);
                 } else {
                     for job in rest.into_iter().rev() {
-                        self.queue.push_front(job);
+                        self.queue.push_first(job);
                     }
                 }
                 self.spend_wait = Some(until);
