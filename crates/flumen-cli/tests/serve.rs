@@ -1,6 +1,6 @@
 //! `flumen serve` as a command: a bad configuration file, HTTPS, the access log (in
-//! the JSON logs), and
-//! SIGTERM draining every listener, with the official `openai` package and
+//! the JSON logs, naming the tenant of a key from the keys file, which SIGHUP reads
+//! again), and SIGTERM draining every listener, with the official `openai` package and
 //! `tritonclient` (installed from PyPI by `scripts/pyclients.sh`) as callers. The
 //! gateway's protocols with those clients are tested in process in
 //! `flumen-gateway/tests/clients.rs`.
@@ -27,6 +27,15 @@ fn wait_listening(port: u16, limit: Duration) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The hex SHA-256 of `key`, as a keys file holds it.
+fn sha256(key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `flumen serve CONFIG`, once it listens on `port`.
@@ -127,15 +136,24 @@ fn the_gateway_speaks_https_with_its_certificate() {
 // Waiting (bounded) for a child process to listen is not timing logic under test.
 #[allow(clippy::disallowed_methods)]
 #[test]
-fn the_access_log_is_one_event_per_request_without_payloads_or_tokens() {
+fn the_access_log_names_the_tenant_not_its_key_and_sighup_reads_the_keys_file_again() {
     use std::io::{BufRead, Read};
     let dir = std::env::temp_dir().join(format!("flumen-serve-log-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
     let config = dir.join("log.toml");
+    // One tenant, whose key is hashed in the file.
+    let keys = dir.join("keys.toml");
+    let keys_for = |key: &str| {
+        format!(
+            "[[tenants]]\nname = \"acme\"\nkeys_sha256 = [\"{}\"]\n",
+            sha256(key)
+        )
+    };
+    std::fs::write(&keys, keys_for("acme-secret-key-7")).unwrap();
     std::fs::write(
         &config,
-        format!("[server]\nlisten = \"127.0.0.1:{port}\"\napi_key_env = \"FLUMEN_TEST_LOG_TOKEN\"\nlog_requests = true\n\n[[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\n"),
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\napi_key_env = \"FLUMEN_TEST_LOG_TOKEN\"\nkeys_file = \"{}\"\nlog_requests = true\n\n[[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\n", keys.display()),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_flumen"))
@@ -147,6 +165,7 @@ fn the_access_log_is_one_event_per_request_without_payloads_or_tokens() {
         .spawn()
         .expect("flumen serve starts");
     let stderr = child.stderr.take().unwrap();
+    let pid = child.id();
     let _gateway = Gateway(child);
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let sink = std::sync::Arc::clone(&lines);
@@ -174,6 +193,37 @@ fn the_access_log_is_one_event_per_request_without_payloads_or_tokens() {
     };
     assert!(request("sekrit-token-42").starts_with("HTTP/1.1 200"));
     assert!(request("wrong").starts_with("HTTP/1.1 401"));
+    assert!(request("acme-secret-key-7").starts_with("HTTP/1.1 200"));
+    // The key changes in place, the file keeping its length and modification time
+    // (so that only SIGHUP makes the gateway read it again).
+    let modified = std::fs::metadata(&keys).unwrap().modified().unwrap();
+    std::fs::write(&keys, keys_for("acme-secret-key-8")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&keys)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert!(
+        request("acme-secret-key-8").starts_with("HTTP/1.1 401"),
+        "read again without SIGHUP"
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if request("acme-secret-key-8").starts_with("HTTP/1.1 200") {
+            reloaded = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(reloaded, "SIGHUP did not read the keys file again");
+    assert!(request("acme-secret-key-7").starts_with("HTTP/1.1 401"));
     let mut logged = Vec::new();
     for _ in 0..100 {
         logged = lines.lock().unwrap().clone();
@@ -181,7 +231,7 @@ fn the_access_log_is_one_event_per_request_without_payloads_or_tokens() {
             .iter()
             .filter(|l| l.contains("\"message\":\"request\""))
             .count()
-            >= 2
+            >= 6
         {
             break;
         }
@@ -196,15 +246,27 @@ fn the_access_log_is_one_event_per_request_without_payloads_or_tokens() {
         .filter(|e| e["fields"]["message"] == "request")
         .map(|e| &e["fields"])
         .collect();
-    assert_eq!(requests.len(), 2, "{logged:#?}");
+    assert!(requests.len() >= 6, "{logged:#?}");
     assert_eq!(requests[0]["path"], "/v1/chat/completions");
     assert_eq!(requests[0]["method"], "POST");
     assert_eq!(requests[0]["status"], 200);
     assert_eq!(requests[1]["status"], 401);
+    // The tenant is named (the shared token and a wrong key name none); its key is not.
+    let tenants: Vec<&str> = requests
+        .iter()
+        .map(|r| r["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants[..3], ["-", "-", "acme"]);
+    assert_eq!(tenants.last(), Some(&"-"));
     assert!(requests.iter().all(|r| r["ms"].as_f64().is_some()));
     assert!(events.iter().all(|e| e["timestamp"].is_string()));
     let all = logged.join("\n");
-    for secret in ["sekrit-token-42", "payload-secret-text", "hidden"] {
+    for secret in [
+        "sekrit-token-42",
+        "payload-secret-text",
+        "hidden",
+        "acme-secret-key",
+    ] {
         assert!(
             !all.contains(secret),
             "`{secret}` leaked into the log: {all}"

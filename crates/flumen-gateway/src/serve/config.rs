@@ -30,6 +30,11 @@ pub struct ServerSection {
     pub grpc_listen: Option<String>,
     /// Environment variable holding the bearer token callers must send (none: open).
     pub api_key_env: Option<String>,
+    /// A file of tenants with the SHA-256 of their API keys, classes, weights and
+    /// quotas (see the README's "Scheduling"); read again on SIGHUP and when it
+    /// changes. With it a caller needs a tenant's key (or the `api_key_env` token,
+    /// which names no tenant).
+    pub keys_file: Option<String>,
     /// Largest request, bytes: an HTTP body (413 above; after decompression when
     /// it comes gzip- or deflate-encoded) or a gRPC message (RESOURCE_EXHAUSTED).
     pub max_body_bytes: usize,
@@ -66,6 +71,7 @@ impl Default for ServerSection {
             tls_cert: None,
             tls_key: None,
             api_key_env: None,
+            keys_file: None,
             max_body_bytes: 8 << 20,
             max_items: 2_048,
             max_pending: 10_000,
@@ -267,6 +273,20 @@ impl ServeConfig {
                 p.push(format!(
                     "server.unauthenticated[{i}]: `{e}` is not \"health\", \"metrics\" or \"status\""
                 ));
+            }
+        }
+        if let Some(path) = &s.keys_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    if let Err(problems) = super::tenants::parse(path, &text) {
+                        p.extend(
+                            problems
+                                .into_iter()
+                                .map(|e| format!("server.keys_file: {e}")),
+                        );
+                    }
+                }
+                Err(e) => p.push(format!("server.keys_file: cannot read `{path}`: {e}")),
             }
         }
         if let Some(var) = &s.api_key_env {

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flumen_config::AnyBackend;
-use flumen_core::{ErrorKind, Failure};
-use flumen_engine::{BreakerPhase, Engine};
+use flumen_core::{Backend, ErrorKind, Failure};
+use flumen_engine::{BreakerPhase, Class, Engine, Lane};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::tenants::{Entry, KeyStore};
 use super::tensors::Tensors;
 
 /// One served model.
@@ -37,6 +38,8 @@ pub(crate) struct Gateway {
     pub(crate) models: BTreeMap<String, Model>,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) token: Option<String>,
+    /// The tenants' keys (`server.keys_file`), when there is a file.
+    pub(crate) keys: Option<Arc<KeyStore>>,
     /// Endpoints answered without the token when one is set.
     pub(crate) open: Open,
     pub(crate) max_items: usize,
@@ -138,6 +141,11 @@ pub(crate) enum Reason {
     TooManyItems,
     /// Admission control: the model has `max_pending` records already; retry later.
     Busy,
+    /// The caller's tenant is over a quota (requests or tokens per minute, pending
+    /// records); retry after this many seconds.
+    Quota { retry_after_s: u64 },
+    /// A request header or parameter is not what it must be (named in the message).
+    BadRequest,
     /// A record failed in the engine, with this kind.
     Failed(ErrorKind),
 }
@@ -163,12 +171,114 @@ impl Reject {
     }
 }
 
+/// The token of an `Authorization: Bearer …` value ("" without one).
+fn bearer(authorization: Option<&str>) -> &str {
+    authorization
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Who a request is for: its tenant, if the gateway has tenants and its key named
+/// one, and the priority class its records queue in.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Who {
+    pub(crate) tenant: Option<Arc<Entry>>,
+    pub(crate) class: Class,
+}
+
+/// Records counted against a tenant's `max_pending`, given back when dropped.
+struct TenantPending<'a>(&'a AtomicUsize, usize);
+
+impl Drop for TenantPending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Relaxed);
+    }
+}
+
 /// Equal in constant time (for equal lengths): no early exit on the first difference.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 impl Gateway {
+    /// A tenant's request of `n` records and `tokens` input tokens against its
+    /// quotas: its pending records (held until the returned guard drops), then a
+    /// request from its RPM bucket and the tokens from its TPM bucket.
+    fn admit_tenant<'a>(
+        &self,
+        t: &'a Entry,
+        n: usize,
+        tokens: u64,
+    ) -> Result<TenantPending<'a>, Reject> {
+        let name = &*t.tenant.name;
+        let refuse = |quota: &'static str, retry: Duration, message: String| {
+            metrics::counter!("flumen_tenant_rejections_total", "tenant" => name.to_owned(), "quota" => quota).increment(1);
+            Reject::new(
+                Reason::Quota {
+                    retry_after_s: retry.as_secs_f64().ceil().max(1.0) as u64,
+                },
+                message,
+            )
+        };
+        let usage = &t.usage;
+        let held = TenantPending(&usage.pending, n);
+        let pending = usage.pending.fetch_add(n, Relaxed) + n;
+        if let Some(cap) = t.tenant.max_pending {
+            if pending > cap {
+                return Err(refuse(
+                    "pending",
+                    Duration::from_secs(1),
+                    format!("tenant `{name}` has {} records pending, at most {cap} (max_pending); retry later", pending - n),
+                ));
+            }
+        }
+        let now = Instant::now();
+        if let Some(b) = usage.rpm.lock().expect("bucket lock").as_mut() {
+            if let Err(wait) = b.take(1.0, now) {
+                let wait = wait.unwrap_or(Duration::from_secs(60));
+                return Err(refuse(
+                    "rpm",
+                    wait,
+                    format!(
+                        "tenant `{name}` is over its {} requests per minute (rpm); the next is allowed in {} ms",
+                        t.tenant.rpm.unwrap_or_default(),
+                        wait.as_millis()
+                    ),
+                ));
+            }
+        }
+        if let Some(b) = usage.tpm.lock().expect("bucket lock").as_mut() {
+            match b.take(tokens as f64, now) {
+                Ok(()) => {}
+                Err(wait) => {
+                    // The request is not sent: its request is not counted either.
+                    if let Some(r) = usage.rpm.lock().expect("bucket lock").as_mut() {
+                        r.charge(-1.0, now);
+                    }
+                    let limit = t.tenant.tpm.unwrap_or_default();
+                    return Err(match wait {
+                        Some(wait) => refuse(
+                            "tpm",
+                            wait,
+                            format!(
+                                "tenant `{name}` is over its {limit} tokens per minute (tpm): this request needs {tokens}; allowed in {} ms",
+                                wait.as_millis()
+                            ),
+                        ),
+                        None => refuse(
+                            "tpm",
+                            Duration::from_secs(60),
+                            format!(
+                                "this request needs {tokens} tokens, more than tenant `{name}`'s {limit} tokens per minute (tpm) allow at once; send fewer inputs"
+                            ),
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(held)
+    }
+
     /// The configured models' names, in order.
     pub(crate) fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
@@ -220,15 +330,18 @@ impl Gateway {
         self.check_token(authorization)
     }
 
-    /// Checks an `Authorization` value (`Bearer …`) against the configured token.
+    /// Checks an `Authorization` value (`Bearer …`) against the configured token and
+    /// the tenants' keys: either lets the request in.
     pub(crate) fn check_token(&self, authorization: Option<&str>) -> Result<(), Reject> {
-        let Some(token) = &self.token else {
+        if self.token.is_none() && self.keys.is_none() {
             return Ok(());
-        };
-        let sent = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if same(sent.as_bytes(), token.as_bytes()) {
+        }
+        let sent = bearer(authorization);
+        let token = self
+            .token
+            .as_ref()
+            .is_some_and(|t| same(sent.as_bytes(), t.as_bytes()));
+        if token || self.tenant(authorization).is_some() {
             Ok(())
         } else {
             Err(Reject::new(
@@ -236,6 +349,24 @@ impl Gateway {
                 "missing or wrong bearer token",
             ))
         }
+    }
+
+    /// The tenant whose key an `Authorization` value carries, if any.
+    pub(crate) fn tenant(&self, authorization: Option<&str>) -> Option<Arc<Entry>> {
+        let keys = self.keys.as_ref()?;
+        keys.tenants().identify(bearer(authorization))
+    }
+
+    /// Who a request is for the engine: its tenant (by its key) and its class — the
+    /// one it asks for, but never more urgent than its tenant's.
+    pub(crate) fn who(&self, authorization: Option<&str>, asked: Option<Class>) -> Who {
+        let tenant = self.tenant(authorization);
+        let class = match (&tenant, asked) {
+            (Some(t), Some(c)) => c.max(t.tenant.class),
+            (Some(t), None) => t.tenant.class,
+            (None, c) => c.unwrap_or_default(),
+        };
+        Who { tenant, class }
     }
 
     /// A request's deadline: the caller's timeout (capped at ten times the default),
@@ -250,6 +381,7 @@ impl Gateway {
         name: &str,
         records: Vec<Value>,
         deadline: Instant,
+        who: &Who,
     ) -> Result<Vec<Value>, Reject> {
         let model = self
             .models
@@ -281,12 +413,41 @@ impl Gateway {
                 "the model is overloaded; retry later",
             ));
         }
+        let backend = model.engine.backend();
+        let mut lane = Lane::class(who.class);
+        let mut held = None;
+        if let Some(t) = &who.tenant {
+            let input: u64 = records
+                .iter()
+                .map(|r| {
+                    backend
+                        .billed_input_tokens(r)
+                        .unwrap_or_else(|| backend.cost(r).tokens)
+                })
+                .sum();
+            held = Some(self.admit_tenant(t, n, input)?);
+            lane = Lane::tenant(who.class, &t.tenant.name, t.tenant.weight);
+        }
         let pending: Vec<_> = records
             .into_iter()
-            .map(|r| model.engine.submit(r, Some(deadline)))
+            .map(|r| model.engine.submit_in(r, Some(deadline), lane.clone()))
             .collect();
         let results = futures::future::join_all(pending).await;
         drop(admitted);
+        drop(held);
+        if let Some(t) = &who.tenant {
+            let output: u64 = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|o| backend.output_tokens(o))
+                .sum();
+            if output > 0 {
+                if let Some(b) = t.usage.tpm.lock().expect("bucket lock").as_mut() {
+                    b.charge(output as f64, Instant::now());
+                }
+            }
+            metrics::counter!("flumen_tenant_requests_total", "tenant" => t.tenant.name.to_string(), "model" => name.to_owned(), "result" => if results.iter().all(Result::is_ok) { "ok" } else { "failed" }).increment(1);
+        }
         let out: Result<Vec<Value>, Reject> = results
             .into_iter()
             .map(|r| r.map_err(|f| Reject::failed(&f)))

@@ -67,9 +67,12 @@ fn grpc_timeout(v: &str) -> Option<Duration> {
 fn status(r: Reject) -> Status {
     let message = r.message;
     match r.reason {
-        Reason::Busy | Reason::Failed(ErrorKind::Overloaded | ErrorKind::BudgetExhausted) => {
+        Reason::Busy
+        | Reason::Quota { .. }
+        | Reason::Failed(ErrorKind::Overloaded | ErrorKind::BudgetExhausted) => {
             Status::resource_exhausted(message)
         }
+        Reason::BadRequest => Status::invalid_argument(message),
         Reason::Unauthorized => Status::unauthenticated(message),
         Reason::UnknownModel => Status::not_found(message),
         Reason::NoInput | Reason::TooManyItems | Reason::Failed(ErrorKind::InvalidInput) => {
@@ -253,7 +256,41 @@ impl GrpcInferenceService for GrpcGateway {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout);
+        let authorization = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let header = r
+            .metadata()
+            .get(super::http::PRIORITY_HEADER)
+            .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
         let req = r.into_inner();
+        // The request's `priority` parameter, else the metadata's.
+        let asked = match req
+            .parameters
+            .get("priority")
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            Some(choice) => {
+                use proto::infer_parameter::ParameterChoice as P;
+                let value = match choice {
+                    P::Int64Param(n) => serde_json::json!(n),
+                    P::Uint64Param(n) => serde_json::json!(n),
+                    P::StringParam(s) => serde_json::json!(s),
+                    P::BoolParam(b) => serde_json::json!(b),
+                    P::DoubleParam(d) => serde_json::json!(d),
+                };
+                super::kserve::kserve_priority(&value).map_err(Status::invalid_argument)?
+            }
+            None => match header {
+                Some(v) => {
+                    Some(super::http::class_of(&v, super::http::PRIORITY_HEADER).map_err(status)?)
+                }
+                None => None,
+            },
+        };
+        let who = self.0.who(authorization.as_deref(), asked);
         let m = self.served(&req.model_name, &req.model_version)?;
         let mut inputs = Vec::with_capacity(req.inputs.len());
         for (i, t) in req.inputs.iter().enumerate() {
@@ -287,7 +324,7 @@ impl GrpcInferenceService for GrpcGateway {
             .map_err(Status::invalid_argument)?;
         let predictions = self
             .0
-            .run(&req.model_name, records, self.0.deadline(timeout))
+            .run(&req.model_name, records, self.0.deadline(timeout), &who)
             .await
             .map_err(status)?;
         let outputs = m
@@ -335,6 +372,8 @@ mod tests {
             (Reason::NoInput, Code::InvalidArgument),
             (Reason::TooManyItems, Code::InvalidArgument),
             (Reason::Busy, Code::ResourceExhausted),
+            (Reason::Quota { retry_after_s: 3 }, Code::ResourceExhausted),
+            (Reason::BadRequest, Code::InvalidArgument),
             (
                 Reason::Failed(ErrorKind::Overloaded),
                 Code::ResourceExhausted,

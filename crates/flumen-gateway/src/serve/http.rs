@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flumen_core::ErrorKind;
+use flumen_engine::Class;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -69,7 +70,8 @@ fn status(reason: Reason) -> StatusCode {
         Reason::UnknownModel => StatusCode::NOT_FOUND,
         Reason::NoInput => StatusCode::BAD_REQUEST,
         Reason::TooManyItems => StatusCode::PAYLOAD_TOO_LARGE,
-        Reason::Busy => StatusCode::TOO_MANY_REQUESTS,
+        Reason::Busy | Reason::Quota { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Reason::BadRequest => StatusCode::BAD_REQUEST,
         Reason::Failed(kind) => match kind {
             // The message names the budget, what is spent and when it resets.
             ErrorKind::Overloaded | ErrorKind::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
@@ -85,10 +87,16 @@ impl Reject {
     /// The answer in `front`'s shape; a 429 says when to retry.
     pub(crate) fn response(self, front: Front) -> Response {
         let status = status(self.reason);
+        let retry = match self.reason {
+            Reason::Quota { retry_after_s } => retry_after_s,
+            _ => 1,
+        };
         let mut r = front.error(status, self.message);
         if status == StatusCode::TOO_MANY_REQUESTS {
-            r.headers_mut()
-                .insert("retry-after", "1".parse().expect("header value"));
+            r.headers_mut().insert(
+                "retry-after",
+                retry.to_string().parse().expect("header value"),
+            );
         }
         r
     }
@@ -388,22 +396,51 @@ pub(crate) async fn no_route(req: axum::extract::Request) -> Response {
     )
 }
 
+/// The header a caller names its records' priority class in.
+pub(crate) const PRIORITY_HEADER: &str = "x-flumen-priority";
+
+/// A priority class as a request gives it: `interactive`, `default`, `bulk`, a level
+/// 0–7; `what` names where it came from for the error.
+pub(crate) fn class_of(value: &str, what: &str) -> Result<Class, Reject> {
+    Class::parse(value).ok_or_else(|| {
+        Reject::new(
+            Reason::BadRequest,
+            format!("{what}: `{value}` is not a priority class (interactive, default, bulk, or a level 0-7)"),
+        )
+    })
+}
+
 impl Gateway {
     /// Runs `records` through `model`'s engine, for an HTTP caller (whose token
     /// [`authorize`] checked): the deadline from `x-request-timeout-ms` (or the
-    /// default).
+    /// default), the priority class `asked` by the request's body (KServe's
+    /// `priority` parameter) or else its `x-flumen-priority` header, the tenant its
+    /// key names.
     pub(crate) async fn infer(
         &self,
         name: &str,
         records: Vec<Value>,
         headers: &HeaderMap,
+        asked: Option<Class>,
     ) -> Result<Vec<Value>, Reject> {
         let timeout = headers
             .get("x-request-timeout-ms")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
-        self.run(name, records, self.deadline(timeout)).await
+        let asked = match (asked, headers.get(PRIORITY_HEADER)) {
+            (Some(c), _) => Some(c),
+            (None, Some(v)) => Some(class_of(
+                v.to_str().unwrap_or("(not text)"),
+                PRIORITY_HEADER,
+            )?),
+            (None, None) => None,
+        };
+        let authorization = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let who = self.who(authorization, asked);
+        self.run(name, records, self.deadline(timeout), &who).await
     }
 }
 
@@ -424,20 +461,30 @@ pub(crate) async fn ready(State(g): State<Shared>, uri: axum::http::Uri) -> Resp
 
 /// The access log: one `request` event per request (target `flumen::access`), as
 /// text or JSON with the rest of the logs (`--log-format`). Only the method, the
-/// path, the status and the time are written — no body, query or header, so neither
-/// payloads nor tokens reach the log.
+/// path, the tenant (its name, from the keys file; `-` for none), the status and the
+/// time are written — no body, query or header, so neither payloads nor keys reach
+/// the log.
 pub(crate) async fn access_log(
+    State(g): State<Shared>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let tenant = g
+        .tenant(
+            req.headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map_or_else(|| "-".to_owned(), |t| t.tenant.name.to_string());
     let started = Instant::now();
     let response = next.run(req).await;
     tracing::info!(
         target: "flumen::access",
         method = %method,
         path,
+        tenant,
         status = response.status().as_u16(),
         ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         "request"
@@ -504,6 +551,11 @@ mod tests {
             (Reason::NoInput, StatusCode::BAD_REQUEST),
             (Reason::TooManyItems, StatusCode::PAYLOAD_TOO_LARGE),
             (Reason::Busy, StatusCode::TOO_MANY_REQUESTS),
+            (
+                Reason::Quota { retry_after_s: 7 },
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (Reason::BadRequest, StatusCode::BAD_REQUEST),
             (
                 Reason::Failed(ErrorKind::Overloaded),
                 StatusCode::TOO_MANY_REQUESTS,

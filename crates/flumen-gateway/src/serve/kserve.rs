@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use flumen_engine::Class;
 use serde_json::{json, Value};
 
 use super::gateway::Shared;
@@ -93,6 +94,33 @@ pub(crate) struct InferRequest {
     pub(crate) outputs: Vec<(String, bool)>,
     /// `parameters.binary_data_output`: every output as binary data.
     pub(crate) binary_output: bool,
+    /// `parameters.priority`: the priority class asked for (see [`kserve_priority`]).
+    pub(crate) priority: Option<Class>,
+}
+
+/// KServe's (Triton's) `priority` parameter: a number, 0 for the model's default
+/// and 1 the most urgent — level `n - 1` (so 1 is `interactive`, 2 `default`, 3
+/// `bulk`; beyond 8, the lowest) — or a class's name.
+pub(crate) fn kserve_priority(v: &Value) -> Result<Option<Class>, String> {
+    let bad = || {
+        format!(
+            "parameters.priority: {v} is not a priority (0 for the default, 1 the most urgent, or interactive, default, bulk)"
+        )
+    };
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_u64() {
+            Some(0) => Ok(None),
+            Some(n) => Ok(Class::level(
+                u8::try_from(n - 1)
+                    .unwrap_or(u8::MAX)
+                    .min(Class::LOWEST.get()),
+            )),
+            None => Err(bad()),
+        },
+        Value::String(s) => Class::parse(s).map(Some).ok_or_else(bad),
+        _ => Err(bad()),
+    }
 }
 
 /// Reads an infer request with JSON `data` tensors or with Triton's binary tensor
@@ -194,11 +222,17 @@ pub(crate) fn read_infer_request(headers: &HeaderMap, body: &[u8]) -> Result<Inf
             .collect::<Result<_, _>>()?,
         Some(_) => return Err("`outputs` must be a list".into()),
     };
+    let priority = kserve_priority(
+        request
+            .pointer("/parameters/priority")
+            .unwrap_or(&Value::Null),
+    )?;
     Ok(InferRequest {
         id: request["id"].as_str().map(str::to_owned),
         inputs,
         outputs,
         binary_output: wants_binary(&request, "binary_data_output"),
+        priority,
     })
 }
 
@@ -293,7 +327,7 @@ pub(crate) async fn kserve_infer(
         Ok(s) => s,
         Err(why) => return bad(why),
     };
-    let predictions = match g.infer(&p.model, records, &headers).await {
+    let predictions = match g.infer(&p.model, records, &headers, request.priority).await {
         Ok(out) => out,
         Err(r) => return r.response(Front::Kserve),
     };
@@ -352,6 +386,7 @@ mod tests {
                     data: vec![json!(1.5), json!(-2.0), json!(4.0)],
                 }],
                 outputs: vec![("OUTPUT".into(), true)],
+                priority: None,
                 binary_output: false,
             })
         );

@@ -51,6 +51,7 @@ mod http;
 mod kserve;
 mod openai;
 pub mod status;
+mod tenants;
 mod tensors;
 #[cfg(feature = "tls")]
 mod tls;
@@ -257,6 +258,22 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         Some(var) => Some(std::env::var(var).context("server.api_key_env")?),
         None => None,
     };
+    let keys = match &s.keys_file {
+        Some(path) => {
+            let store = tenants::KeyStore::open(std::path::Path::new(path))
+                .map_err(|problems| anyhow::anyhow!("server.keys_file: {}", problems.join("; ")))?;
+            let store = Arc::new(store);
+            store.watch();
+            tracing::info!(
+                file = %path,
+                tenants = store.tenants().len(),
+                names = %store.tenants().names().collect::<Vec<_>>().join(","),
+                "flumen serve: keys file read"
+            );
+            Some(store)
+        }
+        None => None,
+    };
     let stop = Stopper(Arc::new(tokio::sync::watch::channel(false).0));
     let mut servers = Vec::new();
     let monitor = status::Monitor::start(
@@ -269,6 +286,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         models,
         metrics: handle,
         token,
+        keys,
         open: gateway::Open {
             health: s.unauthenticated.iter().any(|e| e == "health"),
             metrics: s.unauthenticated.iter().any(|e| e == "metrics"),
@@ -333,7 +351,10 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         ))
         .with_state(Arc::clone(&gateway));
     let app = if s.log_requests {
-        app.layer(axum::middleware::from_fn(http::access_log))
+        app.layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
+            http::access_log,
+        ))
     } else {
         app
     };

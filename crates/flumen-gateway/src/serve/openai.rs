@@ -178,7 +178,7 @@ pub(crate) async fn embeddings(
         return invalid(Some("user"), "`user` must be a string");
     }
     let prompt_tokens: u64 = inputs.iter().map(|i| tokens(m, i)).sum();
-    let vectors = match g.infer(&name, inputs, &headers).await {
+    let vectors = match g.infer(&name, inputs, &headers, None).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -336,7 +336,7 @@ pub(crate) async fn chat(
     meta.insert("model".into(), json!(name));
     let (choices, usage) = if m.openai_chat {
         // The whole request to an OpenAI-compatible backend, and its whole answer.
-        let answer = match g.infer(&name, vec![body.clone()], &headers).await {
+        let answer = match g.infer(&name, vec![body.clone()], &headers, None).await {
             Ok(mut out) => out.pop().unwrap_or_default(),
             Err(r) => return r.into_response(),
         };
@@ -386,7 +386,7 @@ pub(crate) async fn chat(
         };
         let record = Value::String(text);
         let prompt_tokens = tokens(m, &record);
-        let replies = match g.infer(&name, vec![record; n], &headers).await {
+        let replies = match g.infer(&name, vec![record; n], &headers, None).await {
             Ok(out) => out,
             Err(r) => return r.into_response(),
         };
