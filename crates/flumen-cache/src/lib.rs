@@ -9,6 +9,9 @@
 //! - [`RedisStore`] (feature `redis`): Redis, shared by many workers and gateway
 //!   replicas; reconnects by itself.
 //!
+//! - [`quota::RedisBuckets`] (feature `redis`): token buckets in Redis, for quotas
+//!   that hold across gateway replicas.
+//!
 //! Stores only keep bytes. What a failure means is the engine's business: a lookup
 //! or a write that fails or times out is counted, and the record goes to the backend.
 
@@ -24,6 +27,9 @@ pub use file::FileStore;
 mod redis_store;
 #[cfg(feature = "redis")]
 pub use redis_store::RedisStore;
+
+#[cfg(feature = "redis")]
+pub mod quota;
 
 #[cfg(feature = "test-support")]
 pub mod server;

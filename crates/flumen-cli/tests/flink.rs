@@ -56,7 +56,7 @@ fn wait_listening(port: u16) {
 }
 
 /// `flumen serve` with `models` (TOML `[[models]]` entries) and `server` settings,
-/// listening on `port`; its stderr goes to `log` when given.
+/// listening on `port`; its stderr (JSON logs) goes to `log` when given.
 fn serve(dir: &Path, port: u16, server: &str, models: &str, log: Option<&Path>) -> Killed {
     let config = dir.join(format!("serve-{port}.toml"));
     std::fs::write(
@@ -69,7 +69,7 @@ fn serve(dir: &Path, port: u16, server: &str, models: &str, log: Option<&Path>) 
         None => Stdio::inherit(),
     };
     let child = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["serve", config.to_str().unwrap()])
+        .args(["--log-format", "json", "serve", config.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
@@ -369,7 +369,8 @@ fn overload_and_503s_are_ridden_out_without_losing_a_row() {
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["status"].as_u64())
+        .filter(|v| v["fields"]["message"] == "request")
+        .filter_map(|v| v["fields"]["status"].as_u64())
         .collect();
     let count = |s| statuses.iter().filter(|&&x| x == s).count();
     assert!(

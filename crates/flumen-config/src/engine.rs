@@ -149,6 +149,8 @@ impl EngineSection {
             cache: None,
             spend: None,
             prices: None,
+            // Upstream limits are the gateway's (`[models.upstream]`).
+            rate: None,
             scheduling: SchedulingConfig {
                 min_share: e
                     .min_share

@@ -53,6 +53,7 @@ mod fallback;
 mod latency;
 pub mod limiter;
 mod operator;
+pub mod rate;
 pub mod reliability;
 pub mod schedule;
 pub mod spend;

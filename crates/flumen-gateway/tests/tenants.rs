@@ -257,3 +257,53 @@ fn a_gateway_with_a_bad_keys_file_does_not_start_and_says_why() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Two replicas sharing Redis share a tenant's quota: 4 requests a minute between
+/// them, not 4 each.
+#[cfg(feature = "redis-cache")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_redis_share_a_tenants_quota() {
+    let redis =
+        flumen_cache::server::RedisServer::start(flumen_kserve::server::free_port().unwrap())
+            .unwrap();
+    let dir = std::env::temp_dir().join(format!("flumen-tenants-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[tenants]]\nname = \"shared\"\nkeys_sha256 = [\"{}\"]\nrpm = 4\n",
+            digest("shared-key")
+        ),
+    )
+    .unwrap();
+    let config = ServeConfig::from_toml(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nkeys_file = \"{}\"\n\n\
+         [quota]\nstore = \"redis\"\nurl = \"{}\"\nreplicas = 2\n\n\
+         [[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 1.0\n",
+        keys.display(),
+        redis.url()
+    ))
+    .unwrap();
+    let (a, b) = (start(&config).await.unwrap(), start(&config).await.unwrap());
+    let http = reqwest::Client::new();
+    let (ca, cb) = (
+        Caller {
+            http: http.clone(),
+            base: format!("http://{}", a.addr),
+        },
+        Caller {
+            http,
+            base: format!("http://{}", b.addr),
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(ca.chat("shared-key", 1, &[]).await.0, 200);
+        assert_eq!(cb.chat("shared-key", 1, &[]).await.0, 200);
+    }
+    let (status, retry, body) = ca.chat("shared-key", 1, &[]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(retry.is_some());
+    assert_eq!(cb.chat("shared-key", 1, &[]).await.0, 429);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -47,6 +47,8 @@ pub(super) struct Call<B> {
     /// The spending budget, and what this call reserved from it.
     pub(super) spend: Option<(Arc<Mutex<SpendBudget>>, u64)>,
     pub(super) prices: Option<crate::spend::Prices>,
+    /// The upstream's rate limits: charged the output tokens of the answers.
+    pub(super) rate: Option<Arc<dyn crate::rate::RateGate>>,
     /// The input tokens one send of this batch is billed.
     pub(super) billed_input: u64,
 }
@@ -140,6 +142,9 @@ impl<B: Backend> Call<B> {
             }
             _ => (self.billed_input * sends, 0),
         };
+        if let (Some(gate), true) = (&self.rate, output > 0) {
+            gate.charge(output, Instant::now());
+        }
         let nanos = self.prices.map_or(0, |p| p.nanos(input, output));
         let total = self.stats.call_answered(output, nanos);
         self.instruments.call_cost(output, total);

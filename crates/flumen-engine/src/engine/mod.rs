@@ -75,6 +75,10 @@ pub struct EngineConfig {
     pub prices: Option<crate::spend::Prices>,
     /// How priority classes share the engine (see [`schedule`](crate::schedule)).
     pub scheduling: crate::SchedulingConfig,
+    /// An upstream's rate limits, asked before each call (see [`rate`](crate::rate));
+    /// `None` (the default): none. With one, hedging is off (a hedge is a second
+    /// request).
+    pub rate: Option<Arc<dyn crate::rate::RateGate>>,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;

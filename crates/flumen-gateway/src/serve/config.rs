@@ -12,6 +12,9 @@ pub struct ServeConfig {
     /// The listener and its limits.
     #[serde(default)]
     pub server: ServerSection,
+    /// Where quota buckets live (`[quota]`): here, or in Redis for replicas to share.
+    #[serde(default)]
+    pub quota: super::quota::QuotaSection,
     /// The models served, each with its backend and engine.
     pub models: Vec<ModelSection>,
 }
@@ -117,6 +120,10 @@ pub struct ModelSection {
     /// for it (Matryoshka embeddings, OpenAI's text-embedding-3-*). Off by default.
     #[serde(default)]
     pub truncate_dimensions: bool,
+    /// What its provider allows, all replicas together (`[models.upstream]`: rpm,
+    /// tpm): no call is sent beyond it (shared through `[quota]`).
+    #[serde(default)]
+    pub upstream: super::quota::UpstreamSection,
 }
 
 /// `[models.kserve]`.
@@ -210,6 +217,7 @@ impl ServeConfig {
             p.extend(m.backend.validate(&format!("{path}.backend")));
             p.extend(m.engine.validate(&format!("{path}.engine")));
             p.extend(m.cache.validate(&format!("{path}.cache")));
+            p.extend(m.upstream.validate(&format!("{path}.upstream")));
             if let Some(prices) = &m.prices {
                 p.extend(prices.validate(&format!("{path}.prices")));
             }
@@ -226,6 +234,7 @@ impl ServeConfig {
                 p.extend(k.validate(&format!("{path}.kserve")));
             }
         }
+        p.extend(self.quota.validate());
         let s = &self.server;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(

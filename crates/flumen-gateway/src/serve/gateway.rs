@@ -14,6 +14,7 @@ use flumen_engine::{BreakerPhase, Class, Engine, Lane};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::quota::{Asked, Quotas};
 use super::tenants::{Entry, KeyStore};
 use super::tensors::Tensors;
 
@@ -40,6 +41,8 @@ pub(crate) struct Gateway {
     pub(crate) token: Option<String>,
     /// The tenants' keys (`server.keys_file`), when there is a file.
     pub(crate) keys: Option<Arc<KeyStore>>,
+    /// Where quota buckets live (`[quota]`).
+    pub(crate) quotas: Arc<Quotas>,
     /// Endpoints answered without the token when one is set.
     pub(crate) open: Open,
     pub(crate) max_items: usize,
@@ -186,6 +189,13 @@ pub(crate) struct Who {
     pub(crate) class: Class,
 }
 
+/// A tenant's quota by the minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Quota {
+    Rpm,
+    Tpm,
+}
+
 /// Records counted against a tenant's `max_pending`, given back when dropped.
 struct TenantPending<'a>(&'a AtomicUsize, usize);
 
@@ -203,8 +213,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 impl Gateway {
     /// A tenant's request of `n` records and `tokens` input tokens against its
     /// quotas: its pending records (held until the returned guard drops), then a
-    /// request from its RPM bucket and the tokens from its TPM bucket.
-    fn admit_tenant<'a>(
+    /// request from its RPM bucket and the tokens from its TPM bucket — in the
+    /// shared store when there is one, else (or while it does not answer) here.
+    async fn admit_tenant<'a>(
         &self,
         t: &'a Entry,
         n: usize,
@@ -232,51 +243,90 @@ impl Gateway {
                 ));
             }
         }
-        let now = Instant::now();
-        if let Some(b) = usage.rpm.lock().expect("bucket lock").as_mut() {
-            if let Err(wait) = b.take(1.0, now) {
+        if let Some(rpm) = t.tenant.rpm {
+            if let Err(wait) = self
+                .take_tenant(t, Quota::Rpm, f64::from(rpm), 1.0, false)
+                .await
+            {
                 let wait = wait.unwrap_or(Duration::from_secs(60));
                 return Err(refuse(
                     "rpm",
                     wait,
                     format!(
-                        "tenant `{name}` is over its {} requests per minute (rpm); the next is allowed in {} ms",
-                        t.tenant.rpm.unwrap_or_default(),
+                        "tenant `{name}` is over its {rpm} requests per minute (rpm); the next is allowed in {} ms",
                         wait.as_millis()
                     ),
                 ));
             }
         }
-        if let Some(b) = usage.tpm.lock().expect("bucket lock").as_mut() {
-            match b.take(tokens as f64, now) {
-                Ok(()) => {}
-                Err(wait) => {
-                    // The request is not sent: its request is not counted either.
-                    if let Some(r) = usage.rpm.lock().expect("bucket lock").as_mut() {
-                        r.charge(-1.0, now);
-                    }
-                    let limit = t.tenant.tpm.unwrap_or_default();
-                    return Err(match wait {
-                        Some(wait) => refuse(
-                            "tpm",
-                            wait,
-                            format!(
-                                "tenant `{name}` is over its {limit} tokens per minute (tpm): this request needs {tokens}; allowed in {} ms",
-                                wait.as_millis()
-                            ),
-                        ),
-                        None => refuse(
-                            "tpm",
-                            Duration::from_secs(60),
-                            format!(
-                                "this request needs {tokens} tokens, more than tenant `{name}`'s {limit} tokens per minute (tpm) allow at once; send fewer inputs"
-                            ),
-                        ),
-                    });
+        if let Some(tpm) = t.tenant.tpm {
+            if let Err(wait) = self
+                .take_tenant(t, Quota::Tpm, tpm as f64, tokens as f64, false)
+                .await
+            {
+                // The request is not sent: its request is not counted either.
+                if let Some(rpm) = t.tenant.rpm {
+                    let _ = self
+                        .take_tenant(t, Quota::Rpm, f64::from(rpm), -1.0, true)
+                        .await;
                 }
+                return Err(match wait {
+                    Some(wait) => refuse(
+                        "tpm",
+                        wait,
+                        format!(
+                            "tenant `{name}` is over its {tpm} tokens per minute (tpm): this request needs {tokens}; allowed in {} ms",
+                            wait.as_millis()
+                        ),
+                    ),
+                    None => refuse(
+                        "tpm",
+                        Duration::from_secs(60),
+                        format!(
+                            "this request needs {tokens} tokens, more than tenant `{name}`'s {tpm} tokens per minute (tpm) allow at once; send fewer inputs"
+                        ),
+                    ),
+                });
             }
         }
         Ok(held)
+    }
+
+    /// Takes `n` from a tenant's bucket (`charge`: whatever is left; negative gives
+    /// back): in the shared store, or here.
+    pub(crate) async fn take_tenant(
+        &self,
+        t: &Entry,
+        quota: Quota,
+        limit: f64,
+        n: f64,
+        charge: bool,
+    ) -> Result<(), Option<Duration>> {
+        let which = match quota {
+            Quota::Rpm => "rpm",
+            Quota::Tpm => "tpm",
+        };
+        let key = format!("tenant:{}:{which}", t.tenant.name);
+        match self.quotas.take(&key, limit, limit, n, charge).await {
+            Asked::Answered(r) => r,
+            Asked::Local => {
+                let bucket = match quota {
+                    Quota::Rpm => &t.usage.rpm,
+                    Quota::Tpm => &t.usage.tpm,
+                };
+                let mut b = bucket.lock().expect("bucket lock");
+                let Some(b) = b.as_mut() else {
+                    return Ok(());
+                };
+                let now = Instant::now();
+                if charge {
+                    b.charge(n, now);
+                    Ok(())
+                } else {
+                    b.take(n, now)
+                }
+            }
+        }
     }
 
     /// The configured models' names, in order.
@@ -425,7 +475,7 @@ impl Gateway {
                         .unwrap_or_else(|| backend.cost(r).tokens)
                 })
                 .sum();
-            held = Some(self.admit_tenant(t, n, input)?);
+            held = Some(self.admit_tenant(t, n, input).await?);
             lane = Lane::tenant(who.class, &t.tenant.name, t.tenant.weight);
         }
         let pending: Vec<_> = records
@@ -441,10 +491,10 @@ impl Gateway {
                 .filter_map(|r| r.as_ref().ok())
                 .map(|o| backend.output_tokens(o))
                 .sum();
-            if output > 0 {
-                if let Some(b) = t.usage.tpm.lock().expect("bucket lock").as_mut() {
-                    b.charge(output as f64, Instant::now());
-                }
+            if let (Some(tpm), true) = (t.tenant.tpm, output > 0) {
+                let _ = self
+                    .take_tenant(t, Quota::Tpm, tpm as f64, output as f64, true)
+                    .await;
             }
             metrics::counter!("flumen_tenant_requests_total", "tenant" => t.tenant.name.to_string(), "model" => name.to_owned(), "result" => if results.iter().all(Result::is_ok) { "ok" } else { "failed" }).increment(1);
         }

@@ -50,6 +50,7 @@ mod grpc;
 mod http;
 mod kserve;
 mod openai;
+mod quota;
 pub mod status;
 mod tenants;
 mod tensors;
@@ -58,6 +59,7 @@ mod tls;
 
 pub use config::{DeclaredTensors, ModelSection, ServeConfig, ServerSection, TensorSection};
 use gateway::{Gateway, Model, Shared};
+pub use quota::{QuotaSection, UpstreamSection};
 
 /// Runs `flumen serve CONFIG` until interrupted.
 pub async fn serve(path: &std::path::Path) -> Result<()> {
@@ -217,6 +219,7 @@ pub async fn serve_metrics(
 pub async fn start(config: &ServeConfig) -> Result<Running> {
     // Every engine's metrics (names in flumen_engine::telemetry), for `/metrics`.
     let handle = prometheus();
+    let quotas = Arc::new(quota::Quotas::new(&config.quota)?);
     let mut models = BTreeMap::new();
     let mut stores = flumen_config::Stores::default();
     for m in &config.models {
@@ -239,6 +242,12 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         engine_config.cache = m.cache.build(&m.backend, &mut stores).map_err(|e| {
             anyhow::anyhow!("model `{}`: cannot open its result cache: {e}", m.name)
         })?;
+        let call_tokens = engine_config
+            .batch
+            .max_tokens
+            .or(flumen_core::Backend::capabilities(&backend).max_batch_tokens)
+            .unwrap_or(0);
+        engine_config.rate = quotas.gate(&m.name, &m.upstream, call_tokens);
         let engine = Engine::new(backend, engine_config);
         models.insert(
             m.name.clone(),
@@ -260,8 +269,10 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
     };
     let keys = match &s.keys_file {
         Some(path) => {
-            let store = tenants::KeyStore::open(std::path::Path::new(path))
-                .map_err(|problems| anyhow::anyhow!("server.keys_file: {}", problems.join("; ")))?;
+            let store = tenants::KeyStore::open(std::path::Path::new(path), quotas.local_share())
+                .map_err(|problems| {
+                anyhow::anyhow!("server.keys_file: {}", problems.join("; "))
+            })?;
             let store = Arc::new(store);
             store.watch();
             tracing::info!(
@@ -287,6 +298,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
         metrics: handle,
         token,
         keys,
+        quotas,
         open: gateway::Open {
             health: s.unauthenticated.iter().any(|e| e == "health"),
             metrics: s.unauthenticated.iter().any(|e| e == "metrics"),

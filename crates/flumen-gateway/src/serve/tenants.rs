@@ -27,6 +27,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use flumen_engine::rate::Bucket;
 use flumen_engine::Class;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -43,63 +44,6 @@ pub(crate) struct Tenant {
     pub(crate) tpm: Option<u64>,
     pub(crate) max_pending: Option<usize>,
     keys: Vec<[u8; 32]>,
-}
-
-/// A token bucket holding up to a minute's quota and refilling it over a minute.
-/// Written here rather than taken from a rate-limiting crate because the same
-/// arithmetic must hold in a Redis script for the buckets replicas share, and it
-/// reads time only through `tokio::time::Instant` (tests run on a paused clock).
-#[derive(Debug, Clone)]
-pub(crate) struct Bucket {
-    per_minute: f64,
-    level: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    /// A full bucket of `per_minute`.
-    pub(crate) fn per_minute(per_minute: f64, now: Instant) -> Self {
-        Bucket {
-            per_minute,
-            level: per_minute,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let secs = now.saturating_duration_since(self.at).as_secs_f64();
-        self.level = (self.level + secs * self.per_minute / 60.0).min(self.per_minute);
-        self.at = self.at.max(now);
-    }
-
-    /// Takes `n`, or says how long until `n` is there (`None`: never, `n` is more
-    /// than a minute's quota).
-    pub(crate) fn take(&mut self, n: f64, now: Instant) -> Result<(), Option<Duration>> {
-        self.refill(now);
-        if n > self.per_minute {
-            return Err(None);
-        }
-        if self.level >= n {
-            self.level -= n;
-            return Ok(());
-        }
-        Err(Some(Duration::from_secs_f64(
-            (n - self.level) * 60.0 / self.per_minute,
-        )))
-    }
-
-    /// Takes `n` whatever is left (output tokens, known only once answered): the
-    /// bucket may go below zero, and the next requests wait for it to refill.
-    pub(crate) fn charge(&mut self, n: f64, now: Instant) {
-        self.refill(now);
-        self.level -= n;
-    }
-
-    fn resize(&mut self, per_minute: f64, now: Instant) {
-        self.refill(now);
-        self.per_minute = per_minute;
-        self.level = self.level.min(per_minute);
-    }
 }
 
 /// What a tenant's requests use up: kept by name across reloads.
@@ -310,16 +254,20 @@ pub(crate) struct KeyStore {
     usage: Mutex<HashMap<Arc<str>, Arc<Usage>>>,
     /// What the file looked like when last read (length, modification time).
     seen: Mutex<Option<(u64, std::time::SystemTime)>>,
+    /// The share of each quota this replica's buckets hold (see `quota.rs`).
+    share: f64,
 }
 
 impl KeyStore {
-    /// Reads `path`; every problem at once when it cannot be used.
-    pub(crate) fn open(path: &Path) -> Result<KeyStore, Vec<String>> {
+    /// Reads `path`; every problem at once when it cannot be used. The tenants'
+    /// buckets here hold `share` of their quotas.
+    pub(crate) fn open(path: &Path, share: f64) -> Result<KeyStore, Vec<String>> {
         let store = KeyStore {
             path: path.to_owned(),
             current: RwLock::new(Arc::new(Tenants::default())),
             usage: Mutex::new(HashMap::new()),
             seen: Mutex::new(None),
+            share,
         };
         store.reload()?;
         Ok(store)
@@ -362,10 +310,10 @@ impl KeyStore {
                     *b = match (b.take(), limit) {
                         (_, None) => None,
                         (Some(mut old), Some(l)) => {
-                            old.resize(l, now);
+                            old.reshape(l * self.share, l * self.share, now);
                             Some(old)
                         }
-                        (None, Some(l)) => Some(Bucket::per_minute(l, now)),
+                        (None, Some(l)) => Some(Bucket::per_minute(l * self.share, now)),
                     };
                 };
                 fit(&u.rpm, tenant.rpm.map(f64::from));
@@ -513,27 +461,5 @@ mod tests {
         );
         let unknown = parse("keys.toml", "[[tenants]]\nname = \"a\"\nkeys = []\n").unwrap_err();
         assert!(unknown[0].contains("keys"), "{unknown:?}");
-    }
-
-    #[test]
-    fn a_bucket_refills_over_a_minute_and_says_when() {
-        let t0 = Instant::now();
-        let mut b = Bucket::per_minute(60.0, t0);
-        for _ in 0..60 {
-            b.take(1.0, t0).unwrap();
-        }
-        assert_eq!(b.take(1.0, t0), Err(Some(Duration::from_secs(1))));
-        assert_eq!(b.take(1.0, t0 + Duration::from_secs(1)), Ok(()));
-        assert_eq!(b.take(61.0, t0), Err(None));
-        b.charge(30.0, t0 + Duration::from_secs(1));
-        assert_eq!(
-            b.take(1.0, t0 + Duration::from_secs(1)),
-            Err(Some(Duration::from_secs(31)))
-        );
-        // A bucket never holds more than a minute's quota.
-        let mut b = Bucket::per_minute(10.0, t0);
-        b.take(10.0, t0).unwrap();
-        assert_eq!(b.take(10.0, t0 + Duration::from_secs(3600)), Ok(()));
-        assert!(b.take(1.0, t0 + Duration::from_secs(3600)).is_err());
     }
 }

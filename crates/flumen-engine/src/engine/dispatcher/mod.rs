@@ -67,6 +67,9 @@ pub(super) struct Dispatcher<B: Backend> {
     /// With `on_exhausted = wait`: no call is sent until then (the budget's next
     /// period), or until a call in flight settles for less than it reserved.
     spend_wait: Option<Instant>,
+    /// The upstream's rate limits, and until when they let no call through.
+    rate: Option<Arc<dyn crate::rate::RateGate>>,
+    rate_wait: Option<Instant>,
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -110,12 +113,14 @@ impl<B: Backend> Dispatcher<B> {
             attempt_timeout: config.attempt_timeout,
             hedge_after: config
                 .hedge_after
-                .filter(|_| caps.idempotent && config.spend.is_none()),
+                .filter(|_| caps.idempotent && config.spend.is_none() && config.rate.is_none()),
             retry: config.retry.clone(),
             spend: config.spend.clone(),
             prices: config.prices,
             name: Arc::from(config.name.as_str()),
             spend_wait: None,
+            rate: config.rate.clone(),
+            rate_wait: None,
         }
     }
 
@@ -320,8 +325,13 @@ impl<B: Backend> Dispatcher<B> {
         let paused = self.pause.until(now);
         loop {
             let spend_wait = self.spend_wait.filter(|t| *t > now);
+            let rate_wait = self.rate_wait.filter(|t| *t > now);
             let breaker_allows = self.breaker.as_mut().is_none_or(|b| b.allows(now));
-            let free_slots = if paused.is_none() && breaker_allows && spend_wait.is_none() {
+            let free_slots = if paused.is_none()
+                && breaker_allows
+                && spend_wait.is_none()
+                && rate_wait.is_none()
+            {
                 self.limiter.limit().saturating_sub(self.in_flight)
             } else {
                 0
@@ -339,6 +349,14 @@ impl<B: Backend> Dispatcher<B> {
             };
             match self.policy.decide(now, slots, metas, &self.latency) {
                 Decision::Send(n) => {
+                    if let Some(gate) = &self.rate {
+                        let tokens = self.queue.iter().take(n).map(|j| j.billed).sum();
+                        if let Err(at) = gate.acquire(tokens, now) {
+                            // Nothing is sent until the upstream's limit allows.
+                            self.rate_wait = Some(at.max(now + Duration::from_millis(1)));
+                            continue;
+                        }
+                    }
                     let jobs: Vec<Job<B>> = self.queue.take(n);
                     self.launch(jobs, now, false);
                 }
@@ -351,6 +369,7 @@ impl<B: Backend> Dispatcher<B> {
                     let reopens = self.breaker.as_ref().and_then(Breaker::reopens_at);
                     let mut wake = earliest(earliest(at, paused), reopens);
                     wake = earliest(wake, spend_wait);
+                    wake = earliest(wake, rate_wait);
                     if !self.isolated.is_empty() {
                         let budget = self.budget.lock().expect("budget lock").next_token_at(now);
                         wake = earliest(wake, Some(budget.max(now + Duration::from_millis(1))));
@@ -371,6 +390,13 @@ impl<B: Backend> Dispatcher<B> {
         let n = budget.affordable(now, group.len());
         if n == 0 {
             return false;
+        }
+        if let Some(gate) = &self.rate {
+            let tokens = group.iter().take(n).map(|j| j.billed).sum();
+            if let Err(at) = gate.acquire(tokens, now) {
+                self.rate_wait = Some(at.max(now + Duration::from_millis(1)));
+                return false;
+            }
         }
         for _ in 0..n {
             budget.try_withdraw(now);

@@ -176,6 +176,7 @@ impl<B: Backend> Dispatcher<B> {
                 .map(|s| (Arc::clone(&s.budget), reserved)),
             prices: self.prices,
             billed_input,
+            rate: self.rate.clone(),
         };
         self.calls
             .spawn(tracing::Instrument::instrument(call.run(batch), call_span));
