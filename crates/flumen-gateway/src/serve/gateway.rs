@@ -174,6 +174,15 @@ impl Reject {
     }
 }
 
+/// How many of a model's `max_pending` places records of `class` may fill: all for
+/// `interactive` and `default`, a tenth less for each level below (`bulk` 90 %, down
+/// to half), so that a bulk flood leaves room for the more urgent — which the queue
+/// then sends first.
+pub(crate) fn admits(max_pending: usize, class: Class) -> usize {
+    let keep = 0.1 * f64::from(class.get().saturating_sub(1).min(5));
+    ((max_pending as f64) * (1.0 - keep)).ceil() as usize
+}
+
 /// The token of an `Authorization: Bearer …` value ("" without one).
 fn bearer(authorization: Option<&str>) -> &str {
     authorization
@@ -456,7 +465,7 @@ impl Gateway {
             pending: &model.pending,
             n,
         };
-        if model.pending.fetch_add(n, Relaxed) + n > self.max_pending {
+        if model.pending.fetch_add(n, Relaxed) + n > admits(self.max_pending, who.class) {
             // `admitted` gives the places back as it drops.
             return Err(Reject::new(
                 Reason::Busy,
@@ -513,6 +522,16 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn less_urgent_classes_leave_room_for_the_more_urgent() {
+        assert_eq!(admits(1_000, Class::INTERACTIVE), 1_000);
+        assert_eq!(admits(1_000, Class::DEFAULT), 1_000);
+        assert_eq!(admits(1_000, Class::BULK), 900);
+        assert_eq!(admits(1_000, Class::level(5).unwrap()), 600);
+        assert_eq!(admits(1_000, Class::LOWEST), 500);
+        assert_eq!(admits(1, Class::LOWEST), 1);
+    }
 
     #[test]
     fn tokens_compare_without_shortcuts() {

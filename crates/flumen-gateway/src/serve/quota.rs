@@ -109,12 +109,14 @@ impl UpstreamSection {
 
 /// Whether the shared store answers: one per gateway, shared by every bucket.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "redis-cache"), allow(dead_code))]
 pub(crate) struct Health {
     up: AtomicBool,
     /// While down, when Redis may next be tried.
     retry_at: Mutex<Option<Instant>>,
 }
 
+#[cfg_attr(not(feature = "redis-cache"), allow(dead_code))]
 impl Health {
     fn new() -> Self {
         metrics::gauge!("flumen_quota_store_up").set(1.0);
@@ -160,6 +162,7 @@ impl Health {
 
 /// The gateway's quotas: where buckets live.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "redis-cache"), allow(dead_code))]
 pub(crate) struct Quotas {
     #[cfg(feature = "redis-cache")]
     redis: Option<flumen_cache::quota::RedisBuckets>,
@@ -169,6 +172,7 @@ pub(crate) struct Quotas {
 }
 
 /// What a take from a shared bucket came to.
+#[cfg_attr(not(feature = "redis-cache"), allow(dead_code))]
 pub(crate) enum Asked {
     /// Taken, or refused with the wait until it could be.
     Answered(Result<(), Option<Duration>>),
