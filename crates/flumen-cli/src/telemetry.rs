@@ -25,7 +25,8 @@ pub enum LogFormat {
 pub struct TraceArgs {
     /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g.
     /// `http://127.0.0.1:4318` (`/v1/traces` is added to a URL without a path). Also
-    /// read from `OTEL_EXPORTER_OTLP_ENDPOINT`. Without it nothing is exported.
+    /// read from `OTEL_EXPORTER_OTLP_ENDPOINT`, or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// (taken as the traces URL itself). Without one nothing is exported.
     #[arg(long, global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// The share of traces exported, 0 to 1 (a record's trace is kept or dropped
@@ -65,15 +66,22 @@ fn resolve(
     explicit_ratio: bool,
     env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Option<(String, f64)>> {
-    let endpoint = match args.otlp_endpoint.clone().or_else(|| {
-        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
-            .filter(|e| !e.trim().is_empty())
-    }) {
-        Some(e) => e,
-        None => return Ok(None),
+    let set = |k: &str| env(k).filter(|e| !e.trim().is_empty());
+    let url = match (
+        args.otlp_endpoint.clone(),
+        set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    ) {
+        (Some(e), _) => traces_url(&e)?,
+        // The traces variable is the traces URL itself (the OTLP spec's rule).
+        (None, Some(e)) => {
+            traces_url(&e)?;
+            e
+        }
+        (None, None) => match set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Some(e) => traces_url(&e)?,
+            None => return Ok(None),
+        },
     };
-    let url = traces_url(&endpoint)?;
     let ratio = match (explicit_ratio, env("OTEL_TRACES_SAMPLER_ARG")) {
         (false, Some(arg)) => arg.trim().parse::<f64>().map_err(|_| {
             anyhow::anyhow!("OTEL_TRACES_SAMPLER_ARG = {arg:?} is not a number between 0 and 1")
@@ -244,6 +252,13 @@ mod tests {
         assert_eq!(
             resolve(&args(None, d), false, |_: &str| None).unwrap(),
             None
+        );
+        let traces = |k: &str| {
+            (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| "http://t:4318".to_owned())
+        };
+        assert_eq!(
+            resolve(&args(None, d), false, traces).unwrap(),
+            Some(("http://t:4318".to_owned(), d))
         );
         let bad = |k: &str| match k {
             "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://env:4318".to_owned()),

@@ -203,7 +203,14 @@ async fn three_replicas_share_one_upstream_limit_through_redis_and_ride_out_its_
         statuses.iter().all(|s| [200, 429, 504].contains(s)),
         "{statuses:?}"
     );
-    assert_eq!(ok, calls.len(), "one upstream call per answered request");
+    // One upstream call per answered request; a call still in flight when its
+    // request's deadline passed was answered 504.
+    let late = statuses.iter().filter(|s| **s == 504).count();
+    assert!(
+        ok <= calls.len() && calls.len() - ok <= late,
+        "{} calls for {ok} answers and {late} deadlines passed",
+        calls.len()
+    );
     assert!(
         most <= 612,
         "{most} calls within one minute: more than 600 + 2 %"

@@ -109,6 +109,7 @@ impl RateLimits {
     /// The capacity of a bucket for `per_minute`: [`UPSTREAM_BURST`] of it, at least
     /// `least` (one call, or one call's tokens).
     pub fn capacity(per_minute: f64, least: f64) -> f64 {
+        // A call larger than the bucket waits for a full bucket (see `acquire`).
         (per_minute * UPSTREAM_BURST).max(least).max(1.0)
     }
 }
@@ -126,23 +127,25 @@ pub trait RateGate: Send + Sync + std::fmt::Debug {
 pub struct LocalRate {
     requests: Option<Mutex<Bucket>>,
     tokens: Option<Mutex<Bucket>>,
-    /// The most tokens one call may carry: a larger call waits for this many.
+    /// The most tokens the token bucket holds: a larger call waits for this many.
     max_tokens: f64,
 }
 
 impl LocalRate {
     /// Buckets for `limits`, full now; `call_tokens` is the most tokens one call may
-    /// carry (a token bucket holds at least that).
+    /// carry (0: not known), which a token bucket holds at least.
     pub fn new(limits: RateLimits, call_tokens: u64, now: Instant) -> Self {
         let call_tokens = call_tokens as f64;
+        let token_capacity = limits.tpm.map(|t| RateLimits::capacity(t, call_tokens));
         LocalRate {
             requests: limits
                 .rpm
                 .map(|r| Mutex::new(Bucket::new(RateLimits::capacity(r, 1.0), r, now))),
             tokens: limits
                 .tpm
-                .map(|t| Mutex::new(Bucket::new(RateLimits::capacity(t, call_tokens), t, now))),
-            max_tokens: call_tokens.max(1.0),
+                .zip(token_capacity)
+                .map(|(t, c)| Mutex::new(Bucket::new(c, t, now))),
+            max_tokens: token_capacity.unwrap_or(f64::MAX),
         }
     }
 }
@@ -159,7 +162,10 @@ impl LocalRate {
 
 impl RateGate for LocalRate {
     fn acquire(&self, tokens: u64, now: Instant) -> Result<(), Instant> {
-        let tokens = (tokens as f64).min(self.max_tokens);
+        // A call larger than the bucket waits for a full one, and is charged whole:
+        // the bucket goes below zero and the next calls wait for it.
+        let all = tokens as f64;
+        let tokens = all.min(self.max_tokens);
         let wait = |r: Result<(), Option<Duration>>| match r {
             Ok(()) => Ok(()),
             Err(d) => Err(now
@@ -181,7 +187,11 @@ impl RateGate for LocalRate {
                 }
                 r.take(1.0, now).expect("looked");
             }
-            return wait(t.take(tokens, now));
+            let taken = wait(t.take(tokens, now));
+            if taken.is_ok() && all > tokens {
+                t.charge(all - tokens, now);
+            }
+            return taken;
         }
         if let Some(r) = &self.requests {
             return wait(r.lock().expect("bucket lock").take(1.0, now));
@@ -276,5 +286,26 @@ mod tests {
         assert_eq!(gate.acquire(10, t1), Ok(()));
         gate.charge(1_000, t1);
         assert!(gate.acquire(1, t1 + Duration::from_secs(10)).is_err());
+    }
+
+    #[test]
+    fn a_call_larger_than_the_bucket_waits_for_a_full_one_and_is_charged_whole() {
+        // 1,200 tokens a minute, the most per call unknown: the bucket holds 10.
+        let t0 = Instant::now();
+        let gate = LocalRate::new(
+            RateLimits {
+                rpm: None,
+                tpm: Some(1_200.0),
+            },
+            0,
+            t0,
+        );
+        assert_eq!(gate.acquire(500, t0), Ok(()));
+        // 490 tokens owed at 20 a second, then 10 to fill: 25 s.
+        assert_eq!(gate.acquire(1, t0), Err(t0 + Duration::from_millis(24_550)));
+        assert!(gate
+            .acquire(10, t0 + Duration::from_millis(24_999))
+            .is_err());
+        assert_eq!(gate.acquire(10, t0 + Duration::from_millis(25_001)), Ok(()));
     }
 }

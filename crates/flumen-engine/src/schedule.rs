@@ -18,11 +18,12 @@
 //!   the interactive load, and its throughput under that load depends on the wait
 //!   chosen and the arrival rate, which no operator knows in advance.
 //! - **Tenants.** Within a class, each tenant's records queue apart and are taken
-//!   by weighted fair queuing (start-time fair queuing, one record the unit of
-//!   work): tenant `t`'s `i`-th queued record is due at `max(V, F_t) + i / w_t`, `V`
-//!   the class's virtual time (the tag last sent), `F_t` the tag of `t`'s last sent
-//!   record. A tenant that floods only lengthens its own queue; an idle tenant banks
-//!   no credit.
+//!   by weighted fair queuing with finish tags, self-clocked (one record the unit
+//!   of work): tenant `t`'s `i`-th queued record (from 1) is tagged
+//!   `max(V, F_t) + i / w_t`, `V` the class's virtual time (the tag last sent), `F_t`
+//!   the tag of `t`'s last sent record; the smallest tag goes first. A tenant that
+//!   floods only lengthens its own queue; an idle tenant banks no credit; a class
+//!   that empties starts its virtual time again.
 //! - **Deadlines.** Within a tenant of a class, records nearer their deadline go
 //!   first (records without one after those with one, in arrival order). Deadlines
 //!   do not order records across tenants: a tenant with short deadlines would
@@ -248,6 +249,19 @@ impl<T> ClassQueue<T> {
         out.extend(taken.into_iter().map(|(_, item)| item));
         self.vtime = last;
         self.prune();
+        self.restart_if_empty();
+    }
+
+    /// An empty class starts its virtual time again: tags stay small numbers (a
+    /// light tenant's tag grows by 1/weight a record), and no tenant keeps a lead.
+    fn restart_if_empty(&mut self) {
+        if self.len == 0 {
+            self.vtime = 0.0;
+            for t in &mut self.tenants {
+                t.finish = 0.0;
+            }
+            self.owed = 0.0;
+        }
     }
 
     /// Forgets tenants with nothing queued and no tag ahead of the virtual time
@@ -566,9 +580,7 @@ impl<T: Scheduled> Schedule<T> {
                 self.len -= 1;
                 out.push(item);
             }
-            if class.len == 0 {
-                class.owed = 0.0;
-            }
+            class.restart_if_empty();
         }
         out
     }
@@ -583,22 +595,21 @@ impl<T: Scheduled> Schedule<T> {
                 tenant.items = items.into_iter().filter_map(&mut keep).collect();
                 class.len += tenant.items.len();
             }
-            if class.len == 0 {
-                class.owed = 0.0;
-            }
+            class.restart_if_empty();
             len += class.len;
         }
         self.len = len;
     }
 
-    /// How many records a new record of `lane` would wait behind, for shedding:
-    /// every record of a more urgent class, its own tenant's queue, and from each
+    /// How many records a new record of `lane` due at `deadline` would wait behind,
+    /// for shedding: every record of a more urgent class, its own tenant's records
+    /// due no later than it, and from each
     /// other tenant of its class with records queued, as many as that tenant's
     /// weight gives it up to the new record's tag — counted as if that tenant kept
     /// sending (a flood does: its later records go ahead of this one by their
     /// tags). That overcounts a tenant whose short queue is all it sends, which
     /// only sheds at a shorter queue: enough stays queued to fill every call.
-    pub(crate) fn ahead(&self, lane: &Lane) -> usize {
+    pub(crate) fn ahead(&self, lane: &Lane, deadline: Option<Instant>) -> usize {
         let c = usize::from(lane.class.0);
         let above: usize = self.classes[..c].iter().map(|q| q.len).sum();
         let class = &self.classes[c];
@@ -609,10 +620,16 @@ impl<T: Scheduled> Schedule<T> {
             1.0
         };
         let own = class.by_name.get(&lane.tenant).copied();
+        // Where it would go in its tenant's queue: after the records due no later.
+        let position = own.map_or(0, |k| {
+            class.tenants[k]
+                .items
+                .partition_point(|x| no_later(x.deadline(), deadline))
+        });
         let tag = match own {
             Some(k) => {
                 let t = &class.tenants[k];
-                t.finish.max(v) + (t.items.len() + 1) as f64 / weight
+                t.finish.max(v) + (position + 1) as f64 / weight
             }
             None => v + 1.0 / weight,
         };
@@ -622,7 +639,7 @@ impl<T: Scheduled> Schedule<T> {
             .enumerate()
             .map(|(k, t)| {
                 if Some(k) == own {
-                    t.items.len()
+                    position
                 } else if t.items.is_empty() {
                     0
                 } else {
@@ -756,6 +773,9 @@ mod tests {
             due: Some(now + Duration::from_millis(30)),
         });
         assert_eq!(ids(s.iter()), [1, 5, 2, 3, 0, 4]);
+        // A new record due in 20 ms would wait behind 1 (10 ms) only.
+        assert_eq!(s.ahead(&lane, Some(now + Duration::from_millis(20))), 1);
+        assert_eq!(s.ahead(&lane, None), 6);
         assert_eq!(ids(s.take(2).iter()), [1, 5]);
         assert_eq!(s.pop_front().map(|r| r.id), Some(2));
         assert_eq!(s.len(), 3);
@@ -825,9 +845,9 @@ mod tests {
         s.push(r(5000, &b));
         assert!(ids(s.iter().take(2)).contains(&5000));
         // b's next record: behind a's first two and b's own (tags 1, 2 and 1).
-        assert_eq!(s.ahead(&b), 3);
+        assert_eq!(s.ahead(&b, None), 3);
         // a's next: its own thousand, and as many of b's as b would send meanwhile.
-        assert_eq!(s.ahead(&a), 2001);
+        assert_eq!(s.ahead(&a, None), 2001);
         // Both backlogged, weights 2 : 1 — two thirds and one third.
         let mut s = schedule(0.1);
         let heavy = Lane::tenant(Class::DEFAULT, "heavy", 2.0);

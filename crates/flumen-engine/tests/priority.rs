@@ -53,18 +53,35 @@ fn limit(config: &SimConfig) -> f64 {
 }
 
 /// `callers` closed loops in `lane`, from now until `end`: each submits, awaits,
-/// submits again. Counts the answers that came after `warm`.
+/// submits again. Counts the answers that came after `warm`; await the loops
+/// ([`Loops::join`]) for their assertions to count.
+struct Loops {
+    done: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Loops {
+    /// Waits for every loop (they end at `end`); a failed assertion fails the test.
+    async fn join(self) -> u64 {
+        for t in self.tasks {
+            t.await.expect("a caller's assertion failed");
+        }
+        self.done.load(Relaxed)
+    }
+}
+
 fn closed_loops(
     engine: &Engine<Sim<u64>>,
     lane: &Lane,
     callers: usize,
     warm: Instant,
     end: Instant,
-) -> Arc<AtomicU64> {
+) -> Loops {
     let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(callers);
     for _ in 0..callers {
         let (engine, lane, done) = (engine.clone(), lane.clone(), Arc::clone(&done));
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             while Instant::now() < end {
                 let answer = engine.submit_in(1, None, lane.clone()).await;
                 assert_eq!(answer, Ok(1), "no record without a deadline fails");
@@ -72,9 +89,9 @@ fn closed_loops(
                     done.fetch_add(1, Relaxed);
                 }
             }
-        });
+        }));
     }
-    done
+    Loops { done, tasks }
 }
 
 /// Poisson arrivals (seeded) at `rate` per second in `lane`, from now until `end`,
@@ -148,7 +165,7 @@ async fn interactive_records_ride_the_next_call_over_a_saturating_bulk_backlog()
     // Bulk keeps at least 90 % of what the interactive records leave.
     let window = (end - warm).as_secs_f64();
     let interactive_rate = interactive.iter().filter(|r| r.0 >= warm).count() as f64 / window;
-    let bulk_rate = bulk.load(Relaxed) as f64 / window;
+    let bulk_rate = bulk.join().await as f64 / window;
     let rest = limit(&config) - interactive_rate;
     eprintln!(
         "interactive: {} records, worst {worst:?} (bound {bound:?}); bulk {bulk_rate:.0}/s of {rest:.0}/s left",
@@ -170,7 +187,7 @@ async fn a_bulk_class_under_saturating_interactive_load_gets_its_share_and_no_mo
         let urgent = closed_loops(&engine, &Lane::class(Class::INTERACTIVE), 400, warm, end);
         let bulk = closed_loops(&engine, &Lane::class(Class::BULK), 400, warm, end);
         tokio::time::sleep_until(end + Duration::from_secs(1)).await;
-        let (u, b) = (urgent.load(Relaxed) as f64, bulk.load(Relaxed) as f64);
+        let (u, b) = (urgent.join().await as f64, bulk.join().await as f64);
         let got = b / (u + b);
         let rate = (u + b) / (end - warm).as_secs_f64();
         eprintln!("min_share {share}: bulk got {got:.3} of {rate:.0} records/s");

@@ -224,8 +224,26 @@ async fn keys_name_tenants_whose_quotas_answer_429_and_a_reload_keeps_what_was_u
         )),
     )
     .unwrap();
-    // The file is looked at each second: three looks.
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    // The file is looked at each second: wait until the gateway has refused it.
+    let mut refused = false;
+    for _ in 0..100 {
+        let metrics = c
+            .http
+            .get(format!("{}/metrics", c.base))
+            .bearer_auth("gamma-key")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("flumen_keys_file_reloads_total{result=\"refused\"} 1") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the file with errors was never read");
     assert_eq!(c.chat("gamma-key", 1, &[]).await.0, 200);
     assert_eq!(c.chat("delta-key", 1, &[]).await.0, 401);
     std::fs::remove_dir_all(&dir).ok();

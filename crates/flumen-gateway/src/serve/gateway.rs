@@ -319,6 +319,17 @@ impl Gateway {
         match self.quotas.take(&key, limit, limit, n, charge).await {
             Asked::Answered(r) => r,
             Asked::Local => {
+                let now = Instant::now();
+                // A replica that takes over its share of a shared quota starts from
+                // an empty bucket, so the outage adds no burst.
+                let outage = self.quotas.outages();
+                if self.quotas.shared() && t.usage.drained_for.swap(outage, Relaxed) != outage {
+                    for b in [&t.usage.rpm, &t.usage.tpm] {
+                        if let Some(b) = b.lock().expect("bucket lock").as_mut() {
+                            b.drain(now);
+                        }
+                    }
+                }
                 let bucket = match quota {
                     Quota::Rpm => &t.usage.rpm,
                     Quota::Tpm => &t.usage.tpm,
@@ -327,7 +338,6 @@ impl Gateway {
                 let Some(b) = b.as_mut() else {
                     return Ok(());
                 };
-                let now = Instant::now();
                 if charge {
                     b.charge(n, now);
                     Ok(())

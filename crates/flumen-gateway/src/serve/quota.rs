@@ -14,7 +14,7 @@
 //! waits; the dispatcher takes from the lease and, when it is empty, looks again a
 //! few milliseconds later. A replica that stops holds at most one call unused.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,6 +112,9 @@ impl UpstreamSection {
 #[cfg_attr(not(feature = "redis-cache"), allow(dead_code))]
 pub(crate) struct Health {
     up: AtomicBool,
+    /// How many times it went down: a local bucket drained for an earlier outage
+    /// is drained again for the next.
+    downs: AtomicU64,
     /// While down, when Redis may next be tried.
     retry_at: Mutex<Option<Instant>>,
 }
@@ -122,6 +125,7 @@ impl Health {
         metrics::gauge!("flumen_quota_store_up").set(1.0);
         Health {
             up: AtomicBool::new(true),
+            downs: AtomicU64::new(0),
             retry_at: Mutex::new(None),
         }
     }
@@ -150,6 +154,7 @@ impl Health {
 
     fn failed(&self, why: &str, replicas: usize) {
         if self.up.swap(false, Relaxed) {
+            self.downs.fetch_add(1, Relaxed);
             metrics::gauge!("flumen_quota_store_up").set(0.0);
             *self.retry_at.lock().expect("health lock") =
                 Some(Instant::now() + Duration::from_secs(1));
@@ -213,7 +218,13 @@ impl Quotas {
         }
     }
 
-    fn shared(&self) -> bool {
+    /// The outages of the shared store so far (0 without one): a local bucket
+    /// used in an outage it was not drained for starts empty.
+    pub(crate) fn outages(&self) -> u64 {
+        self.health.downs.load(Relaxed)
+    }
+
+    pub(crate) fn shared(&self) -> bool {
         #[cfg(feature = "redis-cache")]
         return self.redis.is_some();
         #[cfg(not(feature = "redis-cache"))]
@@ -433,7 +444,14 @@ impl RateGate for LeasedRate {
             return self.local.acquire(tokens, now);
         }
         self.local_since.store(false, Relaxed);
-        let tokens = (tokens as f64).min(self.call_tokens.max(1.0));
+        // As in `LocalRate`: a call larger than the bucket waits for a full one,
+        // and the rest is charged after.
+        let cap = self
+            .limits
+            .tpm
+            .map_or(f64::MAX, |t| RateLimits::capacity(t, self.call_tokens));
+        let all = tokens;
+        let tokens = (tokens as f64).min(cap);
         let mut l = self.lease.lock().expect("lease lock");
         let calls_ok = self.limits.rpm.is_none() || l.calls >= 1.0;
         let tokens_ok = self.limits.tpm.is_none() || l.tokens >= tokens;
@@ -446,6 +464,9 @@ impl RateGate for LeasedRate {
             }
             l.wanted = 0.0;
             drop(l);
+            if all as f64 > tokens {
+                self.charge(all - tokens as u64, now);
+            }
             // Take the next call's permit ahead of need.
             self.wake.notify_one();
             return Ok(());

@@ -52,6 +52,8 @@ pub(crate) struct Usage {
     pub(crate) rpm: Mutex<Option<Bucket>>,
     pub(crate) tpm: Mutex<Option<Bucket>>,
     pub(crate) pending: AtomicUsize,
+    /// The shared store's outage its local buckets were last drained for.
+    pub(crate) drained_for: std::sync::atomic::AtomicU64,
 }
 
 /// A tenant with its usage.
@@ -125,10 +127,17 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
 
 /// Parses a keys file: its tenants, or every problem, each with its line.
 pub(crate) fn parse(shown: &str, text: &str) -> Result<Vec<Tenant>, Vec<String>> {
-    let file: FileToml =
-        toml::from_str(text).map_err(|e| vec![format!("{shown}: {}", e.to_string().trim_end())])?;
     let line =
         |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+    // The parser's message and line, never its excerpt of the file: a key pasted
+    // where its digest belongs would be printed whole.
+    let file: FileToml = toml::from_str(text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| format!("line {}: ", line(s)))
+            .unwrap_or_default();
+        vec![format!("{shown}: {at}{}", e.message().trim_end())]
+    })?;
     let mut problems = Vec::new();
     let mut names = HashMap::new();
     let mut digests: HashMap<[u8; 32], String> = HashMap::new();
@@ -228,6 +237,13 @@ pub(crate) fn parse(shown: &str, text: &str) -> Result<Vec<Tenant>, Vec<String>>
             keys,
         });
     }
+    if tenants.is_empty() {
+        // Most likely a file caught half written, or emptied by mistake: nobody's
+        // key would work.
+        problems.push(format!(
+            "{shown}: names no tenant ([[tenants]] with name and keys_sha256)"
+        ));
+    }
     if problems.is_empty() {
         Ok(tenants)
     } else {
@@ -302,6 +318,7 @@ impl KeyStore {
                             rpm: Mutex::new(None),
                             tpm: Mutex::new(None),
                             pending: AtomicUsize::new(0),
+                            drained_for: std::sync::atomic::AtomicU64::new(0),
                         })
                     })
                     .clone();
@@ -363,7 +380,11 @@ impl KeyStore {
                     return;
                 };
                 if signalled || store.changed() {
-                    match store.reload() {
+                    let read = store.reload();
+                    let result = if read.is_ok() { "read" } else { "refused" };
+                    metrics::counter!("flumen_keys_file_reloads_total", "result" => result)
+                        .increment(1);
+                    match read {
                         Ok(n) => tracing::info!(
                             file = %store.path.display(),
                             tenants = n,
@@ -416,6 +437,7 @@ mod tests {
                             rpm: Mutex::new(None),
                             tpm: Mutex::new(None),
                             pending: AtomicUsize::new(0),
+                            drained_for: std::sync::atomic::AtomicU64::new(0),
                         }),
                     })
                 })
@@ -459,7 +481,16 @@ mod tests {
             "{}",
             problems[0]
         );
-        let unknown = parse("keys.toml", "[[tenants]]\nname = \"a\"\nkeys = []\n").unwrap_err();
-        assert!(unknown[0].contains("keys"), "{unknown:?}");
+        // The parser's own errors keep their line and lose their excerpt.
+        let pasted = parse(
+            "keys.toml",
+            "[[tenants]]\nname = \"a\"\nkeys_sha256 = [\"x\"]\nkey = \"sk-live-secret\"\n",
+        )
+        .unwrap_err();
+        assert!(pasted[0].starts_with("keys.toml: line 4:"), "{pasted:?}");
+        assert!(pasted[0].contains("`key`"), "{pasted:?}");
+        assert!(!pasted[0].contains("sk-live-secret"), "{pasted:?}");
+        let empty = parse("keys.toml", "# nothing yet\n").unwrap_err();
+        assert!(empty[0].contains("names no tenant"), "{empty:?}");
     }
 }

@@ -188,7 +188,7 @@ impl<B: Backend> Dispatcher<B> {
             let now = Instant::now();
             // The records it would wait behind: more urgent classes, and its own
             // class's records due before it by the tenants' fair shares.
-            let queued = self.queue.ahead(&job.lane);
+            let queued = self.queue.ahead(&job.lane, job.meta.deadline);
             let limit = self.limiter.limit();
             if let Some(answer) = self
                 .policy
@@ -211,7 +211,7 @@ impl<B: Backend> Dispatcher<B> {
             ErrorKind::Overloaded,
             format!(
                 "shed before queueing: {} records ahead, an answer in about {} ms, the deadline in {} ms",
-                self.queue.ahead(&job.lane),
+                self.queue.ahead(&job.lane, job.meta.deadline),
                 answer.duration_since(now).as_millis(),
                 deadline.saturating_duration_since(now).as_millis()
             ),
