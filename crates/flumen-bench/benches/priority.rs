@@ -53,7 +53,38 @@ struct Run {
     window: Duration,
 }
 
+/// An interactive record's arrival, latency and whether it was answered.
+type Interactive = tokio::task::JoinHandle<(Instant, Duration, bool)>;
+
 impl Run {
+    /// The interactive records that arrived from `from` on, and the bulk counts.
+    async fn of(
+        records: Vec<Interactive>,
+        from: Instant,
+        window: Duration,
+        bulk_rows: &AtomicU64,
+        refused: &AtomicU64,
+    ) -> Run {
+        let mut run = Run {
+            window,
+            bulk_rows: bulk_rows.load(Relaxed),
+            bulk_refused: refused.load(Relaxed),
+            ..Run::default()
+        };
+        for r in records {
+            let (at, latency, ok) = r.await.expect("an interactive record");
+            if at < from {
+                continue;
+            }
+            if ok {
+                run.interactive.push(latency);
+            } else {
+                run.interactive_failed += 1;
+            }
+        }
+        run
+    }
+
     fn bulk_rate(&self) -> f64 {
         self.bulk_rows as f64 / self.window.as_secs_f64()
     }
@@ -153,25 +184,8 @@ fn simulated(priorities: bool, bulk: bool, warmup: Duration, window: Duration) -
                 (at, at.elapsed(), r.is_ok())
             }));
         }
-        let mut run = Run {
-            window,
-            ..Run::default()
-        };
-        for r in records {
-            let (at, latency, ok) = r.await.expect("a record");
-            if at < from {
-                continue;
-            }
-            if ok {
-                run.interactive.push(latency);
-            } else {
-                run.interactive_failed += 1;
-            }
-        }
         bulk_task.await.expect("bulk");
-        run.bulk_rows = bulk_rows.load(Relaxed);
-        run.bulk_refused = refused.load(Relaxed);
-        run
+        Run::of(records, from, window, &bulk_rows, &refused).await
     })
 }
 
@@ -260,25 +274,8 @@ async fn served(
             (at, at.elapsed(), ok)
         }));
     }
-    let mut run = Run {
-        window,
-        ..Run::default()
-    };
-    for r in records {
-        let (at, latency, ok) = r.await.expect("a request");
-        if at < from {
-            continue;
-        }
-        if ok {
-            run.interactive.push(latency);
-        } else {
-            run.interactive_failed += 1;
-        }
-    }
     bulk_task.await.expect("bulk");
-    run.bulk_rows = bulk_rows.load(Relaxed);
-    run.bulk_refused = refused.load(Relaxed);
-    run
+    Run::of(records, from, window, &bulk_rows, &refused).await
 }
 
 /// The figures of one setting: idle, FIFO and priorities.

@@ -87,6 +87,19 @@ impl Caller {
         )
     }
 
+    /// The Prometheus page, asked with `key`.
+    async fn metrics(&self, key: &str) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn chat(
         &self,
         key: &str,
@@ -178,16 +191,7 @@ async fn keys_name_tenants_whose_quotas_answer_429_and_a_reload_keeps_what_was_u
     assert!(message(&body).contains("x-flumen-priority"), "{body}");
 
     // Rejections are counted per tenant and quota.
-    let metrics = c
-        .http
-        .get(format!("{}/metrics", c.base))
-        .bearer_auth("beta-key")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics("beta-key").await;
     for (tenant, quota) in [("alpha", "rpm"), ("beta", "pending"), ("beta", "tpm")] {
         let line =
             format!("flumen_tenant_rejections_total{{tenant=\"{tenant}\",quota=\"{quota}\"}} 1");
@@ -227,16 +231,7 @@ async fn keys_name_tenants_whose_quotas_answer_429_and_a_reload_keeps_what_was_u
     // The file is looked at each second: wait until the gateway has refused it.
     let mut refused = false;
     for _ in 0..100 {
-        let metrics = c
-            .http
-            .get(format!("{}/metrics", c.base))
-            .bearer_auth("gamma-key")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = c.metrics("gamma-key").await;
         if metrics.contains("flumen_keys_file_reloads_total{result=\"refused\"} 1") {
             refused = true;
             break;
