@@ -208,8 +208,25 @@ impl<T> Default for ClassQueue<T> {
 }
 
 impl<T> ClassQueue<T> {
+    /// The index of the queue of `tenant`, if it has one. Records without a tenant
+    /// (the common case) are found without hashing.
+    fn find(&self, tenant: &Option<Arc<str>>) -> Option<usize> {
+        match tenant {
+            None => self.tenants.iter().position(|t| t.name.is_none()),
+            Some(_) => self.by_name.get(tenant).copied(),
+        }
+    }
+
     /// Its records in sending order.
     fn iter(&self) -> ClassIter<'_, T> {
+        // One tenant with records (the common case): its queue as it is, no heap.
+        if let Some(k) = self.only_tenant() {
+            return ClassIter {
+                class: self,
+                heap: BinaryHeap::new(),
+                single: Some((k, 0)),
+            };
+        }
         let heap = self
             .tenants
             .iter()
@@ -217,11 +234,39 @@ impl<T> ClassQueue<T> {
             .filter(|(_, t)| !t.items.is_empty())
             .map(|(k, t)| Reverse((Tag(t.tag(self.vtime, 0)), k, 0)))
             .collect();
-        ClassIter { class: self, heap }
+        ClassIter {
+            class: self,
+            heap,
+            single: None,
+        }
+    }
+
+    /// The one tenant with records queued, when there is exactly one.
+    fn only_tenant(&self) -> Option<usize> {
+        let mut with = self
+            .tenants
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.items.is_empty());
+        let (k, _) = with.next()?;
+        with.next().is_none().then_some(k)
     }
 
     /// Removes its first `n` records in sending order (appended to `out`).
     fn take(&mut self, n: usize, out: &mut Vec<T>) {
+        if let Some(k) = self.only_tenant() {
+            let v = self.vtime;
+            let t = &mut self.tenants[k];
+            let n = n.min(t.items.len());
+            let start = t.finish.max(v);
+            out.extend(t.items.drain(..n));
+            t.finish = start + n as f64 / t.weight;
+            self.vtime = t.finish;
+            self.len -= n;
+            self.prune();
+            self.restart_if_empty();
+            return;
+        }
         let mut counts = vec![0usize; self.tenants.len()];
         let mut last = self.vtime;
         for (k, tag) in self.iter().positions().take(n) {
@@ -286,6 +331,8 @@ impl<T> ClassQueue<T> {
 struct ClassIter<'a, T> {
     class: &'a ClassQueue<T>,
     heap: BinaryHeap<Reverse<(Tag, usize, usize)>>,
+    /// With one tenant: its index and the next position.
+    single: Option<(usize, usize)>,
 }
 
 impl<T> Clone for ClassIter<'_, T> {
@@ -293,6 +340,7 @@ impl<T> Clone for ClassIter<'_, T> {
         ClassIter {
             class: self.class,
             heap: self.heap.clone(),
+            single: self.single,
         }
     }
 }
@@ -300,6 +348,15 @@ impl<T> Clone for ClassIter<'_, T> {
 impl<'a, T> ClassIter<'a, T> {
     /// The next record's tenant index and tag, without the record.
     fn next_position(&mut self) -> Option<(usize, usize, f64)> {
+        if let Some((k, i)) = &mut self.single {
+            let t = &self.class.tenants[*k];
+            if *i >= t.items.len() {
+                return None;
+            }
+            let at = *i;
+            *i += 1;
+            return Some((*k, at, t.tag(self.class.vtime, at)));
+        }
         let Reverse((tag, k, i)) = self.heap.pop()?;
         let t = &self.class.tenants[k];
         if i + 1 < t.items.len() {
@@ -317,6 +374,11 @@ impl<'a, T> ClassIter<'a, T> {
 impl<'a, T> Iterator for ClassIter<'a, T> {
     type Item = &'a T;
     fn next(&mut self) -> Option<&'a T> {
+        if let Some((k, i)) = &mut self.single {
+            let item = self.class.tenants[*k].items.get(*i)?;
+            *i += 1;
+            return Some(item);
+        }
         let (k, i, _) = self.next_position()?;
         Some(&self.class.tenants[k].items[i])
     }
@@ -393,8 +455,8 @@ impl<T: Scheduled> Schedule<T> {
             1.0
         };
         let class = &mut self.classes[usize::from(lane.class.0)];
-        let k = match class.by_name.get(&lane.tenant) {
-            Some(&k) => k,
+        let k = match class.find(&lane.tenant) {
+            Some(k) => k,
             None => {
                 class.tenants.push(TenantQueue {
                     name: lane.tenant.clone(),
@@ -423,7 +485,11 @@ impl<T: Scheduled> Schedule<T> {
                 .items
                 .partition_point(|x| no_later(x.deadline(), due))
         };
-        tenant.items.insert(at, item);
+        if at == tenant.items.len() {
+            tenant.items.push_back(item);
+        } else {
+            tenant.items.insert(at, item);
+        }
         class.len += 1;
         self.len += 1;
     }
@@ -619,12 +685,18 @@ impl<T: Scheduled> Schedule<T> {
         } else {
             1.0
         };
-        let own = class.by_name.get(&lane.tenant).copied();
+        let own = class.find(&lane.tenant);
         // Where it would go in its tenant's queue: after the records due no later.
         let position = own.map_or(0, |k| {
-            class.tenants[k]
-                .items
-                .partition_point(|x| no_later(x.deadline(), deadline))
+            let items = &class.tenants[k].items;
+            if items
+                .back()
+                .is_none_or(|x| no_later(x.deadline(), deadline))
+            {
+                items.len()
+            } else {
+                items.partition_point(|x| no_later(x.deadline(), deadline))
+            }
         });
         let tag = match own {
             Some(k) => {

@@ -187,8 +187,13 @@ impl<B: Backend> Dispatcher<B> {
         if let Some(deadline) = job.meta.deadline {
             let now = Instant::now();
             // The records it would wait behind: more urgent classes, and its own
-            // class's records due before it by the tenants' fair shares.
-            let queued = self.queue.ahead(&job.lane, job.meta.deadline);
+            // class's records due before it by the tenants' fair shares (fewer than
+            // a full call queued in all: no backlog to shed for).
+            let queued = if self.queue.len() < self.policy.max_items() {
+                self.queue.len()
+            } else {
+                self.queue.ahead(&job.lane, job.meta.deadline)
+            };
             let limit = self.limiter.limit();
             if let Some(answer) = self
                 .policy
@@ -430,6 +435,12 @@ impl<B: Backend> Dispatcher<B> {
     /// the policy cut the call short for it.
     fn fail_hopeless_in_first_call(&mut self, now: Instant, busy: usize) {
         if busy == 0 || self.latency.coefficients().is_none() {
+            return;
+        }
+        // No record is due before a call of the most records could end: nothing to
+        // look for (`next_expiry` is at or before the earliest deadline waiting).
+        let longest = self.latency.estimate(self.policy.max_items());
+        if self.next_expiry.is_none_or(|e| e > now + longest) {
             return;
         }
         loop {
