@@ -6,6 +6,7 @@
 // under test.
 #![allow(clippy::disallowed_methods)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::post;
@@ -318,5 +319,66 @@ async fn replicas_sharing_redis_share_a_tenants_quota() {
     assert_eq!(status, 429, "{body}");
     assert!(retry.is_some());
     assert_eq!(cb.chat("shared-key", 1, &[]).await.0, 429);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Through the gateway the class a request asks for decides where its records wait.
+/// One tenant (so that fair shares between tenants play no part) sends 24 requests
+/// of 8 records marked `x-flumen-priority: bulk` to a model of one slot and 8
+/// records a call (60 ms a call); then one unmarked request (its tenant's class,
+/// `interactive`) and one more marked bulk. The interactive request comes back
+/// before most of the bulk requests sent before it, the late bulk one after them.
+/// What is checked is the order, not the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_request_overtakes_a_bulk_backlog_of_its_tenant() {
+    let dir = std::env::temp_dir().join(format!("flumen-tenants-order-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[tenants]]\nname = \"mixed\"\nkeys_sha256 = [\"{}\"]\nclass = \"interactive\"\n",
+            digest("mixed-key")
+        ),
+    )
+    .unwrap();
+    let config = ServeConfig::from_toml(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nkeys_file = \"{}\"\n\n\
+         [[models]]\nname = \"echo\"\n[models.backend]\nkind = \"sim\"\na_ms = 60.0\nb_ms = 0.1\nslots = 1\nmax_batch = 8\n\
+         [models.engine]\nconcurrency = 1\n",
+        keys.display()
+    ))
+    .unwrap();
+    let gateway = start(&config).await.unwrap();
+    let c = Arc::new(Caller {
+        http: reqwest::Client::new(),
+        base: format!("http://{}", gateway.addr),
+    });
+    let done = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let send = |bulk: bool, label: String| {
+        let (c, done) = (Arc::clone(&c), Arc::clone(&done));
+        tokio::spawn(async move {
+            let marked: &[(&str, &str)] = if bulk {
+                &[("x-flumen-priority", "bulk")]
+            } else {
+                &[]
+            };
+            let (status, _, body) = c.chat("mixed-key", 8, marked).await;
+            assert_eq!(status, 200, "{label}: {body}");
+            done.lock().unwrap().push(label);
+        })
+    };
+    let mut tasks: Vec<_> = (0..24).map(|i| send(true, format!("bulk {i}"))).collect();
+    // Let the backlog reach the queue (a few of its 24 calls are done by then).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tasks.push(send(false, "live".into()));
+    tasks.push(send(true, "bulk late".into()));
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = done.lock().unwrap().clone();
+    let at = |label: &str| order.iter().position(|l| l == label).unwrap();
+    assert!(at("live") < 8, "{order:?}");
+    assert!(at("bulk late") >= 20, "{order:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
