@@ -218,33 +218,25 @@ impl<B: Backend> Engine<B> {
             attempts = tracing::field::Empty,
             cached = tracing::field::Empty,
         );
-        if let Some(cache) = &self.shared.cache {
-            if let Some(content) = backend.cache_key(&input) {
-                let key = cache.key(&content);
-                let engine = self.clone();
-                let queued = Queued {
-                    input,
-                    deadline,
-                    cost,
-                    billed,
-                    lane,
-                    span,
-                };
-                return Pending {
-                    inner: PendingInner::Cached(Box::pin(engine.cached(key, queued))),
-                    input_tokens: billed,
-                };
-            }
-        }
+        let key = self
+            .shared
+            .cache
+            .as_ref()
+            .and_then(|cache| Some(cache.key(&backend.cache_key(&input)?)));
+        let queued = Queued {
+            input,
+            deadline,
+            cost,
+            billed,
+            lane,
+            span,
+        };
+        let inner = match key {
+            Some(key) => PendingInner::Cached(Box::pin(self.clone().cached(key, queued))),
+            None => PendingInner::Queued(self.enqueue(queued)),
+        };
         Pending {
-            inner: PendingInner::Queued(self.enqueue(Queued {
-                input,
-                deadline,
-                cost,
-                billed,
-                lane,
-                span,
-            })),
+            inner,
             input_tokens: billed,
         }
     }
