@@ -174,6 +174,21 @@ impl Reject {
     }
 }
 
+/// The header (HTTP) or metadata key (gRPC) a caller names its records' priority
+/// class in.
+pub(crate) const PRIORITY_HEADER: &str = "x-flumen-priority";
+
+/// A priority class as a request gives it: `interactive`, `default`, `bulk`, a level
+/// 0–7; `what` names where it came from for the error.
+pub(crate) fn class_of(value: &str, what: &str) -> Result<Class, Reject> {
+    Class::parse(value).ok_or_else(|| {
+        Reject::new(
+            Reason::BadRequest,
+            format!("{what}: `{value}` is not a priority class (interactive, default, bulk, or a level 0-7)"),
+        )
+    })
+}
+
 /// How many of a model's `max_pending` places records of `class` may fill: all for
 /// `interactive` and `default`, a tenth less for each level below (`bulk` 90 %, down
 /// to half), so that a bulk flood leaves room for the more urgent — which the queue

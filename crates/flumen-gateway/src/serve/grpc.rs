@@ -263,7 +263,7 @@ impl GrpcInferenceService for GrpcGateway {
             .map(str::to_owned);
         let header = r
             .metadata()
-            .get(super::http::PRIORITY_HEADER)
+            .get(super::gateway::PRIORITY_HEADER)
             .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
         let req = r.into_inner();
         // The request's `priority` parameter, else the metadata's.
@@ -284,9 +284,10 @@ impl GrpcInferenceService for GrpcGateway {
                 super::kserve::kserve_priority(&value).map_err(Status::invalid_argument)?
             }
             None => match header {
-                Some(v) => {
-                    Some(super::http::class_of(&v, super::http::PRIORITY_HEADER).map_err(status)?)
-                }
+                Some(v) => Some(
+                    super::gateway::class_of(&v, super::gateway::PRIORITY_HEADER)
+                        .map_err(status)?,
+                ),
                 None => None,
             },
         };

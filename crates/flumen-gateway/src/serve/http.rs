@@ -13,7 +13,7 @@ use flumen_engine::Class;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::gateway::{Endpoint, Gateway, Reason, Reject, Shared};
+use super::gateway::{class_of, Endpoint, Gateway, Reason, Reject, Shared, PRIORITY_HEADER};
 
 /// Which front a path belongs to, for the shape of its errors: KServe v2 (`/v2/…`,
 /// Triton's `{"error": "…"}`) or the rest (OpenAI's `{"error": {"message", "type",
@@ -394,20 +394,6 @@ pub(crate) async fn no_route(req: axum::extract::Request) -> Response {
         StatusCode::NOT_FOUND,
         format!("no such endpoint: {} {path}", req.method()),
     )
-}
-
-/// The header a caller names its records' priority class in.
-pub(crate) const PRIORITY_HEADER: &str = "x-flumen-priority";
-
-/// A priority class as a request gives it: `interactive`, `default`, `bulk`, a level
-/// 0–7; `what` names where it came from for the error.
-pub(crate) fn class_of(value: &str, what: &str) -> Result<Class, Reject> {
-    Class::parse(value).ok_or_else(|| {
-        Reject::new(
-            Reason::BadRequest,
-            format!("{what}: `{value}` is not a priority class (interactive, default, bulk, or a level 0-7)"),
-        )
-    })
 }
 
 impl Gateway {
