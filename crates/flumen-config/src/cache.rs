@@ -210,9 +210,12 @@ fn identity(backend: &BackendConfig) -> String {
             "openai-embeddings url={} model={} dimensions={:?} max_context_tokens={:?} overflow={:?}",
             o.base_url, o.model, o.dimensions, o.max_context_tokens, o.overflow
         ),
+        // A schema file counts by its content: edit it and old answers no longer count.
         BackendConfig::OpenaiChat(o) => format!(
-            "openai-chat url={} model={} system_prompt={:?} temperature={:?} max_completion_tokens={:?} max_context_tokens={:?} overflow={:?}",
-            o.base_url, o.model, o.system_prompt, o.temperature, o.max_completion_tokens, o.max_context_tokens, o.overflow
+            "openai-chat url={} model={} system_prompt={:?} temperature={:?} max_completion_tokens={:?} max_context_tokens={:?} overflow={:?} user_template={:?} response_schema={:?} response_schema_file={:?} max_repairs={:?}",
+            o.base_url, o.model, o.system_prompt, o.temperature, o.max_completion_tokens, o.max_context_tokens, o.overflow,
+            o.user_template, o.response_schema.as_ref().map(toml::Value::to_string),
+            o.response_schema_file.as_ref().map(|f| std::fs::read_to_string(f).unwrap_or_default()), o.max_repairs
         ),
         BackendConfig::Http(h) => format!(
             "http url={} mode={:?} template={} result={} item={:?}",

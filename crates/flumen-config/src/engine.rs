@@ -151,6 +151,8 @@ impl EngineSection {
             prices: None,
             // Upstream limits are the gateway's (`[models.upstream]`).
             rate: None,
+            // Set by what builds a fallback chain (`flumen run`'s `[[fallback]]`).
+            hand_off: false,
             scheduling: SchedulingConfig {
                 min_share: e
                     .min_share

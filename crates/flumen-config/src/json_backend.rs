@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ErrorKind, ItemCost};
 use serde_json::Value;
 
 use crate::backend::{ms, BackendConfig};
@@ -45,6 +45,14 @@ impl AnyBackend {
     /// requests (objects) as records.
     pub fn is_openai_chat(&self) -> bool {
         matches!(self, AnyBackend::Chat(_))
+    }
+
+    /// A chat record pipeline's repairs so far; `None` for other backends.
+    pub fn repairs(&self) -> Option<flumen_openai::Repairs> {
+        match self {
+            AnyBackend::Chat(b) if b.is_pipeline() => Some(b.repairs()),
+            _ => None,
+        }
     }
 
     /// The model a KServe v2 backend serves; `None` for other backends.
@@ -153,6 +161,15 @@ fn text(v: &Value) -> Result<String, BackendError> {
 }
 
 /// Runs a text backend on JSON records: non-strings fail alone.
+/// The estimated prompt tokens of a pipeline's record: its fields' text (the
+/// template adds a little; the provider's usage says exactly).
+fn pipeline_prompt_tokens(record: &Value) -> u64 {
+    match record {
+        Value::String(s) => flumen_openai::estimate_tokens(s),
+        other => flumen_openai::estimate_tokens(&other.to_string()),
+    }
+}
+
 /// A whole chat request for an OpenAI-compatible chat backend: an object with a
 /// `messages` list (as the gateway's chat front sends it). Any other object is not
 /// one, and is refused as a record that is not text.
@@ -214,6 +231,11 @@ impl Backend for AnyBackend {
             #[cfg(feature = "grpc")]
             AnyBackend::KserveGrpc(b) => b.cost(record),
             AnyBackend::Embeddings(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
+            AnyBackend::Chat(b) if b.is_pipeline() => ItemCost {
+                bytes: record.to_string().len() as u64,
+                tokens: pipeline_prompt_tokens(record)
+                    .saturating_add(u64::from(b.max_completion_tokens().unwrap_or(0))),
+            },
             AnyBackend::Chat(b) => match record {
                 r if is_chat_request(r) => ItemCost {
                     bytes: record.to_string().len() as u64,
@@ -229,6 +251,7 @@ impl Backend for AnyBackend {
     /// its cost counts for the rate limits, is output (below).
     fn billed_input_tokens(&self, record: &Value) -> Option<u64> {
         match self {
+            AnyBackend::Chat(b) if b.is_pipeline() => Some(pipeline_prompt_tokens(record)),
             AnyBackend::Chat(_) if is_chat_request(record) => Some(
                 flumen_openai::request_tokens(record)
                     .saturating_sub(flumen_openai::completion_budget(record)),
@@ -241,6 +264,10 @@ impl Backend for AnyBackend {
     /// `max_completion_tokens`, times `n`), else the configured one.
     fn max_output_tokens(&self, record: &Value) -> u64 {
         match self {
+            // A pipeline's record may take a repair request too.
+            AnyBackend::Chat(b) if b.is_pipeline() => {
+                u64::from(b.max_completion_tokens().unwrap_or(0)) * (1 + u64::from(b.max_repairs()))
+            }
             AnyBackend::Chat(b) => {
                 let configured = u64::from(b.max_completion_tokens().unwrap_or(0));
                 match flumen_openai::completion_budget(record) {
@@ -292,6 +319,25 @@ impl Backend for AnyBackend {
             // A whole chat request (an object) goes as it is; text, as the user message.
             // One record per call (as the engine sends them): its failure is the
             // call's, so the engine sees overload and timeouts as such.
+            // A pipeline's record: a bad record or a bad answer fails it alone; the
+            // rest (overload, outage, timeouts) is the call's.
+            AnyBackend::Chat(b) if b.is_pipeline() => {
+                let mut out = Vec::with_capacity(batch.len());
+                for record in batch {
+                    out.push(match b.record(record).await {
+                        Err(e)
+                            if !matches!(
+                                e.kind,
+                                ErrorKind::InvalidInput | ErrorKind::InvalidOutput
+                            ) && batch.len() == 1 =>
+                        {
+                            return Err(e)
+                        }
+                        result => result,
+                    });
+                }
+                Ok(out)
+            }
             AnyBackend::Chat(b) if matches!(batch, [r] if is_chat_request(r)) => {
                 Ok(vec![Ok(b.request(&batch[0]).await?)])
             }

@@ -25,11 +25,16 @@ pub enum ErrorKind {
     /// was not sent (with `on_exhausted = "fail"`; with `"wait"` it waits for the next
     /// period within its deadline instead).
     BudgetExhausted,
+    /// The backend answered, but the answer is not what was asked for: a language
+    /// model's reply that does not parse or does not match the pipeline's JSON
+    /// Schema, after its repair attempt. Not retried as is, and not moved to a
+    /// fallback (the prompt would be the same there).
+    InvalidOutput,
 }
 
 impl ErrorKind {
     /// Every kind, in a stable order (for metrics labels and reports).
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Overloaded,
         ErrorKind::Transient,
         ErrorKind::Timeout,
@@ -37,6 +42,7 @@ impl ErrorKind {
         ErrorKind::InvalidInput,
         ErrorKind::Shutdown,
         ErrorKind::BudgetExhausted,
+        ErrorKind::InvalidOutput,
     ];
 
     /// A short snake_case name, stable for logs, metrics labels and dead-letter records.
@@ -49,6 +55,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::Shutdown => "shutdown",
             ErrorKind::BudgetExhausted => "budget_exhausted",
+            ErrorKind::InvalidOutput => "invalid_output",
         }
     }
 }
@@ -103,6 +110,11 @@ impl BackendError {
     /// The record itself is invalid.
     pub fn invalid_input(message: impl Into<String>) -> Self {
         BackendError::new(ErrorKind::InvalidInput, message)
+    }
+
+    /// The answer is not what was asked for (see [`ErrorKind::InvalidOutput`]).
+    pub fn invalid_output(message: impl Into<String>) -> Self {
+        BackendError::new(ErrorKind::InvalidOutput, message)
     }
 }
 

@@ -15,7 +15,8 @@ use crate::{BackendError, ErrorKind};
 ///
 /// 429 and 503 are overload (they shrink concurrency and are waited out, never
 /// trip a breaker); 408 and 504 are timeouts; other 5xx are transient; a 400 about
-/// the context length is invalid input (the record is too long); other 4xx are
+/// the context length (the record is too long) or the provider's content policy (a
+/// refusal: another provider would refuse it too) is invalid input; other 4xx are
 /// permanent.
 pub fn classify_status(status: u16, body: &str) -> ErrorKind {
     match status {
@@ -23,7 +24,9 @@ pub fn classify_status(status: u16, body: &str) -> ErrorKind {
         408 | 504 => ErrorKind::Timeout,
         500..=599 => ErrorKind::Transient,
         400 if body.contains("context_length_exceeded")
-            || body.contains("maximum context length") =>
+            || body.contains("maximum context length")
+            || body.contains("content_policy_violation")
+            || body.contains("content_filter") =>
         {
             ErrorKind::InvalidInput
         }
@@ -89,10 +92,22 @@ pub async fn send(
     request: reqwest::RequestBuilder,
     what: &str,
 ) -> Result<reqwest::Response, BackendError> {
+    send_observed(request, what, |_| {}).await
+}
+
+/// [`send`], showing every response's headers to `observe` first, whatever its
+/// status (rate-limit headers come on successes and on 429s alike).
+#[cfg(feature = "client")]
+pub async fn send_observed(
+    request: reqwest::RequestBuilder,
+    what: &str,
+    observe: impl FnOnce(&reqwest::header::HeaderMap),
+) -> Result<reqwest::Response, BackendError> {
     let response = request
         .send()
         .await
         .map_err(|e| transport_error(e.is_timeout(), format!("{what} failed: {e}")))?;
+    observe(response.headers());
     let status = response.status();
     if status.is_success() {
         return Ok(response);

@@ -111,6 +111,17 @@ struct Entry<R, O> {
 /// A running fallback stage: (slot, stage, result).
 type FallbackRun<O> = Pin<Box<dyn Future<Output = (usize, usize, Result<O, Failure>)> + Send>>;
 
+/// Whether a failure of `kind` moves a record on to the next fallback stage: not
+/// when the record itself is the problem (invalid input, a content refusal), when
+/// the answer is (invalid output: the same prompt goes to the next stage), or when
+/// the engine is stopping.
+fn moves_on(kind: ErrorKind) -> bool {
+    !matches!(
+        kind,
+        ErrorKind::InvalidInput | ErrorKind::InvalidOutput | ErrorKind::Shutdown
+    )
+}
+
 /// One fallback stage of an operator, with its metric handles.
 struct Stage<I, O> {
     fallback: Fallback<I, O>,
@@ -209,10 +220,15 @@ where
     }
 
     /// Adds a stage to the fallback chain. A record whose primary outcome is a
-    /// failure — any kind but invalid input — goes through the stages in order,
-    /// each with its own timeout; the first success is its outcome
-    /// ([`Outcome::served`] says which stage). When every stage fails, the record
-    /// keeps its primary failure, whose message then lists each stage's reason.
+    /// failure of a kind another backend may not share (overload, an outage or an
+    /// open breaker, a timeout, a permanent error such as a refused key, a spent
+    /// budget) goes through the stages in order, each with its own timeout; the
+    /// first success is its outcome ([`Outcome::served`] says which stage). Invalid
+    /// input (a content refusal too) and invalid output do not move on: the record
+    /// would fail the same way there. When every stage fails, the record keeps its
+    /// primary failure, whose message then lists each stage's reason; when a stage
+    /// fails with such a kind, the chain stops there and the record fails with that
+    /// kind (the message still lists every reason).
     pub fn with_fallback(mut self, fallback: Fallback<B::Input, B::Output>) -> Self {
         let engine = self.engine.name().to_owned();
         let stage = format!("{}:{}", self.fallbacks.len(), fallback.name());
@@ -272,9 +288,7 @@ where
     /// The primary engine answered for `slot`.
     fn on_primary(&mut self, slot: usize, result: Result<B::Output, Failure>) {
         match result {
-            Err(failure)
-                if failure.kind != ErrorKind::InvalidInput && !self.fallbacks.is_empty() =>
-            {
+            Err(failure) if moves_on(failure.kind) && !self.fallbacks.is_empty() => {
                 self.entries[slot].primary = Some(failure);
                 self.start_fallback(slot, 0);
             }
@@ -317,7 +331,12 @@ where
                     .as_mut()
                     .expect("a fallback runs only after a primary failure");
                 primary.message.push_str(&note);
-                if stage + 1 < self.fallbacks.len() {
+                if !moves_on(failure.kind) {
+                    // The record itself (or its answer) is the problem: that is its
+                    // failure, not the primary's.
+                    primary.kind = failure.kind;
+                }
+                if stage + 1 < self.fallbacks.len() && moves_on(failure.kind) {
                     self.start_fallback(slot, stage + 1);
                 } else {
                     let failure = self.entries[slot].primary.take().expect("primary failure");

@@ -1,22 +1,123 @@
 use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ItemCost};
 use serde_json::{json, Value};
 
+use std::sync::atomic::Ordering;
+
 use crate::client::Client;
+use crate::llm::{listed, repair_message, Answer, Compiled, Repairs};
 use crate::tokens::{estimate_tokens, fit_context, Fitted};
 use crate::OpenAiConfig;
 
 /// `POST /chat/completions`: one record (the user message) per request, the
 /// assistant's reply out. Flumen's adaptive concurrency decides how many run at once.
+///
+/// With an [`LlmPipeline`](crate::LlmPipeline) (a user template or a response
+/// schema), a record is rendered into the prompt and its answer is checked: see
+/// [`Chat::record`].
 pub struct Chat {
     client: Client,
+    pipeline: Option<Box<Compiled>>,
 }
 
 impl Chat {
     /// A backend for `config`, or every problem with it (paths under `backend`).
     pub fn new(config: OpenAiConfig) -> Result<Self, Vec<String>> {
+        let pipeline = match config.llm.is_active() {
+            true => Some(Box::new(Compiled::new(
+                &config.llm,
+                config.system_prompt.as_deref(),
+                "backend",
+            )?)),
+            false => None,
+        };
         Ok(Chat {
             client: Client::new(config, "backend")?,
+            pipeline,
         })
+    }
+
+    /// Whether records go through a pipeline (a template or a schema): they are
+    /// then answered by [`Chat::record`].
+    pub fn is_pipeline(&self) -> bool {
+        self.pipeline.is_some()
+    }
+
+    /// Repair attempts allowed per record (0 without a schema).
+    pub fn max_repairs(&self) -> u32 {
+        self.pipeline.as_ref().map_or(0, |p| p.max_repairs())
+    }
+
+    /// Repairs tried so far, and how many ended in a valid answer.
+    pub fn repairs(&self) -> Repairs {
+        self.pipeline
+            .as_ref()
+            .map(|p| p.counted())
+            .unwrap_or_default()
+    }
+
+    /// One record through the pipeline: its prompt rendered from its fields, sent
+    /// with the schema as `response_format`, the reply parsed and validated. A reply
+    /// that does not parse or validate is sent back once (`max_repairs`) with the
+    /// validator's errors; if the next is still wrong, the record fails with
+    /// [`InvalidOutput`](flumen_core::ErrorKind::InvalidOutput) listing them. A
+    /// content refusal fails it as invalid input. The answer is an [`Answer`]'s JSON.
+    pub async fn record(&self, record: &Value) -> Result<Value, BackendError> {
+        let c = &self.client.config;
+        let pipeline = self.pipeline.as_ref().ok_or_else(|| {
+            BackendError::permanent("this chat backend has no template or schema")
+        })?;
+        let mut messages = pipeline.messages(record, c.system_prompt.as_deref())?;
+        let mut body = json!({"model": c.model});
+        if let Some(t) = c.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(m) = c.max_completion_tokens {
+            body["max_completion_tokens"] = json!(m);
+        }
+        if let Some(format) = pipeline.response_format() {
+            body["response_format"] = format;
+        }
+        let mut answer = Answer {
+            content: Value::Null,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            repairs: 0,
+            model: None,
+        };
+        loop {
+            body["messages"] = Value::Array(messages.clone());
+            let tokens = request_tokens(&body);
+            let reply = self.client.post("chat/completions", &body, tokens).await?;
+            answer.prompt_tokens += reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            answer.completion_tokens += reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+            answer.model = reply["model"].as_str().map(str::to_owned);
+            let content = content_of(&reply)?;
+            let errors = match pipeline.check(&content) {
+                Ok(value) => {
+                    if answer.repairs > 0 {
+                        pipeline.repairs.valid.fetch_add(1, Ordering::Relaxed);
+                    }
+                    answer.content = value;
+                    return Ok(answer.to_value());
+                }
+                Err(errors) => errors,
+            };
+            if answer.repairs >= pipeline.max_repairs() {
+                let after = match answer.repairs {
+                    0 => String::new(),
+                    1 => " after 1 repair".to_owned(),
+                    n => format!(" after {n} repairs"),
+                };
+                return Err(BackendError::invalid_output(format!(
+                    "the reply does not match the response schema{after}: {}",
+                    listed(&errors)
+                )));
+            }
+            answer.repairs += 1;
+            pipeline.repairs.tried.fetch_add(1, Ordering::Relaxed);
+            messages.push(json!({"role": "assistant", "content": content}));
+            messages.push(repair_message(&errors));
+        }
     }
 
     async fn one(&self, text: &str) -> Result<String, BackendError> {
@@ -46,14 +147,32 @@ impl Chat {
             + c.system_prompt.as_deref().map_or(0, estimate_tokens)
             + u64::from(c.max_completion_tokens.unwrap_or(0));
         let answer = self.client.post("chat/completions", &body, tokens).await?;
-        answer
-            .pointer("/choices/0/message/content")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                BackendError::permanent("unparseable response: no choices[0].message.content")
-            })
+        content_of(&answer)
     }
+}
+
+/// The first choice's text; a refusal (`message.refusal`, or `finish_reason`
+/// `content_filter`) fails the record as invalid input: another provider would
+/// refuse it too.
+fn content_of(reply: &Value) -> Result<String, BackendError> {
+    let choice = &reply["choices"][0];
+    if let Some(refusal) = choice["message"]["refusal"].as_str() {
+        return Err(BackendError::invalid_input(format!(
+            "the model refused: {}",
+            refusal.chars().take(300).collect::<String>()
+        )));
+    }
+    if choice["finish_reason"] == "content_filter" {
+        return Err(BackendError::invalid_input(
+            "the provider's content filter stopped the reply",
+        ));
+    }
+    choice["message"]["content"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            BackendError::permanent("unparseable response: no choices[0].message.content")
+        })
 }
 
 impl Chat {
@@ -68,6 +187,24 @@ impl Chat {
     /// system prompt first when the request has no system message. The answer is the
     /// API's whole JSON (`choices`, `usage`).
     pub async fn request(&self, request: &Value) -> Result<Value, BackendError> {
+        let body = self.prepare(request, false)?;
+        let tokens = request_tokens(&body);
+        self.client.post("chat/completions", &body, tokens).await
+    }
+
+    /// One whole chat request as [`request`](Chat::request) sends it, but with
+    /// `stream: true` (and the caller's `stream_options`): the response, once its
+    /// status is a success, is the provider's server-sent events, to be relayed as
+    /// they come. Dropping it closes the connection, which stops the generation on
+    /// servers that watch for it (vLLM, llama.cpp's server).
+    pub async fn stream(&self, request: &Value) -> Result<reqwest::Response, BackendError> {
+        let body = self.prepare(request, true)?;
+        let tokens = request_tokens(&body);
+        self.client.send("chat/completions", &body, tokens).await
+    }
+
+    /// The body sent for a caller's whole request.
+    fn prepare(&self, request: &Value, stream: bool) -> Result<Value, BackendError> {
         let c = &self.client.config;
         let Some(fields) = request.as_object() else {
             return Err(BackendError::invalid_input(
@@ -76,8 +213,12 @@ impl Chat {
         };
         let mut body = fields.clone();
         body.insert("model".into(), json!(c.model));
-        body.remove("stream");
-        body.remove("stream_options");
+        if stream {
+            body.insert("stream".into(), json!(true));
+        } else {
+            body.remove("stream");
+            body.remove("stream_options");
+        }
         if let (Some(system), Some(Value::Array(messages))) =
             (&c.system_prompt, body.get_mut("messages"))
         {
@@ -98,9 +239,7 @@ impl Chat {
                 body.entry("max_completion_tokens").or_insert(json!(m));
             }
         }
-        let body = Value::Object(body);
-        let tokens = request_tokens(&body);
-        self.client.post("chat/completions", &body, tokens).await
+        Ok(Value::Object(body))
     }
 }
 

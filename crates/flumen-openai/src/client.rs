@@ -1,18 +1,21 @@
 //! The HTTP side shared by both endpoints: auth, headers, rate limits, and one
 //! exhaustive mapping from HTTP status to Flumen's error kinds.
 
-use flumen_core::http::send;
+use flumen_core::http::send_observed;
 use flumen_core::BackendError;
 use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::limits::Seen;
 use crate::{OpenAiConfig, RateLimits};
 
 pub(crate) struct Client {
     http: reqwest::Client,
     pub(crate) config: OpenAiConfig,
     limits: Mutex<RateLimits>,
+    in_flight: Outstanding,
 }
 
 impl Client {
@@ -30,6 +33,7 @@ impl Client {
             http,
             config,
             limits: Mutex::new(limits),
+            in_flight: Outstanding::default(),
         })
     }
 
@@ -55,6 +59,21 @@ impl Client {
         body: &Value,
         tokens: u64,
     ) -> Result<Value, BackendError> {
+        let response = self.send(endpoint, body, tokens).await?;
+        response.json::<Value>().await.map_err(|e| {
+            BackendError::permanent(format!("unparseable response from {endpoint}: {e}"))
+        })
+    }
+
+    /// POSTs `body` to `endpoint`, within the rate limits, and returns the response
+    /// once its status is a success. The provider's `x-ratelimit-*` headers, on any
+    /// response, teach the limits what the account has left.
+    pub(crate) async fn send(
+        &self,
+        endpoint: &str,
+        body: &Value,
+        tokens: u64,
+    ) -> Result<reqwest::Response, BackendError> {
         self.wait_for_limits(tokens).await;
         let mut request = self.http.post(self.config.url(endpoint)).json(body);
         if let Some(key) = &self.config.api_key {
@@ -63,10 +82,56 @@ impl Client {
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
+        let in_flight = InFlight::start(&self.in_flight, tokens);
         // No header goes into an error's message: no key leaks here.
-        let response = send(request, &format!("request to {endpoint}")).await?;
-        response.json::<Value>().await.map_err(|e| {
-            BackendError::permanent(format!("unparseable response from {endpoint}: {e}"))
+        send_observed(request, &format!("request to {endpoint}"), |headers| {
+            let seen = Seen::of(headers);
+            if !seen.is_empty() {
+                let (requests, tokens) = in_flight.others();
+                self.limits.lock().expect("limits lock").learn(
+                    Instant::now(),
+                    &seen,
+                    requests,
+                    tokens,
+                );
+            }
         })
+        .await
+    }
+}
+
+/// Requests sent and not yet answered, and their tokens: what a provider's
+/// remaining counts may not include yet.
+#[derive(Debug, Default)]
+pub(crate) struct Outstanding {
+    requests: AtomicU64,
+    tokens: AtomicU64,
+}
+
+/// One request's share of [`Outstanding`], given back when it is dropped.
+struct InFlight<'a> {
+    all: &'a Outstanding,
+    tokens: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(all: &'a Outstanding, tokens: u64) -> Self {
+        all.requests.fetch_add(1, Ordering::Relaxed);
+        all.tokens.fetch_add(tokens, Ordering::Relaxed);
+        InFlight { all, tokens }
+    }
+
+    /// The other requests in flight, and their tokens.
+    fn others(&self) -> (u64, u64) {
+        let requests = self.all.requests.load(Ordering::Relaxed).saturating_sub(1);
+        let tokens = self.all.tokens.load(Ordering::Relaxed);
+        (requests, tokens.saturating_sub(self.tokens))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.all.requests.fetch_sub(1, Ordering::Relaxed);
+        self.all.tokens.fetch_sub(self.tokens, Ordering::Relaxed);
     }
 }

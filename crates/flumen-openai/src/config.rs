@@ -79,6 +79,8 @@ pub struct OpenAiConfig {
     pub temperature: Option<f32>,
     /// Chat: `max_completion_tokens`.
     pub max_completion_tokens: Option<u32>,
+    /// Chat: a record pipeline (a user template, a response schema).
+    pub llm: crate::LlmPipeline,
 }
 
 /// The API's limit on inputs per embeddings request.
@@ -103,6 +105,11 @@ impl OpenAiConfig {
             system_prompt: None,
             temperature: None,
             max_completion_tokens: None,
+            llm: crate::LlmPipeline {
+                send_schema: true,
+                max_repairs: 1,
+                ..crate::LlmPipeline::default()
+            },
         }
     }
 
@@ -144,6 +151,9 @@ impl OpenAiConfig {
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
                 bad("headers", &format!("`{name}` is not a valid header name"));
             }
+        }
+        if self.llm.is_active() {
+            problems.extend(self.llm.problems(self.system_prompt.as_deref(), path));
         }
         problems
     }

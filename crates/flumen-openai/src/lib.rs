@@ -5,6 +5,10 @@
 //! - [`Chat`]: `POST {base_url}/chat/completions`, one record per request; Flumen's
 //!   adaptive concurrency decides how many run at once.
 //!
+//! A chat backend may run a record pipeline ([`LlmPipeline`]): a Jinja user
+//! template rendered from each record, and a JSON Schema its answers are validated
+//! against, with one repair attempt.
+//!
 //! Both honour requests-per-minute and tokens-per-minute limits (token buckets fed
 //! with a per-record token estimate), map 429 and 503 to overload with their
 //! `Retry-After` (or OpenAI's `retry-after-ms`), other 5xx to transient and other
@@ -18,10 +22,12 @@ mod client;
 mod config;
 mod embeddings;
 mod limits;
+mod llm;
 mod tokens;
 
 pub use chat::{completion_budget, request_tokens, Chat};
 pub use config::{ApiKey, OpenAiConfig, OverflowPolicy};
 pub use embeddings::Embeddings;
-pub use limits::RateLimits;
+pub use limits::{parse_reset, RateLimits, Reported, Seen};
+pub use llm::{Answer, LlmPipeline, Repairs};
 pub use tokens::{estimate_tokens, fit_context, Fitted};

@@ -5,6 +5,15 @@
 //! spread evenly: their bucket holds one second's worth (at least one request),
 //! never a minute's burst at the start. Tokens vary so much per request that
 //! their bucket holds the whole minute.
+//!
+//! A provider also says what the account has left, in `x-ratelimit-*` headers on
+//! each response (OpenAI's names: `x-ratelimit-limit-requests`,
+//! `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`, and the same for
+//! `-tokens`). [`RateLimits::learn`] keeps a mirror of each bucket the provider
+//! reports: its capacity is the limit; its refill rate is what the reset time says
+//! (the missing `limit − remaining` come back in `reset`), so no window length is
+//! assumed; its level is at most what the provider says remains, less what is in
+//! flight. Requests then wait for the mirror instead of meeting 429s.
 
 use std::time::Duration;
 
@@ -23,17 +32,20 @@ struct Bucket {
 impl Bucket {
     /// Holds a whole minute's worth.
     fn new(per_minute: u32) -> Self {
-        Self::holding(per_minute, f64::from(per_minute))
+        Self::holding(f64::from(per_minute), f64::from(per_minute))
     }
 
     /// Holds one second's worth, at least one.
     fn per_second(per_minute: u32) -> Self {
-        Self::holding(per_minute, (f64::from(per_minute) / 60.0).max(1.0))
+        Self::holding(
+            f64::from(per_minute),
+            (f64::from(per_minute) / 60.0).max(1.0),
+        )
     }
 
-    fn holding(per_minute: u32, capacity: f64) -> Self {
+    fn holding(per_minute: f64, capacity: f64) -> Self {
         Bucket {
-            per_minute: f64::from(per_minute),
+            per_minute,
             capacity,
             level: capacity,
             last: None,
@@ -64,11 +76,124 @@ impl Bucket {
     }
 }
 
-/// The account's limits: a request bucket and a token bucket.
+/// What one response's `x-ratelimit-*` headers said about one limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reported {
+    /// `x-ratelimit-limit-…`: the bucket's size.
+    pub limit: Option<f64>,
+    /// `x-ratelimit-remaining-…`: what is left of it.
+    pub remaining: Option<f64>,
+    /// `x-ratelimit-reset-…`: until it is full again.
+    pub reset: Option<Duration>,
+}
+
+/// What one response's `x-ratelimit-*` headers said, for requests and tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Seen {
+    /// The request limit.
+    pub requests: Reported,
+    /// The token limit.
+    pub tokens: Reported,
+}
+
+impl Seen {
+    /// Reads the headers (unparseable values are ignored).
+    pub fn of(headers: &reqwest::header::HeaderMap) -> Seen {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let number = |name: &str| {
+            get(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|x| x.is_finite() && *x >= 0.0)
+        };
+        let reported = |what: &str| Reported {
+            limit: number(&format!("x-ratelimit-limit-{what}")),
+            remaining: number(&format!("x-ratelimit-remaining-{what}")),
+            reset: get(&format!("x-ratelimit-reset-{what}")).and_then(parse_reset),
+        };
+        Seen {
+            requests: reported("requests"),
+            tokens: reported("tokens"),
+        }
+    }
+
+    /// Whether the response said nothing about limits.
+    pub fn is_empty(&self) -> bool {
+        self.requests.remaining.is_none() && self.tokens.remaining.is_none()
+    }
+}
+
+/// A reset time as providers write it: `1s`, `6m0s`, `20ms`, `1h2m3.5s`, or a
+/// number of seconds.
+pub fn parse_reset(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&i| i > 0)?;
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        total += value
+            * match &rest[..unit] {
+                "h" => 3600.0,
+                "m" => 60.0,
+                "s" => 1.0,
+                "ms" => 1e-3,
+                "us" | "µs" => 1e-6,
+                "ns" => 1e-9,
+                _ => return None,
+            };
+        rest = &rest[unit..];
+    }
+    (!text.is_empty() && total.is_finite()).then(|| Duration::from_secs_f64(total))
+}
+
+/// The account's limits: a request bucket and a token bucket, as configured, and
+/// the mirrors of the provider's own, as its headers report them.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimits {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
+    learned_requests: Option<Bucket>,
+    learned_tokens: Option<Bucket>,
+}
+
+/// Updates the mirror of one provider bucket from what a response reported, with
+/// `in_flight` sent that the provider may not have counted yet.
+fn learn_one(slot: &mut Option<Bucket>, now: Instant, r: &Reported, in_flight: f64) {
+    let Some(remaining) = r.remaining else {
+        return;
+    };
+    let limit = r
+        .limit
+        .or(slot.as_ref().map(|b| b.capacity))
+        .unwrap_or(remaining)
+        .max(remaining)
+        .max(1.0);
+    // The missing part comes back by the reset: that is the refill rate. A full
+    // bucket says nothing of its rate; OpenAI's limits are per minute.
+    let per_minute = match r.reset {
+        Some(reset) if remaining < limit && !reset.is_zero() => {
+            (limit - remaining) / reset.as_secs_f64() * 60.0
+        }
+        _ => slot.as_ref().map_or(limit, |b| b.per_minute),
+    };
+    let bucket = slot.get_or_insert_with(|| Bucket::holding(per_minute, limit));
+    bucket.refill(now);
+    bucket.capacity = limit;
+    bucket.per_minute = per_minute.max(f64::MIN_POSITIVE);
+    bucket.level = bucket
+        .level
+        .min(limit)
+        .min(remaining - in_flight)
+        .max(-limit);
 }
 
 impl RateLimits {
@@ -77,16 +202,36 @@ impl RateLimits {
         RateLimits {
             requests: rpm.map(Bucket::per_second),
             tokens: tpm.map(Bucket::new),
+            ..RateLimits::default()
         }
     }
 
-    /// Takes one request of `tokens` if both buckets allow it now; otherwise takes
+    /// Learns from one response's headers: `in_flight` requests of `in_flight_tokens`
+    /// were sent besides it and are not answered yet.
+    pub fn learn(&mut self, now: Instant, seen: &Seen, in_flight: u64, in_flight_tokens: u64) {
+        learn_one(
+            &mut self.learned_requests,
+            now,
+            &seen.requests,
+            in_flight as f64,
+        );
+        learn_one(
+            &mut self.learned_tokens,
+            now,
+            &seen.tokens,
+            in_flight_tokens as f64,
+        );
+    }
+
+    /// Takes one request of `tokens` if every bucket allows it now; otherwise takes
     /// nothing and says when to ask again.
     pub fn try_acquire(&mut self, now: Instant, tokens: u64) -> Result<(), Instant> {
         let t = tokens as f64;
         let at = [
             self.requests.as_mut().map(|b| b.ready_at(now, 1.0)),
             self.tokens.as_mut().map(|b| b.ready_at(now, t)),
+            self.learned_requests.as_mut().map(|b| b.ready_at(now, 1.0)),
+            self.learned_tokens.as_mut().map(|b| b.ready_at(now, t)),
         ]
         .into_iter()
         .flatten()
@@ -95,11 +240,15 @@ impl RateLimits {
         if at > now {
             return Err(at);
         }
-        if let Some(b) = self.requests.as_mut() {
-            b.take(1.0);
-        }
-        if let Some(b) = self.tokens.as_mut() {
-            b.take(t);
+        for (b, amount) in [
+            (&mut self.requests, 1.0),
+            (&mut self.tokens, t),
+            (&mut self.learned_requests, 1.0),
+            (&mut self.learned_tokens, t),
+        ] {
+            if let Some(b) = b.as_mut() {
+                b.take(amount);
+            }
         }
         Ok(())
     }
@@ -142,6 +291,53 @@ mod tests {
         let t1 = t0 + Duration::from_secs(60);
         assert_eq!(l.try_acquire(t1, 50_000), Ok(()));
         assert!(l.try_acquire(t1, 1).is_err());
+    }
+
+    #[test]
+    fn reset_times_parse_as_providers_write_them() {
+        let d = |s: &str| parse_reset(s).map(|d| d.as_millis());
+        assert_eq!(d("1s"), Some(1_000));
+        assert_eq!(d("6m0s"), Some(360_000));
+        assert_eq!(d("20ms"), Some(20));
+        assert_eq!(d("1h2m3.5s"), Some(3_723_500));
+        assert_eq!(d("2.5"), Some(2_500));
+        assert_eq!(d(""), None);
+        assert_eq!(d("soon"), None);
+        assert_eq!(d("5x"), None);
+    }
+
+    #[test]
+    fn learnt_limits_mirror_the_providers_bucket() {
+        let t0 = Instant::now();
+        let mut l = RateLimits::default();
+        let seen = |remaining: f64, reset_ms: u64| Seen {
+            requests: Reported {
+                limit: Some(60.0),
+                remaining: Some(remaining),
+                reset: Some(Duration::from_millis(reset_ms)),
+            },
+            tokens: Reported::default(),
+        };
+        // 60 a minute, 10 left, full again in 50 s: one a second comes back.
+        l.learn(t0, &seen(10.0, 50_000), 0, 0);
+        for _ in 0..10 {
+            assert_eq!(l.try_acquire(t0, 1), Ok(()));
+        }
+        assert_eq!(l.try_acquire(t0, 1), Err(t0 + Duration::from_secs(1)));
+        // The provider saw fewer left than the mirror thinks (another client, or
+        // two requests in flight): the mirror goes down, never up.
+        let t1 = t0 + Duration::from_secs(5);
+        l.learn(t1, &seen(4.0, 56_000), 2, 0);
+        assert_eq!(l.try_acquire(t1, 1), Ok(()));
+        assert_eq!(l.try_acquire(t1, 1), Ok(()));
+        assert!(l.try_acquire(t1, 1).is_err());
+        let mut l = RateLimits::default();
+        l.learn(t0, &seen(10.0, 50_000), 0, 0);
+        l.learn(t0, &seen(59.0, 1_000), 0, 0);
+        assert!(
+            (0..10).all(|_| l.try_acquire(t0, 1).is_ok()) && l.try_acquire(t0, 1).is_err(),
+            "a later, higher report does not refill the mirror"
+        );
     }
 
     #[test]

@@ -16,16 +16,16 @@ use flumen_core::ErrorKind;
 use flumen_engine::{Engine, InferExt, OrderMode, Outcome};
 use flumen_gateway::signals::{Signal, Signals};
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::progress::{Progress, Snapshot};
 
+mod llm;
 mod records;
 mod setup;
 mod summary;
 
-use records::{failure_line, key_of, model_input, parse_line, success_line, usage};
+use records::{failure_line, key_of, model_input, parse_line};
 use records::{Outgoing, Quarantine, Writers, Written};
 use setup::{from_file, from_flags, pipeline_path};
 
@@ -330,7 +330,25 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         .build(&setup.backend, &mut flumen_config::Stores::default())
         .map_err(|e| anyhow::anyhow!("cannot open the result cache: {e}"))?;
     let spend = engine_config.spend.clone();
+    let fallbacks = llm::fallbacks(
+        &setup.fallbacks,
+        &engine_config,
+        setup.operator.timeout.unwrap_or(Duration::from_secs(60)),
+    )
+    .await?;
+    // With somewhere else to go, no record waits for a failing backend.
+    engine_config.hand_off = !fallbacks.is_empty();
     let engine = Engine::new(backend, engine_config);
+    let pipeline = matches!(&setup.backend, BackendConfig::OpenaiChat(o) if o.has_pipeline());
+    let answers = llm::Answers {
+        pipeline,
+        output_field: setup.output_field.clone(),
+        // A pipeline's outputs say what they cost unless told where else.
+        usage_field: (setup.usage_field.clone()).or_else(|| pipeline.then(|| "usage".to_owned())),
+        providers: std::iter::once(engine.name().to_owned())
+            .chain(fallbacks.iter().map(|(e, _)| e.name().to_owned()))
+            .collect(),
+    };
     if let Some(monitor) = &status {
         // The status page watches the engine from now on.
         monitor
@@ -420,6 +438,9 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             model_input(line, field.as_deref())
         })
         .lane_by(move |line| lanes_too.lane(line).unwrap_or_default());
+    let outcomes = fallbacks
+        .iter()
+        .fold(outcomes, |o, (_, stage)| o.with_fallback(stage.clone()));
     let key = setup.key;
     let outcomes = if keyed {
         outcomes.keyed_by(move |line| key_of(line, key.as_ref()))
@@ -442,7 +463,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
                 mut record,
                 result,
                 receipt,
-                ..
+                served,
             },
         ) in chunk.into_iter().enumerate()
         {
@@ -452,10 +473,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
             match result {
                 Ok(prediction) => {
                     tally.ok += 1;
-                    let mut json = success_line(&record, &setup.output_field, prediction);
-                    if let (Some(field), Value::Object(map)) = (&setup.usage_field, &mut json) {
-                        map.insert(field.clone(), usage(&receipt));
-                    }
+                    let json = answers.line(&record, prediction, served, &receipt);
                     out.output(i, key, json, false);
                 }
                 Err(failure) => {
@@ -540,13 +558,14 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
         }
         let (tokens, cache) = summary::costs(&engine, setup.prices.is_some(), spend.as_ref());
         eprintln!(
-            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{tokens}{cache}{}{}",
+            "flumen: {total} records in {elapsed:.2} s ({:.0}/s): {} ok, failed: {}; {} backend calls, mean batch {:.1}, {} re-sent{tokens}{cache}{}{}{}",
             total as f64 / elapsed.max(1e-9),
             tally.ok,
             failed.join(", "),
             stats.calls,
             stats.mean_batch(),
             stats.resent,
+            llm::repairs(std::iter::once(&engine).chain(fallbacks.iter().map(|(e, _)| e))),
             latencies
                 .p99()
                 .map(|p| format!(", p99 {:.0} ms", p.as_secs_f64() * 1e3))

@@ -29,6 +29,9 @@ pub(super) enum KeyBy {
 /// What a run is made of: from a pipeline file, or from the flags.
 pub(super) struct Setup {
     pub(super) backend: BackendConfig,
+    /// `[[fallback]]`: backends that answer, in order, for records the primary
+    /// failed for a reason they may not share.
+    pub(super) fallbacks: Vec<BackendConfig>,
     pub(super) engine: EngineConfig,
     pub(super) cache: CacheSection,
     pub(super) prices: Option<PricesSection>,
@@ -71,6 +74,11 @@ pub(super) struct Delivery {
 /// brokers = "127.0.0.1:9092"
 /// topic = "reviews-embedded"
 ///
+/// [[fallback]]              # optional, any number: backends that answer, in
+/// kind = "openai-chat"      # order, for records the primary could not (overload,
+/// base_url = "…"            # outage, timeout); each a whole [backend] table
+/// model = "…"
+///
 /// [dead_letter]             # optional: failures go here instead of the sink
 /// kind = "file"
 /// path = "failed.jsonl"
@@ -104,6 +112,8 @@ pub(super) struct PipelineFile {
     mapping: MappingSection,
     #[serde(default)]
     delivery: DeliverySection,
+    #[serde(default)]
+    fallback: Vec<BackendConfig>,
 }
 
 /// `[delivery]`.
@@ -211,6 +221,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
         dead_letter,
         mapping,
         delivery,
+        fallback,
     } = file;
     let file = FileConfig {
         backend,
@@ -242,6 +253,9 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
     }
     if delivery.max_outage_s == Some(0) {
         more.push("delivery.max_outage_s: must be > 0 (leave it out to wait indefinitely)".into());
+    }
+    for (i, f) in fallback.iter().enumerate() {
+        more.extend(f.validate(&format!("fallback[{i}]")));
     }
     if file.operator.order.as_deref() == Some("partition")
         && !matches!(source, Some(SourceConfig::Kafka(_)))
@@ -300,6 +314,7 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
             },
         },
         backend: file.backend,
+        fallbacks: fallback,
         cache: file.cache,
         prices: file.prices,
     })
@@ -434,6 +449,7 @@ pub(super) fn from_flags(args: &RunArgs) -> Result<Setup> {
         operator: file.operator(),
         key: key_of(&file.operator),
         backend: file.backend,
+        fallbacks: Vec::new(),
         cache: file.cache,
         prices: file.prices,
         source: source_of_flags(args),

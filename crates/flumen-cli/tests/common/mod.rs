@@ -3,6 +3,7 @@
 //! and the records they carry, and a loopback proxy that simulates a broker outage.
 #![allow(dead_code, clippy::disallowed_methods)] // each test file uses a part; real time
 
+pub mod llama;
 pub mod proxy;
 
 use std::path::Path;

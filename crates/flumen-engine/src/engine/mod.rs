@@ -79,6 +79,13 @@ pub struct EngineConfig {
     /// `None` (the default): none. With one, hedging is off (a hedge is a second
     /// request).
     pub rate: Option<Arc<dyn crate::rate::RateGate>>,
+    /// Whether something else can answer for this engine's records (an operator's
+    /// fallback chain): then no record waits for a backend that is failing. Overload
+    /// answers count toward `max_attempts` instead of being waited out, and while
+    /// the engine is paused after two or more failed calls in a row, or its breaker
+    /// is open, the records waiting fail at once as transient ("handed on unsent"),
+    /// for the next stage to answer. Off by default.
+    pub hand_off: bool,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, Failure>>;

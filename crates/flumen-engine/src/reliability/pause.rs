@@ -56,6 +56,12 @@ impl Pause {
         self.until = Some(self.until.map_or(until, |p| p.max(until)));
     }
 
+    /// Whether the last two or more calls failed (a pause then is for an outage,
+    /// not for overload).
+    pub(crate) fn failing(&self) -> bool {
+        self.streak >= 2
+    }
+
     /// Until when no call may be sent, if that is still ahead of `now`.
     pub(crate) fn until(&self, now: Instant) -> Option<Instant> {
         self.until.filter(|p| *p > now)

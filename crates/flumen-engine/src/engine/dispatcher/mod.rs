@@ -71,6 +71,8 @@ pub(super) struct Dispatcher<B: Backend> {
     /// The upstream's rate limits, and until when they let no call through.
     rate: Option<Arc<dyn crate::rate::RateGate>>,
     rate_wait: Option<Instant>,
+    /// See [`EngineConfig::hand_off`].
+    hand_off: bool,
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -100,6 +102,7 @@ impl<B: Backend> Dispatcher<B> {
             policy,
             limiter: Limiter::new(&config.concurrency),
             breaker: config.breaker.clone().map(Breaker::new),
+            hand_off: config.hand_off,
             budget: Arc::new(Mutex::new(RetryBudget::new(&config.retry))),
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             latency: LatencyModel::default(),
@@ -314,6 +317,16 @@ impl<B: Backend> Dispatcher<B> {
             let spend_wait = self.spend_wait.filter(|t| *t > now);
             let rate_wait = self.rate_wait.filter(|t| *t > now);
             let breaker_allows = self.breaker.as_mut().is_none_or(|b| b.allows(now));
+            if self.hand_off {
+                let failing = paused.is_some() && self.pause.failing();
+                if failing || !breaker_allows {
+                    self.hand_off_waiting(if failing {
+                        "the backend failed its last calls"
+                    } else {
+                        "the circuit breaker is open"
+                    });
+                }
+            }
             let free_slots = if paused.is_none()
                 && breaker_allows
                 && spend_wait.is_none()
@@ -443,7 +456,7 @@ impl<B: Backend> Dispatcher<B> {
             return;
         }
         let deadline = job.meta.deadline;
-        if RetryConfig::free_attempt(error.kind, deadline.is_some()) {
+        if !self.hand_off && RetryConfig::free_attempt(error.kind, deadline.is_some()) {
             job.uncounted += 1;
         }
         let verdict = self.retry.verdict(

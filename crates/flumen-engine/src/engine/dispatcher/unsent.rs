@@ -29,6 +29,25 @@ impl<B: Backend> Dispatcher<B> {
         job.finish(&self.instruments, Err(failure));
     }
 
+    /// With somewhere else to go ([`hand_off`](crate::EngineConfig::hand_off)),
+    /// fails every record waiting here (queued, waiting to retry, or isolating a
+    /// poison record) as transient, for the next stage: `why` the backend is not
+    /// being called.
+    pub(super) fn hand_off_waiting(&mut self, why: &str) {
+        let mut jobs = Vec::new();
+        while let Some(job) = self.queue.pop_front() {
+            jobs.push(job);
+        }
+        jobs.extend(std::mem::take(&mut self.delayed).into_values());
+        jobs.extend(std::mem::take(&mut self.isolated).into_iter().flatten());
+        for job in jobs {
+            let message =
+                with_last_error(format!("handed on unsent: {why}"), job.last_error.as_ref());
+            let failure = Failure::new(ErrorKind::Transient, message, job.attempts);
+            job.finish(&self.instruments, Err(failure));
+        }
+    }
+
     /// Fails the head record, which cannot make its deadline in its call.
     pub(super) fn fail_hopeless_head(&mut self, now: Instant, expected: Duration) {
         if let Some(job) = self.queue.pop_front() {
