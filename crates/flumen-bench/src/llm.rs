@@ -65,6 +65,8 @@ pub struct Seen {
     pub requests: AtomicU64,
     /// Answered 429.
     pub throttled: AtomicU64,
+    /// Tokens charged to the limits, for the requests let through.
+    pub tokens: AtomicU64,
     /// Repair requests (with an assistant message in them).
     pub repairs: AtomicU64,
     /// The user message of every request answered 200, in order.
@@ -217,6 +219,7 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
         if allowed {
             b.requests -= 1.0;
             b.tokens -= cost;
+            s.seen.tokens.fetch_add(cost as u64, Ordering::SeqCst);
         }
         b.headers(&mut headers);
         if !allowed {

@@ -324,3 +324,113 @@ response_schema = {SCHEMA}
         assert_eq!(*kind, "invalid_input", "{kinds:?}");
     }
 }
+
+/// The official `openai` client streams through `flumen serve` from the real
+/// server, then hangs up mid-stream.
+const STREAM_CLIENT: &str = r#"
+import json, sys, time, urllib.request
+import openai
+
+gateway, llama = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0)
+never_end = {"2": -100, "4": -100}  # the model's end tokens, banned
+
+def slot():
+    with urllib.request.urlopen(llama + "/slots") as r:
+        return json.load(r)[0]
+
+# A whole stream: token by token, usage last.
+stream = client.chat.completions.create(
+    model="chat", messages=[{"role": "user", "content": "Tell me a story."}],
+    stream=True, max_tokens=40, logit_bias=never_end,
+    stream_options={"include_usage": True})
+chunks = list(stream)
+texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+usage = [c.usage.completion_tokens for c in chunks if c.usage]
+
+# A long stream, left after three chunks.
+long = client.chat.completions.create(
+    model="chat", messages=[{"role": "user", "content": "Go on forever."}],
+    stream=True, max_tokens=6000, logit_bias=never_end)
+seen = [next(long) for _ in range(3)]
+was_busy = slot()["is_processing"]
+long.close()
+for _ in range(300):
+    s = slot()
+    if not s["is_processing"]:
+        break
+    time.sleep(0.1)
+decoded = s["next_token"]["n_decoded"]
+# The only slot is free: the next request is answered.
+after = client.chat.completions.create(
+    model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5, logit_bias=never_end)
+print(json.dumps({
+    "chunks": len(chunks), "texts": len(texts), "models": sorted({c.model for c in chunks}),
+    "finish": finish, "usage": usage, "was_busy": was_busy, "busy_after": s["is_processing"],
+    "decoded": decoded, "after": after.usage.completion_tokens,
+}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_streams_through_the_gateway_and_a_hang_up_frees_the_slot() {
+    // One slot, and answers as long as asked: a stream left running would hold
+    // the slot for its 6,000 tokens.
+    let llama = Llama::start_with(1, 8000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[[models]]\nname = \"chat\"\n[models.backend]\nkind = \"openai-chat\"\nbase_url = \"{}\"\nmodel = \"tiny\"\n",
+            llama.base_url
+        ),
+    )
+    .unwrap();
+    let _gateway = common::Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flumen serve did not listen"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", STREAM_CLIENT])
+        .arg(format!("http://127.0.0.1:{port}/v1"))
+        .arg(&llama.root)
+        .env("PYTHONPATH", flumen_kserve::server::python_clients())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("stream client: {r}");
+    // Token by token: many content chunks before the last, named for the gateway's
+    // model, the finish reason once, the usage at the end.
+    assert!(r["texts"].as_u64().unwrap() > 1, "{r}");
+    assert_eq!(r["models"], json!(["chat"]), "{r}");
+    assert_eq!(r["finish"], json!(["length"]), "{r}");
+    assert_eq!(r["usage"], json!([40]), "{r}");
+    // The hang-up stopped the generation far short of its 6,000 tokens, and the
+    // only slot answered the next request.
+    assert_eq!(r["was_busy"], true, "{r}");
+    assert_eq!(r["busy_after"], false, "{r}");
+    assert!(r["decoded"].as_u64().unwrap() < 3_000, "{r}");
+    assert_eq!(r["after"], 5, "{r}");
+}

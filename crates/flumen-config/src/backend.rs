@@ -240,6 +240,9 @@ pub struct OpenAiSection {
     /// Chat: repair attempts after an invalid answer (default 1).
     #[serde(default)]
     pub max_repairs: Option<u32>,
+    /// Pace requests by the provider's `x-ratelimit-*` headers (default true).
+    #[serde(default)]
+    pub rate_limit_headers: Option<bool>,
     /// Request timeout, ms (default 60,000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
@@ -423,6 +426,9 @@ impl OpenAiSection {
         }
         if let Some(n) = self.max_repairs {
             c.llm.max_repairs = n;
+        }
+        if let Some(on) = self.rate_limit_headers {
+            c.rate_limit_headers = on;
         }
         Ok(c)
     }

@@ -92,22 +92,22 @@ pub async fn send(
     request: reqwest::RequestBuilder,
     what: &str,
 ) -> Result<reqwest::Response, BackendError> {
-    send_observed(request, what, |_| {}).await
+    send_observed(request, what, |_, _| {}).await
 }
 
-/// [`send`], showing every response's headers to `observe` first, whatever its
-/// status (rate-limit headers come on successes and on 429s alike).
+/// [`send`], showing every response's status and headers to `observe` first,
+/// whatever its status (rate-limit headers come on successes and on 429s alike).
 #[cfg(feature = "client")]
 pub async fn send_observed(
     request: reqwest::RequestBuilder,
     what: &str,
-    observe: impl FnOnce(&reqwest::header::HeaderMap),
+    observe: impl FnOnce(u16, &reqwest::header::HeaderMap),
 ) -> Result<reqwest::Response, BackendError> {
     let response = request
         .send()
         .await
         .map_err(|e| transport_error(e.is_timeout(), format!("{what} failed: {e}")))?;
-    observe(response.headers());
+    observe(response.status().as_u16(), response.headers());
     let status = response.status();
     if status.is_success() {
         return Ok(response);

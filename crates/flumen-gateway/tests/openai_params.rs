@@ -5,7 +5,7 @@
 //! unknown fields refused by name, `GET /v1/models/{id}`, `n`, content parts,
 //! usage, `stream_options.include_usage`, and — in front of an OpenAI-compatible chat
 //! backend — tools, tool calls (plain and streamed), `response_format`, `seed`,
-//! `logprobs` and `n` passed through. The backend here is a small OpenAI-compatible
+//! `logprobs` and `n` passed through, streams relayed as the backend sends them. The backend here is a small OpenAI-compatible
 //! harness in this test that records what it receives: it scripts answers (a tool
 //! call) that no model here can give; the protocol under test is the gateway's, as
 //! the real clients speak it.
@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flumen_gateway::serve::{start, ServeConfig};
@@ -51,8 +52,9 @@ async fn embeddings(Json(body): Json<Value>) -> Json<Value> {
 }
 
 /// A tool call for the first tool when there are tools; else text that shows the
-/// seed, the response format and the user message, `n` times.
-async fn chat(State(seen): State<Seen>, Json(body): Json<Value>) -> Json<Value> {
+/// seed, the response format and the user message, `n` times. With `stream: true`,
+/// the same as server-sent events, as OpenAI streams them.
+async fn chat(State(seen): State<Seen>, Json(body): Json<Value>) -> Response {
     seen.lock().unwrap().push(body.clone());
     let user = body["messages"]
         .as_array()
@@ -81,10 +83,36 @@ async fn chat(State(seen): State<Seen>, Json(body): Json<Value>) -> Json<Value> 
             }
         })
         .collect();
-    Json(
-        json!({"id": "chatcmpl-harness", "object": "chat.completion", "created": 1, "model": body["model"],
-                "choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}),
-    )
+    let answer = json!({"id": "chatcmpl-harness", "object": "chat.completion", "created": 1, "model": body["model"],
+                        "choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}});
+    if body["stream"] != json!(true) {
+        return Json(answer).into_response();
+    }
+    let chunk = |choice: Value| {
+        json!({"id": "chatcmpl-harness", "object": "chat.completion.chunk", "created": 1,
+               "model": body["model"], "choices": [choice]})
+    };
+    let mut events = String::new();
+    for c in choices {
+        let mut delta = c["message"].clone();
+        if let Some(calls) = delta.get_mut("tool_calls").and_then(Value::as_array_mut) {
+            for (k, call) in calls.iter_mut().enumerate() {
+                call["index"] = json!(k);
+            }
+        }
+        let mut first = json!({"index": c["index"], "delta": delta, "finish_reason": null});
+        if let Some(l) = c.get("logprobs") {
+            first["logprobs"] = l.clone();
+        }
+        let last = json!({"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]});
+        events.push_str(&format!(
+            "data: {}\n\ndata: {}\n\n",
+            chunk(first),
+            chunk(last)
+        ));
+    }
+    events.push_str("data: [DONE]\n\n");
+    ([("content-type", "text/event-stream")], events).into_response()
 }
 
 const PYTHON: &str = r#"
@@ -178,7 +206,9 @@ seen = json.load(urllib.request.urlopen(harness + "/seen"))
 assert seen[0]["model"] == "upstream-llm" and seen[0]["tools"] == tools and seen[0]["tool_choice"] == "auto", seen[0]
 assert seen[0]["seed"] == 7 and seen[0]["logprobs"] is True and seen[0]["top_logprobs"] == 2, seen[0]
 assert seen[1]["response_format"] == {"type": "json_object"} and seen[1]["n"] == 2 and seen[1]["temperature"] == 0.1, seen[1]
-assert all("stream" not in s for s in seen), seen
+# The streamed requests went on as streams, relayed as the harness sent them.
+assert [s.get("stream") for s in seen] == [None, None, True, True], seen
+assert all(ch.model == "llm" for ch in chunks), chunks
 print("OPENAI PARAMS OK")
 "#;
 

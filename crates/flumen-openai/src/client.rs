@@ -84,18 +84,21 @@ impl Client {
         }
         let in_flight = InFlight::start(&self.in_flight, tokens);
         // No header goes into an error's message: no key leaks here.
-        send_observed(request, &format!("request to {endpoint}"), |headers| {
-            let seen = Seen::of(headers);
-            if !seen.is_empty() {
-                let (requests, tokens) = in_flight.others();
-                self.limits.lock().expect("limits lock").learn(
-                    Instant::now(),
-                    &seen,
-                    requests,
-                    tokens,
-                );
-            }
-        })
+        send_observed(
+            request,
+            &format!("request to {endpoint}"),
+            |status, headers| {
+                let seen = Seen::of(headers);
+                if self.config.rate_limit_headers && !seen.is_empty() {
+                    let (requests, in_flight_tokens) = in_flight.others();
+                    let mut limits = self.limits.lock().expect("limits lock");
+                    if status == 429 {
+                        limits.refused(&seen, tokens);
+                    }
+                    limits.learn(Instant::now(), &seen, requests, in_flight_tokens);
+                }
+            },
+        )
         .await
     }
 }

@@ -81,6 +81,9 @@ pub struct OpenAiConfig {
     pub max_completion_tokens: Option<u32>,
     /// Chat: a record pipeline (a user template, a response schema).
     pub llm: crate::LlmPipeline,
+    /// Pace requests by the provider's `x-ratelimit-*` headers (default on; see
+    /// [`RateLimits::learn`](crate::RateLimits::learn)).
+    pub rate_limit_headers: bool,
 }
 
 /// The API's limit on inputs per embeddings request.
@@ -110,6 +113,7 @@ impl OpenAiConfig {
                 max_repairs: 1,
                 ..crate::LlmPipeline::default()
             },
+            rate_limit_headers: true,
         }
     }
 

@@ -157,13 +157,33 @@ pub fn parse_reset(text: &str) -> Option<Duration> {
 
 /// The account's limits: a request bucket and a token bucket, as configured, and
 /// the mirrors of the provider's own, as its headers report them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RateLimits {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     learned_requests: Option<Bucket>,
     learned_tokens: Option<Bucket>,
+    /// The provider's count of a request's tokens over the estimate, as learnt from
+    /// its refusals (see [`RateLimits::refused`]).
+    token_scale: f64,
 }
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            requests: None,
+            tokens: None,
+            learned_requests: None,
+            learned_tokens: None,
+            token_scale: 1.0,
+        }
+    }
+}
+
+/// How much a refusal on tokens raises the estimate of what a request costs the
+/// provider, and the most it may be raised to.
+const TOKEN_SCALE_STEP: f64 = 1.05;
+const TOKEN_SCALE_MAX: f64 = 2.0;
 
 /// Updates the mirror of one provider bucket from what a response reported, with
 /// `in_flight` sent that the provider may not have counted yet.
@@ -219,19 +239,44 @@ impl RateLimits {
             &mut self.learned_tokens,
             now,
             &seen.tokens,
-            in_flight_tokens as f64,
+            in_flight_tokens as f64 * self.token_scale,
         );
+    }
+
+    /// A request of `tokens` (estimated) was refused with 429. When it was refused
+    /// for tokens — fewer remain than it was thought to cost, or requests remain
+    /// (so tokens were what ran out) — the provider counts more tokens than the
+    /// estimate, which the mirror let through: requests are counted at least 5 %
+    /// dearer from now on, and at least as dear as what remained (at most twice the
+    /// estimate). Estimates are never lowered: a too-high one costs a little
+    /// throughput, a too-low one a 429 at every refill.
+    pub fn refused(&mut self, seen: &Seen, tokens: u64) {
+        let Some(remaining) = seen.tokens.remaining else {
+            return;
+        };
+        let cost = tokens.max(1) as f64 * self.token_scale;
+        let requests_left = seen.requests.remaining.is_some_and(|r| r >= 1.0);
+        if remaining < cost || requests_left {
+            let at_least = (remaining + 1.0) / tokens.max(1) as f64;
+            self.token_scale = (self.token_scale * TOKEN_SCALE_STEP)
+                .max(at_least)
+                .min(TOKEN_SCALE_MAX);
+        }
     }
 
     /// Takes one request of `tokens` if every bucket allows it now; otherwise takes
     /// nothing and says when to ask again.
     pub fn try_acquire(&mut self, now: Instant, tokens: u64) -> Result<(), Instant> {
         let t = tokens as f64;
+        // The provider's buckets count tokens as the provider does.
+        let provider_t = t * self.token_scale;
         let at = [
             self.requests.as_mut().map(|b| b.ready_at(now, 1.0)),
             self.tokens.as_mut().map(|b| b.ready_at(now, t)),
             self.learned_requests.as_mut().map(|b| b.ready_at(now, 1.0)),
-            self.learned_tokens.as_mut().map(|b| b.ready_at(now, t)),
+            self.learned_tokens
+                .as_mut()
+                .map(|b| b.ready_at(now, provider_t)),
         ]
         .into_iter()
         .flatten()
@@ -244,7 +289,7 @@ impl RateLimits {
             (&mut self.requests, 1.0),
             (&mut self.tokens, t),
             (&mut self.learned_requests, 1.0),
-            (&mut self.learned_tokens, t),
+            (&mut self.learned_tokens, provider_t),
         ] {
             if let Some(b) = b.as_mut() {
                 b.take(amount);
@@ -338,6 +383,41 @@ mod tests {
             (0..10).all(|_| l.try_acquire(t0, 1).is_ok()) && l.try_acquire(t0, 1).is_err(),
             "a later, higher report does not refill the mirror"
         );
+    }
+
+    #[test]
+    fn refusals_on_tokens_make_requests_dearer() {
+        let t0 = Instant::now();
+        let mut l = RateLimits::default();
+        let seen = |remaining: f64| Seen {
+            requests: Reported::default(),
+            tokens: Reported {
+                limit: Some(1_000.0),
+                remaining: Some(remaining),
+                reset: Some(Duration::from_secs(60)),
+            },
+        };
+        // A 429 with enough tokens left and no word on requests was not about
+        // tokens: no change.
+        l.refused(&seen(500.0), 100);
+        l.learn(t0, &seen(500.0), 0, 0);
+        assert!((0..5).all(|_| l.try_acquire(t0, 100).is_ok()));
+        // One with fewer left than the request was thought to cost: 5 % dearer.
+        let mut l = RateLimits::default();
+        l.refused(&seen(50.0), 100);
+        l.learn(t0, &seen(500.0), 0, 0);
+        assert!((0..4).all(|_| l.try_acquire(t0, 100).is_ok()));
+        assert!(l.try_acquire(t0, 100).is_err(), "5 × 105 > 500");
+        // Refused with requests left and 130 tokens: a request costs more than 130.
+        let mut l = RateLimits::default();
+        let mut both = seen(130.0);
+        both.requests.remaining = Some(5.0);
+        l.refused(&both, 100);
+        assert!((l.token_scale - 1.31).abs() < 1e-9, "{}", l.token_scale);
+        for _ in 0..100 {
+            l.refused(&seen(0.0), 100);
+        }
+        assert!((l.token_scale - TOKEN_SCALE_MAX).abs() < 1e-9, "bounded");
     }
 
     #[test]

@@ -34,17 +34,22 @@ fn dir() -> PathBuf {
 impl Llama {
     /// Starts a server with `slots` parallel slots, once it answers `/health`.
     pub async fn start(slots: u32) -> Llama {
+        Llama::start_with(slots, 256).await
+    }
+
+    /// Starts a server with `slots` slots whose answers stop at `n_predict` tokens.
+    pub async fn start_with(slots: u32, n_predict: u32) -> Llama {
         let dir = dir();
         let port = free_port();
         let child = Killed(
             Command::new(dir.join("bin/llama-server"))
                 .args(["-m", dir.join("tiny.gguf").to_str().unwrap()])
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["-np", &slots.to_string(), "-c", &(2048 * slots).to_string()])
+                .args(["-np", &slots.to_string(), "-c", &(8192 * slots).to_string()])
                 .args(["-t", "2", "--alias", "tiny", "--no-webui", "--slots"])
                 // This server reads `max_tokens`, not `max_completion_tokens`: its
                 // own cap keeps the random model's free text short.
-                .args(["-n", "256"])
+                .args(["-n", &n_predict.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

@@ -169,7 +169,7 @@ impl Reject {
     }
 
     /// A record's failure: the request fails with it.
-    fn failed(f: &Failure) -> Self {
+    pub(crate) fn failed(f: &Failure) -> Self {
         Reject::new(Reason::Failed(f.kind), f.to_string())
     }
 }
@@ -221,11 +221,19 @@ pub(crate) enum Quota {
 }
 
 /// Records counted against a tenant's `max_pending`, given back when dropped.
-struct TenantPending<'a>(&'a AtomicUsize, usize);
+pub(crate) struct TenantPending<'a>(&'a AtomicUsize, usize);
 
 impl Drop for TenantPending<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(self.1, Relaxed);
+    }
+}
+
+impl TenantPending<'_> {
+    /// Keeps the records counted past this guard: whoever holds the tenant gives
+    /// them back (a stream, when it ends).
+    pub(crate) fn keep(mut self) {
+        self.1 = 0;
     }
 }
 
@@ -239,7 +247,7 @@ impl Gateway {
     /// quotas: its pending records (held until the returned guard drops), then a
     /// request from its RPM bucket and the tokens from its TPM bucket — in the
     /// shared store when there is one, else (or while it does not answer) here.
-    async fn admit_tenant<'a>(
+    pub(crate) async fn admit_tenant<'a>(
         &self,
         t: &'a Entry,
         n: usize,

@@ -387,6 +387,7 @@ mod tests {
             (Reason::Failed(ErrorKind::Transient), Code::Unavailable),
             (Reason::Failed(ErrorKind::Shutdown), Code::Unavailable),
             (Reason::Failed(ErrorKind::Permanent), Code::Internal),
+            (Reason::Failed(ErrorKind::InvalidOutput), Code::Internal),
             (
                 Reason::Failed(ErrorKind::BudgetExhausted),
                 Code::ResourceExhausted,

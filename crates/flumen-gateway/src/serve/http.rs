@@ -567,6 +567,10 @@ mod tests {
                 StatusCode::BAD_GATEWAY,
             ),
             (
+                Reason::Failed(ErrorKind::InvalidOutput),
+                StatusCode::BAD_GATEWAY,
+            ),
+            (
                 Reason::Failed(ErrorKind::BudgetExhausted),
                 StatusCode::TOO_MANY_REQUESTS,
             ),

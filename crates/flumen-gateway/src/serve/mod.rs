@@ -52,6 +52,7 @@ mod kserve;
 mod openai;
 mod quota;
 pub mod status;
+mod stream;
 mod tenants;
 mod tensors;
 #[cfg(feature = "tls")]

@@ -11,8 +11,10 @@
 //! `response_format`, `seed`, `logprobs`, `n`, …) and its answer comes back; in
 //! front of another backend the last user message (a string, or text parts) is the
 //! record, `n` makes that many, and a sampling field it cannot honour is refused.
-//! `stream: true` answers as server-sent events from the whole answer (no backend
-//! streams yet), with `usage` in a last chunk when `stream_options.include_usage`.
+//! `stream: true` relays an OpenAI-compatible chat backend's own stream as it comes
+//! (see [`super::stream`]); in front of another backend it answers as server-sent
+//! events from the whole answer, with `usage` in a last chunk when
+//! `stream_options.include_usage`.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -328,6 +330,10 @@ pub(crate) async fn chat(
             Some("n"),
             format!("`n` is {n}; this gateway answers at most {} choices per request (server.max_items)", g.max_items),
         );
+    }
+    if stream && m.openai_chat {
+        // The backend's own stream, relayed as it comes.
+        return super::stream::relay(g.clone(), name, body, &headers).await;
     }
     // The answer's identity: the backend's where it gives one.
     let mut meta = Map::new();
