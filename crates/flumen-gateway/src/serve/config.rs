@@ -215,6 +215,13 @@ impl ServeConfig {
                 p.push(format!("{path}.name: must be non-empty and unique"));
             }
             p.extend(m.backend.validate(&format!("{path}.backend")));
+            if matches!(&m.backend, BackendConfig::OpenaiChat(o) if o.has_pipeline()) {
+                p.push(format!(
+                    "{path}.backend: user_template, response_schema and max_repairs are for \
+                     `flumen run`'s record pipelines; the gateway passes whole chat requests \
+                     through (send `response_format` in the request)"
+                ));
+            }
             p.extend(m.engine.validate(&format!("{path}.engine")));
             p.extend(m.cache.validate(&format!("{path}.cache")));
             p.extend(m.upstream.validate(&format!("{path}.upstream")));
@@ -306,5 +313,26 @@ impl ServeConfig {
             }
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_pipeline_is_refused_naming_the_model() {
+        let Err(problems) = ServeConfig::from_toml(
+            "[[models]]\nname = \"chat\"\n[models.backend]\nkind = \"openai-chat\"\n\
+             base_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nuser_template = \"{{ text }}\"\n",
+        ) else {
+            panic!("a record pipeline in the gateway was accepted");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("models[0].backend: user_template")),
+            "{problems:?}"
+        );
     }
 }
