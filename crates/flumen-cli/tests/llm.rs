@@ -434,3 +434,34 @@ async fn the_openai_client_streams_through_the_gateway_and_a_hang_up_frees_the_s
     assert!(r["decoded"].as_u64().unwrap() < 3_000, "{r}");
     assert_eq!(r["after"], 5, "{r}");
 }
+
+#[test]
+fn bad_pipeline_settings_are_refused_at_start_each_named() {
+    let dir = tempfile::tempdir().unwrap();
+    tickets(dir.path(), 1, &[], &[]);
+    // A template that does not parse, a schema that is not one, and a fallback
+    // that would answer the same records another way.
+    let config = pipeline(
+        dir.path(),
+        "http://127.0.0.1:9/v1",
+        "",
+        "[[fallback]]\nkind = \"openai-chat\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"plain\"\n",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("Ticket {{ id }}", "Ticket {{ id ")
+        .replace("type = \"object\", properties", "type = 5, properties");
+    std::fs::write(&config, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    common::names_every_problem(
+        &out,
+        &[
+            "backend.user_template",
+            "backend.response_schema: not a valid JSON Schema",
+            "fallback[0]: every stage must answer records the same way",
+        ],
+    );
+}

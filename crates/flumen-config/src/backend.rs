@@ -433,6 +433,14 @@ impl OpenAiSection {
         Ok(c)
     }
 
+    /// Whether records go through a pipeline: a user template or a response schema
+    /// (as [`flumen_openai::LlmPipeline::is_active`] decides for the built backend).
+    pub fn is_pipeline(&self) -> bool {
+        self.user_template.is_some()
+            || self.response_schema.is_some()
+            || self.response_schema_file.is_some()
+    }
+
     /// Whether any chat-only setting of a record pipeline is set.
     pub fn has_pipeline(&self) -> bool {
         self.user_template.is_some()

@@ -160,16 +160,6 @@ fn text(v: &Value) -> Result<String, BackendError> {
         .ok_or_else(|| BackendError::invalid_input(format!("this backend takes text, not {v}")))
 }
 
-/// Runs a text backend on JSON records: non-strings fail alone.
-/// The estimated prompt tokens of a pipeline's record: its fields' text (the
-/// template adds a little; the provider's usage says exactly).
-fn pipeline_prompt_tokens(record: &Value) -> u64 {
-    match record {
-        Value::String(s) => flumen_openai::estimate_tokens(s),
-        other => flumen_openai::estimate_tokens(&other.to_string()),
-    }
-}
-
 /// A whole chat request for an OpenAI-compatible chat backend: an object with a
 /// `messages` list (as the gateway's chat front sends it). Any other object is not
 /// one, and is refused as a record that is not text.
@@ -177,6 +167,7 @@ fn is_chat_request(record: &Value) -> bool {
     record.get("messages").is_some_and(Value::is_array)
 }
 
+/// Runs a text backend on JSON records: non-strings fail alone.
 async fn on_text<B, O>(backend: &B, batch: &[Value], out: impl Fn(O) -> Value) -> BatchResult<Value>
 where
     B: Backend<Input = String, Output = O>,
@@ -233,7 +224,8 @@ impl Backend for AnyBackend {
             AnyBackend::Embeddings(b) => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
             AnyBackend::Chat(b) if b.is_pipeline() => ItemCost {
                 bytes: record.to_string().len() as u64,
-                tokens: pipeline_prompt_tokens(record)
+                tokens: b
+                    .prompt_tokens(record)
                     .saturating_add(u64::from(b.max_completion_tokens().unwrap_or(0))),
             },
             AnyBackend::Chat(b) => match record {
@@ -251,7 +243,7 @@ impl Backend for AnyBackend {
     /// its cost counts for the rate limits, is output (below).
     fn billed_input_tokens(&self, record: &Value) -> Option<u64> {
         match self {
-            AnyBackend::Chat(b) if b.is_pipeline() => Some(pipeline_prompt_tokens(record)),
+            AnyBackend::Chat(b) if b.is_pipeline() => Some(b.prompt_tokens(record)),
             AnyBackend::Chat(_) if is_chat_request(record) => Some(
                 flumen_openai::request_tokens(record)
                     .saturating_sub(flumen_openai::completion_budget(record)),

@@ -1,7 +1,7 @@
 //! Fallback chains by error class on a paused clock with the seeded simulator: a
 //! primary that goes down hands its records on at once (`EngineConfig::hand_off`)
 //! instead of holding them for its outage, overload moves a record on after its
-//! attempts, and a bad record is not tried again elsewhere.
+//! attempts, and a bad record or a bad answer is not tried again elsewhere.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 mod common;
 
 use common::{assert_exactly_once, ms};
-use flumen_core::ErrorKind;
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities, ErrorKind};
 use flumen_engine::{Engine, EngineConfig, Fallback, InferExt, OperatorConfig, Outcome, Served};
 use flumen_sim::{Faults, Outage, Sim, SimConfig};
 use futures::{stream, StreamExt};
@@ -97,8 +97,8 @@ async fn a_primary_that_goes_down_hands_its_records_on_at_once() {
             .iter()
             .filter(|o| o.served == Served::Fallback(0))
             .count();
-        // The 10 s outage covers about 1,000 records' arrivals at 10 ms: here, all
-        // from the 100th on; every one of them moved.
+        // The outage (1 s to 11 s) covers the arrivals of every record from the
+        // 100th on (one each 10 ms, 300 in all): every one of them moved.
         assert!(moved >= 190, "{kind}: {moved} moved");
         // No record waited for the outage to end.
         assert!(worst(&runs) < secs(1), "{kind}: {:?}", worst(&runs));
@@ -114,40 +114,122 @@ async fn a_primary_that_goes_down_hands_its_records_on_at_once() {
     }
 }
 
+/// Answers each record with itself, but judges some bad: those ≡ 3 (mod 10) get
+/// an invalid answer, those ≡ 7 are refused as invalid input (a content refusal).
+struct Picky;
+
+impl Backend for Picky {
+    type Input = u64;
+    type Output = u64;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_batch_items: 16,
+            ..Capabilities::default()
+        }
+    }
+
+    async fn call(&self, batch: &[u64]) -> BatchResult<u64> {
+        sleep(ms(5)).await;
+        Ok(batch
+            .iter()
+            .map(|&i| match i % 10 {
+                3 => Err(BackendError::invalid_output(format!("{i}: not the schema"))),
+                7 => Err(BackendError::invalid_input(format!("{i}: refused"))),
+                _ => Ok(i),
+            })
+            .collect())
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_bad_record_is_not_tried_again_on_the_fallback() {
+async fn a_bad_record_or_a_bad_answer_stays_where_it_failed() {
+    // At the primary: the bad ones fail there, and the fallback never sees them.
     let primary = Engine::new(
-        Sim::new(SimConfig::default()),
+        Picky,
         EngineConfig {
             hand_off: true,
             ..EngineConfig::default()
         },
     );
-    let second = Arc::new(Sim::new(SimConfig::default()));
-    let fallback = Engine::from_arc(Arc::clone(&second), EngineConfig::default());
+    let spare = Arc::new(Sim::new(SimConfig::default()));
+    let fallback = Engine::from_arc(Arc::clone(&spare), EngineConfig::default());
     let outcomes: Vec<_> = stream::iter(0..50u64)
-        .infer(&primary, OperatorConfig::default(), |&i| {
-            if i % 10 == 3 {
-                Err(format!("record {i} has no text"))
-            } else {
-                Ok(i)
-            }
-        })
+        .infer(&primary, OperatorConfig::default(), |&i| Ok(i))
         .with_fallback(Fallback::engine(&fallback, secs(1)))
+        .collect()
+        .await;
+    assert_exactly_once(&outcomes, 50);
+    let kind = |o: &Outcome<u64, u64>| o.result.as_ref().err().map(|f| f.kind);
+    for o in &outcomes {
+        let expected = match o.record % 10 {
+            3 => Some(ErrorKind::InvalidOutput),
+            7 => Some(ErrorKind::InvalidInput),
+            _ => None,
+        };
+        assert_eq!(
+            (kind(o), o.served),
+            (expected, Served::Primary),
+            "{}",
+            o.record
+        );
+    }
+    assert!(spare.calls().is_empty(), "nothing reached the fallback");
+
+    // At a fallback stage: a primary that is down moves every record on; the
+    // stage's bad ones end the chain there with their own kind, and the stage
+    // after it never sees them.
+    let down = Arc::new(Sim::new(SimConfig {
+        faults: Faults {
+            outages: vec![Outage {
+                from: Duration::ZERO,
+                until: secs(3_600),
+                kind: ErrorKind::Transient,
+            }],
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    }));
+    let primary = Engine::from_arc(
+        down,
+        EngineConfig {
+            hand_off: true,
+            ..EngineConfig::default()
+        },
+    );
+    let picky = Engine::new(
+        Picky,
+        EngineConfig {
+            hand_off: true,
+            ..EngineConfig::default()
+        },
+    );
+    let last = Arc::new(Sim::new(SimConfig::default()));
+    let last_engine = Engine::from_arc(Arc::clone(&last), EngineConfig::default());
+    let outcomes: Vec<_> = stream::iter(0..50u64)
+        .infer(&primary, OperatorConfig::default(), |&i| Ok(i))
+        .with_fallback(Fallback::engine(&picky, secs(1)))
+        .with_fallback(Fallback::engine(&last_engine, secs(1)))
         .collect()
         .await;
     assert_exactly_once(&outcomes, 50);
     for o in &outcomes {
         match o.record % 10 {
-            3 => {
+            3 | 7 => {
                 let f = o.result.as_ref().unwrap_err();
-                assert_eq!(
-                    (f.kind, o.served),
-                    (ErrorKind::InvalidInput, Served::Primary)
-                );
+                let expected = if o.record % 10 == 3 {
+                    ErrorKind::InvalidOutput
+                } else {
+                    ErrorKind::InvalidInput
+                };
+                assert_eq!(f.kind, expected, "{}: {}", o.record, f.message);
+                assert!(f.message.contains("fallback"), "{}", f.message);
             }
-            _ => assert_eq!((&o.result, o.served), (&Ok(o.record), Served::Primary)),
+            _ => assert_eq!((&o.result, o.served), (&Ok(o.record), Served::Fallback(0))),
         }
     }
-    assert!(second.calls().is_empty(), "nothing reached the fallback");
+    assert!(
+        last.calls().is_empty(),
+        "the chain ended at the stage that judged"
+    );
 }

@@ -42,6 +42,20 @@ impl Chat {
         self.pipeline.is_some()
     }
 
+    /// The estimated prompt tokens of a pipeline's record: its rendered messages
+    /// (the record's own text when they cannot be rendered; it then fails unsent).
+    pub fn prompt_tokens(&self, record: &Value) -> u64 {
+        let rendered = self.pipeline.as_ref().and_then(|p| {
+            p.messages(record, self.client.config.system_prompt.as_deref())
+                .ok()
+        });
+        match (rendered, record) {
+            (Some(messages), _) => estimate_tokens(&Value::Array(messages).to_string()),
+            (None, Value::String(s)) => estimate_tokens(s),
+            (None, other) => estimate_tokens(&other.to_string()),
+        }
+    }
+
     /// Repair attempts allowed per record (0 without a schema).
     pub fn max_repairs(&self) -> u32 {
         self.pipeline.as_ref().map_or(0, |p| p.max_repairs())
@@ -200,7 +214,9 @@ impl Chat {
     pub async fn stream(&self, request: &Value) -> Result<reqwest::Response, BackendError> {
         let body = self.prepare(request, true)?;
         let tokens = request_tokens(&body);
-        self.client.send("chat/completions", &body, tokens).await
+        self.client
+            .send_streamed("chat/completions", &body, tokens)
+            .await
     }
 
     /// The body sent for a caller's whole request.

@@ -13,6 +13,8 @@ use crate::{OpenAiConfig, RateLimits};
 
 pub(crate) struct Client {
     http: reqwest::Client,
+    /// For responses read as streams: timeouts on connecting and on each read only.
+    streaming: reqwest::Client,
     pub(crate) config: OpenAiConfig,
     limits: Mutex<RateLimits>,
     in_flight: Outstanding,
@@ -28,9 +30,15 @@ impl Client {
             .timeout(config.request_timeout)
             .build()
             .map_err(|e| vec![format!("{path}: cannot build the HTTP client: {e}")])?;
+        let streaming = reqwest::Client::builder()
+            .connect_timeout(config.request_timeout)
+            .read_timeout(config.request_timeout)
+            .build()
+            .map_err(|e| vec![format!("{path}: cannot build the HTTP client: {e}")])?;
         let limits = RateLimits::new(config.requests_per_minute, config.tokens_per_minute);
         Ok(Client {
             http,
+            streaming,
             config,
             limits: Mutex::new(limits),
             in_flight: Outstanding::default(),
@@ -74,8 +82,31 @@ impl Client {
         body: &Value,
         tokens: u64,
     ) -> Result<reqwest::Response, BackendError> {
+        self.send_with(&self.http, endpoint, body, tokens).await
+    }
+
+    /// [`send`](Client::send) for a response read as a stream: no timeout on the
+    /// whole exchange (a generation may stream for minutes), only on connecting and
+    /// on each read.
+    pub(crate) async fn send_streamed(
+        &self,
+        endpoint: &str,
+        body: &Value,
+        tokens: u64,
+    ) -> Result<reqwest::Response, BackendError> {
+        self.send_with(&self.streaming, endpoint, body, tokens)
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        http: &reqwest::Client,
+        endpoint: &str,
+        body: &Value,
+        tokens: u64,
+    ) -> Result<reqwest::Response, BackendError> {
         self.wait_for_limits(tokens).await;
-        let mut request = self.http.post(self.config.url(endpoint)).json(body);
+        let mut request = http.post(self.config.url(endpoint)).json(body);
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key.expose());
         }
@@ -88,8 +119,11 @@ impl Client {
             request,
             &format!("request to {endpoint}"),
             |status, headers| {
+                if !self.config.rate_limit_headers {
+                    return;
+                }
                 let seen = Seen::of(headers);
-                if self.config.rate_limit_headers && !seen.is_empty() {
+                if !seen.is_empty() {
                     let (requests, in_flight_tokens) = in_flight.others();
                     let mut limits = self.limits.lock().expect("limits lock");
                     if status == 429 {

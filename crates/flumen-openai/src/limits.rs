@@ -68,7 +68,10 @@ impl Bucket {
         if self.level >= need {
             return now;
         }
-        now + Duration::from_secs_f64((need - self.level) * 60.0 / self.per_minute)
+        let wait = (need - self.level) * 60.0 / self.per_minute;
+        now + Duration::try_from_secs_f64(wait)
+            .unwrap_or(MAX_RESET)
+            .min(MAX_RESET)
     }
 
     fn take(&mut self, amount: f64) {
@@ -122,12 +125,21 @@ impl Seen {
     }
 }
 
+/// The longest reset believed: a provider's buckets refill within a day; a longer
+/// value (an epoch timestamp, a typo) is not a reset time.
+const MAX_RESET: Duration = Duration::from_secs(86_400);
+
 /// A reset time as providers write it: `1s`, `6m0s`, `20ms`, `1h2m3.5s`, or a
-/// number of seconds.
+/// number of seconds; `None` for anything else, or longer than a day.
 pub fn parse_reset(text: &str) -> Option<Duration> {
     let text = text.trim();
+    let believed = |secs: f64| {
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| *d <= MAX_RESET)
+    };
     if let Ok(secs) = text.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return believed(secs);
     }
     let mut total = 0.0;
     let mut rest = text;
@@ -152,7 +164,10 @@ pub fn parse_reset(text: &str) -> Option<Duration> {
             };
         rest = &rest[unit..];
     }
-    (!text.is_empty() && total.is_finite()).then(|| Duration::from_secs_f64(total))
+    if text.is_empty() {
+        return None;
+    }
+    believed(total)
 }
 
 /// The account's limits: a request bucket and a token bucket, as configured, and
@@ -204,7 +219,9 @@ fn learn_one(slot: &mut Option<Bucket>, now: Instant, r: &Reported, in_flight: f
             (limit - remaining) / reset.as_secs_f64() * 60.0
         }
         _ => slot.as_ref().map_or(limit, |b| b.per_minute),
-    };
+    }
+    // A bucket refills within a day at the slowest (see `MAX_RESET`).
+    .max(limit / MAX_RESET.as_secs_f64() * 60.0);
     let bucket = slot.get_or_insert_with(|| Bucket::holding(per_minute, limit));
     bucket.refill(now);
     bucket.capacity = limit;
@@ -256,7 +273,11 @@ impl RateLimits {
         };
         let cost = tokens.max(1) as f64 * self.token_scale;
         let requests_left = seen.requests.remaining.is_some_and(|r| r >= 1.0);
-        if remaining < cost || requests_left {
+        // Refused with requests left, tokens are what ran out — if few enough
+        // remain for that to be so: a 429 with plenty of both is about something
+        // else (a concurrency cap, an account's quota) and says nothing of tokens.
+        let plausible = remaining < tokens.max(1) as f64 * TOKEN_SCALE_MAX;
+        if remaining < cost || (requests_left && plausible) {
             let at_least = (remaining + 1.0) / tokens.max(1) as f64;
             self.token_scale = (self.token_scale * TOKEN_SCALE_STEP)
                 .max(at_least)
@@ -418,6 +439,40 @@ mod tests {
             l.refused(&seen(0.0), 100);
         }
         assert!((l.token_scale - TOKEN_SCALE_MAX).abs() < 1e-9, "bounded");
+    }
+
+    #[test]
+    fn absurd_headers_are_ignored_not_obeyed() {
+        assert_eq!(parse_reset("1e20"), None);
+        assert_eq!(parse_reset("99999999999999999999s"), None);
+        assert_eq!(parse_reset("1796226176"), None, "an epoch is not a reset");
+        let t0 = Instant::now();
+        let mut l = RateLimits::default();
+        let seen = Seen {
+            requests: Reported {
+                limit: Some(1.0),
+                remaining: Some(0.0),
+                reset: Some(MAX_RESET),
+            },
+            tokens: Reported::default(),
+        };
+        l.learn(t0, &seen, 0, 0);
+        let at = l.try_acquire(t0, 1).unwrap_err();
+        assert!(at <= t0 + MAX_RESET, "a wait is bounded");
+        // A 429 with plenty of tokens and requests left is not about tokens.
+        let mut l = RateLimits::default();
+        let plenty = Seen {
+            requests: Reported {
+                remaining: Some(50.0),
+                ..Reported::default()
+            },
+            tokens: Reported {
+                remaining: Some(100_000.0),
+                ..Reported::default()
+            },
+        };
+        l.refused(&plenty, 100);
+        assert_eq!(l.token_scale, 1.0);
     }
 
     #[test]

@@ -51,12 +51,13 @@ impl Answers {
         };
         let mut json = match (&answer.content, self.output_field.as_str()) {
             (Value::Object(fields), MERGE) => {
-                let mut line = success_line(record, MERGE, Value::Null);
-                if let Value::Object(map) = &mut line {
-                    map.remove(MERGE);
-                    map.extend(fields.clone());
-                }
-                line
+                let mut line = match &record.record {
+                    Ok(Value::Object(map)) => map.clone(),
+                    Ok(other) => Map::from_iter([("input".to_owned(), other.clone())]),
+                    Err(_) => unreachable!("a record that did not parse never reaches the backend"),
+                };
+                line.extend(fields.clone());
+                Value::Object(line)
             }
             // Not an object (no schema): it has to go under a field.
             (content, MERGE) => success_line(record, "prediction", content.clone()),

@@ -339,7 +339,7 @@ pub async fn run(args: RunArgs, input: Input) -> Result<ExitCode> {
     // With somewhere else to go, no record waits for a failing backend.
     engine_config.hand_off = !fallbacks.is_empty();
     let engine = Engine::new(backend, engine_config);
-    let pipeline = matches!(&setup.backend, BackendConfig::OpenaiChat(o) if o.has_pipeline());
+    let pipeline = matches!(&setup.backend, BackendConfig::OpenaiChat(o) if o.is_pipeline());
     let answers = llm::Answers {
         pipeline,
         output_field: setup.output_field.clone(),

@@ -254,8 +254,20 @@ pub(super) fn from_file(path: &std::path::Path, args: &RunArgs) -> Result<Setup>
     if delivery.max_outage_s == Some(0) {
         more.push("delivery.max_outage_s: must be > 0 (leave it out to wait indefinitely)".into());
     }
+    let pipeline = |b: &BackendConfig| matches!(b, BackendConfig::OpenaiChat(o) if o.is_pipeline());
     for (i, f) in fallback.iter().enumerate() {
         more.extend(f.validate(&format!("fallback[{i}]")));
+        if pipeline(f) != pipeline(&file.backend) {
+            more.push(format!(
+                "fallback[{i}]: every stage must answer records the same way: {} a record \
+                 pipeline (an openai-chat backend with user_template or response_schema)",
+                if pipeline(&file.backend) {
+                    "[backend] runs, and this stage does not run,"
+                } else {
+                    "this stage runs, and [backend] does not run,"
+                }
+            ));
+        }
     }
     if file.operator.order.as_deref() == Some("partition")
         && !matches!(source, Some(SourceConfig::Kafka(_)))

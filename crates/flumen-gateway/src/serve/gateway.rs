@@ -30,6 +30,9 @@ pub(crate) struct Model {
     pub(crate) failed: AtomicU64,
     /// The backend is an OpenAI-compatible chat model: chat requests go through whole.
     pub(crate) openai_chat: bool,
+    /// `stream: true` is relayed from the backend as it comes (see `stream.rs`):
+    /// an OpenAI-compatible chat model with no budget and no upstream limits.
+    pub(crate) relays_streams: bool,
     /// `truncate_dimensions`: embeddings may be shortened (`dimensions`).
     pub(crate) truncate_dimensions: bool,
 }

@@ -249,6 +249,10 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
             .or(flumen_core::Backend::capabilities(&backend).max_batch_tokens)
             .unwrap_or(0);
         engine_config.rate = quotas.gate(&m.name, &m.upstream, call_tokens);
+        // A stream is relayed past the engine only when the engine has nothing to
+        // count on its way: no spending budget, no upstream limits.
+        let relays_streams =
+            openai_chat && engine_config.spend.is_none() && engine_config.rate.is_none();
         let engine = Engine::new(backend, engine_config);
         models.insert(
             m.name.clone(),
@@ -259,6 +263,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running> {
                 answered: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 openai_chat,
+                relays_streams,
                 truncate_dimensions: m.truncate_dimensions,
             },
         );

@@ -12,9 +12,10 @@
 //! front of another backend the last user message (a string, or text parts) is the
 //! record, `n` makes that many, and a sampling field it cannot honour is refused.
 //! `stream: true` relays an OpenAI-compatible chat backend's own stream as it comes
-//! (see [`super::stream`]); in front of another backend it answers as server-sent
-//! events from the whole answer, with `usage` in a last chunk when
-//! `stream_options.include_usage`.
+//! (see [`super::stream`]) when nothing must be counted per call (no budget, no
+//! upstream limits, no tenant tokens-per-minute quota); otherwise, and in front of
+//! another backend, it answers as server-sent events from the whole answer, with
+//! `usage` in a last chunk when `stream_options.include_usage`.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -331,9 +332,19 @@ pub(crate) async fn chat(
             format!("`n` is {n}; this gateway answers at most {} choices per request (server.max_items)", g.max_items),
         );
     }
-    if stream && m.openai_chat {
-        // The backend's own stream, relayed as it comes.
-        return super::stream::relay(g.clone(), name, body, &headers).await;
+    if stream && m.relays_streams {
+        // The backend's own stream, relayed as it comes, unless the tenant has a
+        // tokens-per-minute quota (the answer's tokens are charged from the whole
+        // answer, below).
+        let authorization = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let tpm = g
+            .tenant(authorization)
+            .is_some_and(|t| t.tenant.tpm.is_some());
+        if !tpm {
+            return super::stream::relay(g.clone(), name, body, &headers).await;
+        }
     }
     // The answer's identity: the backend's where it gives one.
     let mut meta = Map::new();

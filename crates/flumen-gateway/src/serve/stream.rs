@@ -5,10 +5,15 @@
 //! that (vLLM, llama.cpp's server) stop generating and free the slot.
 //!
 //! A stream is admitted like any request (the model's `max_pending`, the tenant's
-//! quotas and `max_pending`), and holds its place until it ends. It goes to the
+//! rpm quota and `max_pending`), and holds its place until it ends. It goes to the
 //! backend's client directly: past the batcher and the adaptive concurrency (a
 //! stream is one long call that cannot be batched), within the client's own rate
-//! limits (configured, and learnt from the provider's headers).
+//! limits (configured, and learnt from the provider's headers). Only models with
+//! nothing to count per call are relayed — no `[models.budget]`, no
+//! `[models.upstream]` — and only for tenants without a tokens-per-minute quota;
+//! the others stream from the whole answer, which goes through the engine. The
+//! caller's deadline (`x-request-timeout-ms`) does not bound a relayed stream: the
+//! caller ends it by hanging up.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
