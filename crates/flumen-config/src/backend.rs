@@ -23,6 +23,8 @@ pub enum BackendConfig {
     OpenaiChat(OpenAiSection),
     /// Any JSON-over-HTTP model server.
     Http(HttpSection),
+    /// A model file run in process by ONNX Runtime (needs the `onnx` feature).
+    Onnx(crate::onnx::OnnxSection),
 }
 
 impl<'de> Deserialize<'de> for BackendConfig {
@@ -38,7 +40,7 @@ impl<'de> Deserialize<'de> for BackendConfig {
                     return Err(D::Error::custom(format!("kind: `{other}` is not a string")))
                 }
                 None => return Err(D::Error::custom(
-                    "kind: missing (embedded, sim, kserve, openai-embeddings, openai-chat or http)",
+                    "kind: missing (embedded, sim, kserve, openai-embeddings, openai-chat, http or onnx)",
                 )),
             };
         fn section<T: serde::de::DeserializeOwned, E: Error>(table: toml::Table) -> Result<T, E> {
@@ -51,9 +53,10 @@ impl<'de> Deserialize<'de> for BackendConfig {
             "openai-embeddings" => BackendConfig::OpenaiEmbeddings(section(table)?),
             "openai-chat" => BackendConfig::OpenaiChat(section(table)?),
             "http" => BackendConfig::Http(section(table)?),
+            "onnx" => BackendConfig::Onnx(section(table)?),
             other => {
                 return Err(D::Error::custom(format!(
-                    "kind: `{other}` is not embedded, sim, kserve, openai-embeddings, openai-chat or http"
+                    "kind: `{other}` is not embedded, sim, kserve, openai-embeddings, openai-chat, http or onnx"
                 )))
             }
         })
@@ -374,6 +377,7 @@ impl BackendConfig {
                 Err(e) => p.push(e.replacen("backend", path, 1)),
             },
             BackendConfig::Http(h) => p.extend(h.http().validate(path)),
+            BackendConfig::Onnx(o) => p.extend(o.validate(path)),
         }
         p
     }

@@ -188,6 +188,7 @@ fn deterministic(backend: &BackendConfig) -> bool {
     match backend {
         BackendConfig::Embedded(_) | BackendConfig::OpenaiEmbeddings(_) => true,
         BackendConfig::Kserve(k) => k.deterministic,
+        BackendConfig::Onnx(_) => true,
         BackendConfig::Sim(_) | BackendConfig::OpenaiChat(_) | BackendConfig::Http(_) => false,
     }
 }
@@ -217,6 +218,7 @@ fn identity(backend: &BackendConfig) -> String {
             o.user_template, o.response_schema.as_ref().map(toml::Value::to_string),
             o.response_schema_file.as_ref().map(|f| std::fs::read_to_string(f).unwrap_or_default()), o.max_repairs
         ),
+        BackendConfig::Onnx(o) => o.identity(),
         BackendConfig::Http(h) => format!(
             "http url={} mode={:?} template={} result={} item={:?}",
             h.url, h.mode, h.template, h.result, h.item

@@ -26,6 +26,9 @@ pub enum AnyBackend {
     Chat(flumen_openai::Chat),
     /// See [`flumen_http::HttpJson`].
     Http(flumen_http::HttpJson),
+    /// See [`flumen_onnx::Onnx`].
+    #[cfg(feature = "onnx")]
+    Onnx(Box<crate::onnx::OnnxModel>),
 }
 
 /// What a KServe v2 backend read of its model: for a gateway that serves the model
@@ -67,6 +70,12 @@ impl AnyBackend {
             AnyBackend::KserveGrpc(k) => Some(KserveModel {
                 metadata: k.metadata(),
                 signature: k.signature(),
+                config: None,
+            }),
+            #[cfg(feature = "onnx")]
+            AnyBackend::Onnx(m) => Some(KserveModel {
+                metadata: &m.metadata,
+                signature: &m.signature,
                 config: None,
             }),
             _ => None,
@@ -131,6 +140,14 @@ impl AnyBackend {
                 AnyBackend::Chat(flumen_openai::Chat::new(o.openai().map_err(|e| vec![e])?)?)
             }
             BackendConfig::Http(h) => AnyBackend::Http(flumen_http::HttpJson::new(h.http())?),
+            #[cfg(feature = "onnx")]
+            BackendConfig::Onnx(o) => AnyBackend::Onnx(Box::new(crate::onnx::OnnxModel::load(o)?)),
+            #[cfg(not(feature = "onnx"))]
+            BackendConfig::Onnx(_) => {
+                return Err(vec![
+                    "backend.kind: `onnx` needs flumen built with the `onnx` feature".into(),
+                ])
+            }
         })
     }
 }
@@ -210,6 +227,8 @@ impl Backend for AnyBackend {
             AnyBackend::Embeddings(b) => b.capabilities(),
             AnyBackend::Chat(b) => b.capabilities(),
             AnyBackend::Http(b) => b.capabilities(),
+            #[cfg(feature = "onnx")]
+            AnyBackend::Onnx(m) => m.onnx.capabilities(),
         }
     }
 
@@ -236,6 +255,8 @@ impl Backend for AnyBackend {
                 _ => text(record).map(|t| b.cost(&t)).unwrap_or_default(),
             },
             AnyBackend::Http(b) => b.cost(record),
+            #[cfg(feature = "onnx")]
+            AnyBackend::Onnx(_) => flumen_core::http::json_cost(record),
         }
     }
 
@@ -348,6 +369,8 @@ impl Backend for AnyBackend {
             }
             AnyBackend::Chat(b) => on_text(b, batch, Value::String).await,
             AnyBackend::Http(b) => b.call(batch).await,
+            #[cfg(feature = "onnx")]
+            AnyBackend::Onnx(m) => m.onnx.call(batch).await,
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod budget;
 pub mod cache;
 pub mod engine;
 pub mod json_backend;
+pub mod onnx;
 
 pub use backend::{
     BackendConfig, EmbeddedSection, HttpSection, KserveSection, OpenAiSection, SimSection,
@@ -43,6 +44,7 @@ pub use budget::{BudgetSection, PricesSection};
 pub use cache::{CacheSection, Stores};
 pub use engine::{concurrency, concurrency_flag, EngineSection, OperatorSection};
 pub use json_backend::{AnyBackend, KserveModel};
+pub use onnx::OnnxSection;
 
 use flumen_engine::{EngineConfig, OperatorConfig};
 use serde::Deserialize;

@@ -1,0 +1,176 @@
+//! ONNX models through `flumen run` and `flumen serve` (KServe v2, the official
+//! `tritonclient` as the caller): a scikit-learn classifier exported by skl2onnx
+//! (`scripts/sklearn_onnx.py`, ONNX Runtime from `scripts/onnx.sh`), its answers
+//! compared with scikit-learn's own.
+#![allow(clippy::disallowed_methods)] // real time: child processes
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+fn deps() -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/onnx.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("bash runs");
+    assert!(out.status.success(), "scripts/onnx.sh failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The classifier and scikit-learn's predictions for its reference rows.
+fn classifier(dir: &Path) -> (PathBuf, Value) {
+    let (model, reference) = (dir.join("gbc.onnx"), dir.join("gbc.json"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/sklearn_onnx.py");
+    let out = Command::new("python3")
+        .args([script, model.to_str().unwrap(), reference.to_str().unwrap()])
+        .env("PYTHONPATH", deps())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+    (model, r)
+}
+
+/// Labels equal, probabilities within 1e-5.
+fn same(labels: &[Value], probabilities: &[Value], r: &Value) {
+    assert_eq!(labels, r["label"].as_array().unwrap().as_slice());
+    for (p, q) in probabilities
+        .iter()
+        .zip(r["probabilities"].as_array().unwrap())
+    {
+        for (a, b) in p.as_array().unwrap().iter().zip(q.as_array().unwrap()) {
+            let d = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+            assert!(d < 1e-5, "{p} against {q}");
+        }
+    }
+}
+
+#[test]
+fn flumen_run_answers_as_scikit_learn_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, r) = classifier(dir.path());
+    let input = dir.path().join("rows.jsonl");
+    let rows: Vec<String> = r["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, row)| json!({"id": i, "features": row}).to_string())
+        .collect();
+    std::fs::write(&input, rows.join("\n") + "\n").unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nkind = \"file\"\npath = \"{}\"\n[sink]\nkind = \"file\"\npath = \"{}\"\n[mapping]\ninput = \"features\"\n[backend]\nkind = \"onnx\"\nmodel = \"{}\"\n",
+            input.display(),
+            dir.path().join("out.jsonl").display(),
+            model.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
+        .args(["run", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<Value> = std::fs::read_to_string(dir.path().join("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.sort_by_key(|v| v["id"].as_u64());
+    let labels: Vec<Value> = lines
+        .iter()
+        .map(|v| v["prediction"]["label"].clone())
+        .collect();
+    let probabilities: Vec<Value> = lines
+        .iter()
+        .map(|v| v["prediction"]["probabilities"].clone())
+        .collect();
+    assert_eq!(lines.len(), 100);
+    same(&labels, &probabilities, &r);
+}
+
+const TRITONCLIENT: &str = r#"
+import json, sys
+import numpy as np
+import tritonclient.http as http
+
+url, reference = sys.argv[1], json.load(open(sys.argv[2]))
+c = http.InferenceServerClient(url)
+meta = c.get_model_metadata("gbc")
+rows = np.array(reference["rows"], dtype=np.float32)
+x = http.InferInput("features", list(rows.shape), "FP32")
+x.set_data_from_numpy(rows)
+r = c.infer("gbc", [x], outputs=[http.InferRequestedOutput("label"), http.InferRequestedOutput("probabilities")])
+print(json.dumps({"inputs": meta["inputs"], "outputs": meta["outputs"],
+                  "label": r.as_numpy("label").tolist(), "probabilities": r.as_numpy("probabilities").tolist()}))
+"#;
+
+#[test]
+fn flumen_serve_serves_it_over_kserve_v2_to_tritonclient() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, r) = classifier(dir.path());
+    let port = common::free_port();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[[models]]\nname = \"gbc\"\n[models.backend]\nkind = \"onnx\"\nmodel = \"{}\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let _gateway = common::Killed(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flumen serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new("python3")
+        .args(["-c", TRITONCLIENT])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(dir.path().join("gbc.json"))
+        .env("PYTHONPATH", flumen_kserve::server::python_clients())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        got["inputs"],
+        json!([{"name": "features", "datatype": "FP32", "shape": [-1, 6]}])
+    );
+    assert_eq!(got["outputs"][1]["shape"], json!([-1, 3]));
+    same(
+        got["label"].as_array().unwrap(),
+        got["probabilities"].as_array().unwrap(),
+        &r,
+    );
+}

@@ -1,0 +1,511 @@
+//! An ONNX Runtime backend for Flumen: a user's own model — a classifier, a
+//! tabular or vision model — in process, through the `ort` crate, with ONNX
+//! Runtime's shared library loaded at run time (the PyPI `onnxruntime` wheel ships
+//! it; `scripts/onnx.sh` installs it).
+//!
+//! The model file says what the backend takes and gives: every input and output
+//! must be a numeric tensor whose first dimension is the batch (dynamic: `-1`).
+//! A record is one row: for a model with one input, that input's row (a number or a
+//! nested array of its shape without the batch); with several, an object of rows by
+//! input name. A prediction is the row of the one output, or an object of rows by
+//! output name. Rows of a call are stacked into one batch; one session runs a call
+//! at a time, on a blocking thread, with the configured intra-op threads.
+//!
+//! Not yet here (issue 19): text inputs (a tokenizer, pooling, normalisation) for
+//! embedders and cross-encoders.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use flumen_core::{Backend, BackendError, BatchResult, Capabilities};
+use ort::session::Session;
+use ort::value::{Tensor, TensorElementType, ValueType};
+use serde_json::{json, Value};
+
+/// Settings of an ONNX backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnnxConfig {
+    /// The model file.
+    pub model: PathBuf,
+    /// ONNX Runtime's shared library (`libonnxruntime.so`).
+    pub runtime: PathBuf,
+    /// Intra-op threads of the session.
+    pub threads: usize,
+    /// Rows per call at most.
+    pub max_batch_items: usize,
+}
+
+/// Why a model cannot be served.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OnnxError {
+    /// The model file is not there.
+    #[error("model file {0} does not exist")]
+    Missing(String),
+    /// ONNX Runtime's library could not be loaded.
+    #[error("cannot load ONNX Runtime from {path}: {why}")]
+    Runtime {
+        /// The library.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// ONNX Runtime refused the file.
+    #[error("model file {path} is not a model ONNX Runtime can load: {why}")]
+    Corrupt {
+        /// The model file.
+        path: String,
+        /// What ONNX Runtime said.
+        why: String,
+    },
+    /// A tensor's first dimension is fixed: it has no batch dimension.
+    #[error("{what} `{name}` has no batch dimension (its shape is {shape:?}; the first dimension must be dynamic)")]
+    NoBatch {
+        /// `input` or `output`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Its shape, `-1` for a dynamic dimension.
+        shape: Vec<i64>,
+    },
+    /// A tensor of a type this backend does not handle.
+    #[error("{what} `{name}` is {ty}: only numeric tensors (float32, float64, int32, int64) are supported")]
+    Unsupported {
+        /// `input` or `output`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Its type.
+        ty: String,
+    },
+}
+
+/// The element types handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Elem {
+    F32,
+    F64,
+    I32,
+    I64,
+}
+
+/// One input or output: its name, element type and shape without the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Port {
+    name: String,
+    elem: Elem,
+    dims: Vec<i64>,
+}
+
+/// An ONNX model in a session.
+pub struct Onnx {
+    session: Arc<Mutex<Session>>,
+    inputs: Vec<Port>,
+    outputs: Vec<Port>,
+    max_batch_items: usize,
+}
+
+/// The process's ONNX Runtime environment (one per process), from the first
+/// library asked for.
+fn environment(runtime: &Path) -> Result<&'static ort::environment::Environment, OnnxError> {
+    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    let shown = runtime.display().to_string();
+    ENV.get_or_init(|| {
+        if !runtime.is_file() {
+            return Err("no such file (run `bash scripts/onnx.sh`)".to_owned());
+        }
+        ort::init_from(runtime)
+            .map_err(|e| e.to_string())?
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|why| OnnxError::Runtime {
+        path: shown,
+        why: why.clone(),
+    })
+}
+
+fn port(o: &ort::value::Outlet, what: &'static str) -> Result<Port, OnnxError> {
+    let name = o.name().to_owned();
+    let (ty, shape) = match o.dtype() {
+        ValueType::Tensor { ty, shape, .. } => (*ty, shape.to_vec()),
+        other => {
+            return Err(OnnxError::Unsupported {
+                what,
+                name,
+                ty: other.to_string(),
+            })
+        }
+    };
+    let elem = match ty {
+        TensorElementType::Float32 => Elem::F32,
+        TensorElementType::Float64 => Elem::F64,
+        TensorElementType::Int32 => Elem::I32,
+        TensorElementType::Int64 => Elem::I64,
+        other => {
+            return Err(OnnxError::Unsupported {
+                what,
+                name,
+                ty: format!("a tensor of {other:?}"),
+            })
+        }
+    };
+    match shape.first() {
+        Some(-1) => Ok(Port {
+            name,
+            elem,
+            dims: shape[1..].to_vec(),
+        }),
+        _ => Err(OnnxError::NoBatch { what, name, shape }),
+    }
+}
+
+impl Onnx {
+    /// Loads `config.model`, or says why it cannot be served.
+    pub fn load(config: &OnnxConfig) -> Result<Onnx, OnnxError> {
+        let shown = config.model.display().to_string();
+        if !config.model.is_file() {
+            return Err(OnnxError::Missing(shown));
+        }
+        let env = environment(&config.runtime)?;
+        let corrupt = |e: ort::Error| OnnxError::Corrupt {
+            path: shown.clone(),
+            why: e.to_string(),
+        };
+        let session = Session::builder(env)
+            .map_err(corrupt)?
+            .with_intra_threads(config.threads.max(1))
+            .map_err(|e| corrupt(e.into()))?
+            .commit_from_file(&config.model)
+            .map_err(corrupt)?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| port(o, "input"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| port(o, "output"))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Onnx {
+            session: Arc::new(Mutex::new(session)),
+            inputs,
+            outputs,
+            max_batch_items: config.max_batch_items.max(1),
+        })
+    }
+
+    /// The model's inputs and outputs, as `{"inputs": [{name, datatype, shape}], …}`
+    /// with the batch dimension as -1.
+    pub fn signature(&self) -> Value {
+        let ports = |ps: &[Port]| {
+            ps.iter()
+                .map(|p| {
+                    let mut shape = vec![-1];
+                    shape.extend(&p.dims);
+                    json!({"name": p.name, "datatype": format!("{:?}", p.elem), "shape": shape})
+                })
+                .collect::<Vec<_>>()
+        };
+        json!({"inputs": ports(&self.inputs), "outputs": ports(&self.outputs)})
+    }
+
+    /// The row of `record` for `input`, flattened, with its shape.
+    fn row<'a>(&self, record: &'a Value, input: &Port) -> Result<&'a Value, BackendError> {
+        if self.inputs.len() == 1 {
+            return Ok(match record {
+                Value::Object(fields) => fields.get(&input.name).unwrap_or(record),
+                other => other,
+            });
+        }
+        record.get(&input.name).ok_or_else(|| {
+            BackendError::invalid_input(format!(
+                "the record has no `{}`: this model takes an object of {}",
+                input.name,
+                self.inputs
+                    .iter()
+                    .map(|p| format!("`{}`", p.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+}
+
+/// A row's numbers, flattened, and its shape (nested arrays).
+fn flatten(
+    v: &Value,
+    out: &mut Vec<f64>,
+    shape: &mut Vec<i64>,
+    depth: usize,
+) -> Result<(), String> {
+    match v {
+        Value::Number(n) => {
+            if depth < shape.len() {
+                return Err("a number where an array was expected".into());
+            }
+            out.push(n.as_f64().ok_or("not a number")?);
+            Ok(())
+        }
+        Value::Array(items) => {
+            match shape.get(depth) {
+                None => shape.push(items.len() as i64),
+                Some(&d) if d != items.len() as i64 => {
+                    return Err(format!(
+                        "a ragged array: {} items where {d} were expected",
+                        items.len()
+                    ))
+                }
+                Some(_) => {}
+            }
+            items
+                .iter()
+                .try_for_each(|i| flatten(i, out, shape, depth + 1))
+        }
+        other => Err(format!("{other} is not a number")),
+    }
+}
+
+/// Checks a row's shape against the model's (dynamic dimensions match anything).
+fn fits(dims: &[i64], shape: &[i64]) -> bool {
+    dims.len() == shape.len() && dims.iter().zip(shape).all(|(&d, &s)| d < 0 || d == s)
+}
+
+/// One input's batch: the rows of `ok` records, stacked.
+struct Stacked {
+    shape: Vec<i64>,
+    data: Vec<f64>,
+}
+
+/// A batch of one output, back to one JSON row per record.
+fn rows(shape: &[i64], data: Vec<f64>, integral: bool) -> Vec<Value> {
+    let n = shape.first().copied().unwrap_or(0).max(0) as usize;
+    let per: usize = shape[1..].iter().map(|&d| d.max(0) as usize).product();
+    let number = |x: f64| {
+        if integral {
+            json!(x as i64)
+        } else {
+            json!(x)
+        }
+    };
+    fn nest(data: &[f64], dims: &[i64], number: &dyn Fn(f64) -> Value) -> Value {
+        match dims.split_first() {
+            None => number(data[0]),
+            Some((&d, rest)) => {
+                let step: usize = rest.iter().map(|&x| x.max(0) as usize).product();
+                Value::Array(
+                    (0..d.max(0) as usize)
+                        .map(|i| nest(&data[i * step..(i + 1) * step], rest, number))
+                        .collect(),
+                )
+            }
+        }
+    }
+    (0..n)
+        .map(|i| nest(&data[i * per..(i + 1) * per], &shape[1..], &number))
+        .collect()
+}
+
+fn run(
+    session: &Mutex<Session>,
+    inputs: &[Port],
+    outputs: &[Port],
+    stacked: Vec<Stacked>,
+) -> Result<Vec<Vec<Value>>, BackendError> {
+    let failed = |e: ort::Error| BackendError::permanent(format!("ONNX Runtime: {e}"));
+    let mut values: Vec<(
+        std::borrow::Cow<'static, str>,
+        ort::session::SessionInputValue<'static>,
+    )> = Vec::with_capacity(inputs.len());
+    for (port, s) in inputs.iter().zip(stacked) {
+        let shape = s.shape.clone();
+        let value: ort::session::SessionInputValue<'static> = match port.elem {
+            Elem::F32 => {
+                Tensor::from_array((shape, s.data.iter().map(|&x| x as f32).collect::<Vec<_>>()))
+                    .map_err(failed)?
+                    .into()
+            }
+            Elem::F64 => Tensor::from_array((shape, s.data)).map_err(failed)?.into(),
+            Elem::I32 => {
+                Tensor::from_array((shape, s.data.iter().map(|&x| x as i32).collect::<Vec<_>>()))
+                    .map_err(failed)?
+                    .into()
+            }
+            Elem::I64 => {
+                Tensor::from_array((shape, s.data.iter().map(|&x| x as i64).collect::<Vec<_>>()))
+                    .map_err(failed)?
+                    .into()
+            }
+        };
+        values.push((port.name.clone().into(), value));
+    }
+    let mut session = session
+        .lock()
+        .map_err(|_| BackendError::permanent("the session panicked"))?;
+    let result = session.run(values).map_err(failed)?;
+    outputs
+        .iter()
+        .map(|port| {
+            let v = &result[port.name.as_str()];
+            let (shape, data) = match port.elem {
+                Elem::F32 => {
+                    let (s, d) = v.try_extract_tensor::<f32>().map_err(failed)?;
+                    (s.to_vec(), d.iter().map(|&x| f64::from(x)).collect())
+                }
+                Elem::F64 => {
+                    let (s, d) = v.try_extract_tensor::<f64>().map_err(failed)?;
+                    (s.to_vec(), d.to_vec())
+                }
+                Elem::I32 => {
+                    let (s, d) = v.try_extract_tensor::<i32>().map_err(failed)?;
+                    (s.to_vec(), d.iter().map(|&x| f64::from(x)).collect())
+                }
+                Elem::I64 => {
+                    let (s, d) = v.try_extract_tensor::<i64>().map_err(failed)?;
+                    (s.to_vec(), d.iter().map(|&x| x as f64).collect())
+                }
+            };
+            Ok(rows(
+                &shape,
+                data,
+                matches!(port.elem, Elem::I32 | Elem::I64),
+            ))
+        })
+        .collect()
+}
+
+impl Backend for Onnx {
+    type Input = Value;
+    type Output = Value;
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_batch_items: self.max_batch_items,
+            max_batch_bytes: None,
+            max_batch_tokens: None,
+            idempotent: true,
+        }
+    }
+
+    async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
+        // Each record's rows, or why it is not one; the good ones are stacked.
+        let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
+        let mut stacked: Vec<Stacked> = self
+            .inputs
+            .iter()
+            .map(|_| Stacked {
+                shape: Vec::new(),
+                data: Vec::new(),
+            })
+            .collect();
+        let mut ok = Vec::new();
+        'records: for (i, record) in batch.iter().enumerate() {
+            let mut rows_of = Vec::with_capacity(self.inputs.len());
+            for (port, s) in self.inputs.iter().zip(&stacked) {
+                let row = match self.row(record, port) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue 'records;
+                    }
+                };
+                let (mut data, mut shape) = (Vec::new(), Vec::new());
+                let bad = |why: String| {
+                    BackendError::invalid_input(format!("input `{}`: {why}", port.name))
+                };
+                if let Err(why) = flatten(row, &mut data, &mut shape, 0) {
+                    results[i] = Some(Err(bad(why)));
+                    continue 'records;
+                }
+                let expected = if s.shape.len() > 1 {
+                    &s.shape[1..]
+                } else {
+                    &port.dims[..]
+                };
+                if !fits(expected, &shape) {
+                    results[i] = Some(Err(bad(format!(
+                        "shape {shape:?}, but the model takes {:?} (-1: any)",
+                        expected
+                    ))));
+                    continue 'records;
+                }
+                rows_of.push((data, shape));
+            }
+            for ((data, shape), s) in rows_of.into_iter().zip(&mut stacked) {
+                if s.shape.is_empty() {
+                    s.shape = std::iter::once(0).chain(shape).collect();
+                }
+                s.shape[0] += 1;
+                s.data.extend(data);
+            }
+            ok.push(i);
+        }
+        if !ok.is_empty() {
+            let (session, inputs, outputs) = (
+                Arc::clone(&self.session),
+                self.inputs.clone(),
+                self.outputs.clone(),
+            );
+            let per_output =
+                tokio::task::spawn_blocking(move || run(&session, &inputs, &outputs, stacked))
+                    .await
+                    .map_err(|e| {
+                        BackendError::permanent(format!("the ONNX call panicked: {e}"))
+                    })??;
+            let names: Vec<&str> = self.outputs.iter().map(|p| p.name.as_str()).collect();
+            for (k, &i) in ok.iter().enumerate() {
+                let prediction = if names.len() == 1 {
+                    per_output[0][k].clone()
+                } else {
+                    Value::Object(
+                        names
+                            .iter()
+                            .zip(&per_output)
+                            .map(|(n, rows)| ((*n).to_owned(), rows[k].clone()))
+                            .collect(),
+                    )
+                };
+                results[i] = Some(Ok(prediction));
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every record has a result"))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_flatten_and_nest_back() {
+        let (mut data, mut shape) = (Vec::new(), Vec::new());
+        flatten(&json!([[1, 2], [3, 4], [5, 6]]), &mut data, &mut shape, 0).unwrap();
+        assert_eq!(
+            (data.clone(), shape.clone()),
+            (vec![1., 2., 3., 4., 5., 6.], vec![3, 2])
+        );
+        assert!(fits(&[-1, 2], &shape) && !fits(&[3], &shape));
+        let back = rows(&[2, 3], data, true);
+        assert_eq!(back, vec![json!([1, 2, 3]), json!([4, 5, 6])]);
+        let mut shape = Vec::new();
+        let e = flatten(&json!([[1], [2, 3]]), &mut Vec::new(), &mut shape, 0).unwrap_err();
+        assert!(e.contains("ragged"), "{e}");
+        assert!(flatten(&json!(["x"]), &mut Vec::new(), &mut Vec::new(), 0).is_err());
+    }
+
+    #[test]
+    fn a_missing_model_is_refused_naming_it() {
+        let c = OnnxConfig {
+            model: "/nonexistent/model.onnx".into(),
+            runtime: "/nonexistent/libonnxruntime.so".into(),
+            threads: 1,
+            max_batch_items: 8,
+        };
+        let e = Onnx::load(&c).err().unwrap();
+        assert_eq!(e, OnnxError::Missing("/nonexistent/model.onnx".into()));
+    }
+}
