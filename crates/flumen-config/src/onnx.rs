@@ -22,6 +22,21 @@ pub struct OnnxSection {
     /// Rows per call at most (default 64).
     #[serde(default)]
     pub max_batch_items: Option<usize>,
+    /// Text in: the model's `tokenizer.json`, for a model whose inputs are token ids
+    /// (`input_ids`, `attention_mask`, `token_type_ids`).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// With a tokenizer: `mean` (default), `cls`, or `none` (the first output's
+    /// row as it is: a classifier's logits).
+    #[serde(default)]
+    pub pooling: Option<String>,
+    /// With a tokenizer: L2-normalise the pooled vectors (default true, but false
+    /// with `pooling = "none"`).
+    #[serde(default)]
+    pub normalize: Option<bool>,
+    /// With a tokenizer: truncate to this many tokens (default 256).
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
 }
 
 impl OnnxSection {
@@ -33,6 +48,25 @@ impl OnnxSection {
         }
         if self.max_batch_items == Some(0) {
             p.push(format!("{path}.max_batch_items: must be > 0"));
+        }
+        if let Some(other) = self
+            .pooling
+            .as_deref()
+            .filter(|p| !["mean", "cls", "none"].contains(p))
+        {
+            p.push(format!(
+                "{path}.pooling: `{other}` is not mean, cls or none"
+            ));
+        }
+        if self.tokenizer.is_none()
+            && (self.pooling.is_some() || self.normalize.is_some() || self.max_tokens.is_some())
+        {
+            p.push(format!(
+                "{path}.tokenizer: pooling, normalize and max_tokens are for a model that takes text: name its tokenizer.json"
+            ));
+        }
+        if self.max_tokens.is_some_and(|n| n < 2) {
+            p.push(format!("{path}.max_tokens: must be ≥ 2"));
         }
         if !cfg!(feature = "onnx") {
             p.push(format!(
@@ -68,10 +102,18 @@ impl OnnxSection {
             .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
     }
 
-    /// What makes the model's answers what they are: the file, by path and size.
+    /// What makes the model's answers what they are: the file, by path and size,
+    /// and how text becomes its input and its output an answer.
     pub(crate) fn identity(&self) -> String {
         let size = std::fs::metadata(&self.model).map_or(0, |m| m.len());
-        format!("onnx model={} bytes={size}", self.model.display())
+        format!(
+            "onnx model={} bytes={size} tokenizer={:?} pooling={:?} normalize={:?} max_tokens={:?}",
+            self.model.display(),
+            self.tokenizer,
+            self.pooling,
+            self.normalize,
+            self.max_tokens
+        )
     }
 }
 
@@ -92,6 +134,19 @@ impl OnnxModel {
             runtime: s.runtime(),
             threads: s.threads.unwrap_or(2),
             max_batch_items: s.max_batch_items.unwrap_or(64),
+            text: s.tokenizer.as_ref().map(|t| {
+                let pooling = match s.pooling.as_deref() {
+                    Some("cls") => flumen_onnx::Pooling::Cls,
+                    Some("none") => flumen_onnx::Pooling::None,
+                    _ => flumen_onnx::Pooling::Mean,
+                };
+                flumen_onnx::TextConfig {
+                    tokenizer: t.clone(),
+                    pooling,
+                    normalize: s.normalize.unwrap_or(pooling != flumen_onnx::Pooling::None),
+                    max_tokens: s.max_tokens.unwrap_or(256),
+                }
+            }),
         };
         let onnx = flumen_onnx::Onnx::load(&config).map_err(|e| vec![format!("backend: {e}")])?;
         let kserve = |ports: &serde_json::Value| -> Vec<serde_json::Value> {

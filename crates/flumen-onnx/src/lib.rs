@@ -11,8 +11,9 @@
 //! output name. Rows of a call are stacked into one batch; one session runs a call
 //! at a time, on a blocking thread, with the configured intra-op threads.
 //!
-//! Not yet here (issue 19): text inputs (a tokenizer, pooling, normalisation) for
-//! embedders and cross-encoders.
+//! A model exported with token-id inputs takes text instead when a tokenizer is
+//! configured (see [`TextConfig`]): an embedder (pooled, normalised) or a
+//! classifier or cross-encoder (its logits as they are).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +22,14 @@ use flumen_core::{Backend, BackendError, BatchResult, Capabilities};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 use serde_json::{json, Value};
+
+mod text;
+
+use text::Text;
+pub use text::{Pooling, TextConfig};
+
+/// The inputs a text model may take, besides `input_ids`.
+const TEXT_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
 
 /// Settings of an ONNX backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +42,9 @@ pub struct OnnxConfig {
     pub threads: usize,
     /// Rows per call at most.
     pub max_batch_items: usize,
+    /// Text in, through the model's tokenizer: for a model whose inputs are token
+    /// ids. `None`: numeric rows in.
+    pub text: Option<TextConfig>,
 }
 
 /// Why a model cannot be served.
@@ -67,6 +79,9 @@ pub enum OnnxError {
         /// Its shape, `-1` for a dynamic dimension.
         shape: Vec<i64>,
     },
+    /// A text model whose inputs are not token ids, or a tokenizer that does not load.
+    #[error("{0}")]
+    Text(String),
     /// A tensor of a type this backend does not handle.
     #[error("{what} `{name}` is {ty}: only numeric tensors (float32, float64, int32, int64) are supported")]
     Unsupported {
@@ -102,6 +117,7 @@ pub struct Onnx {
     inputs: Vec<Port>,
     outputs: Vec<Port>,
     max_batch_items: usize,
+    text: Option<Arc<Text>>,
 }
 
 /// The process's ONNX Runtime environment (one per process), from the first
@@ -188,11 +204,38 @@ impl Onnx {
             .iter()
             .map(|o| port(o, "output"))
             .collect::<Result<Vec<_>, _>>()?;
+        let text = match &config.text {
+            None => None,
+            Some(t) => {
+                if let Some(p) = inputs
+                    .iter()
+                    .find(|p| !TEXT_INPUTS.contains(&p.name.as_str()) || p.elem != Elem::I64)
+                {
+                    return Err(OnnxError::Text(format!(
+                        "input `{}` is not a token-id input: a model that takes text takes int64 input_ids, attention_mask and token_type_ids",
+                        p.name
+                    )));
+                }
+                if !inputs.iter().any(|p| p.name == "input_ids") {
+                    return Err(OnnxError::Text(
+                        "the model has no `input_ids` input: it cannot take text".into(),
+                    ));
+                }
+                if outputs.first().is_none_or(|o| o.elem != Elem::F32) {
+                    return Err(OnnxError::Text(
+                        "a text model's first output must be float32".into(),
+                    ));
+                }
+                let names = inputs.iter().map(|p| p.name.clone()).collect();
+                Some(Arc::new(Text::load(t, names).map_err(OnnxError::Text)?))
+            }
+        };
         Ok(Onnx {
             session: Arc::new(Mutex::new(session)),
             inputs,
             outputs,
             max_batch_items: config.max_batch_items.max(1),
+            text,
         })
     }
 
@@ -375,6 +418,79 @@ fn run(
         .collect()
 }
 
+impl Onnx {
+    /// Text records: tokenized, padded to the call's longest, run, answered.
+    async fn call_text(&self, text: &Arc<Text>, batch: &[Value]) -> BatchResult<Value> {
+        let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
+        let mut texts = Vec::new();
+        let mut at = Vec::new();
+        for (i, r) in batch.iter().enumerate() {
+            match r.as_str() {
+                Some(t) => {
+                    texts.push(t.to_owned());
+                    at.push(i);
+                }
+                None => {
+                    results[i] = Some(Err(BackendError::invalid_input(format!(
+                        "this model takes text, not {r}"
+                    ))))
+                }
+            }
+        }
+        if !texts.is_empty() {
+            let (session, text, output) = (
+                Arc::clone(&self.session),
+                Arc::clone(text),
+                self.outputs[0].name.clone(),
+            );
+            let answers =
+                tokio::task::spawn_blocking(move || run_text(&session, &text, &output, &texts))
+                    .await
+                    .map_err(|e| {
+                        BackendError::permanent(format!("the ONNX call panicked: {e}"))
+                    })??;
+            for (i, v) in at.into_iter().zip(answers) {
+                results[i] = Some(Ok(Value::Array(v.into_iter().map(|x| json!(x)).collect())));
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every record has a result"))
+            .collect())
+    }
+}
+
+fn run_text(
+    session: &Mutex<Session>,
+    text: &Text,
+    output: &str,
+    texts: &[String],
+) -> Result<Vec<Vec<f32>>, BackendError> {
+    let failed = |e: ort::Error| BackendError::permanent(format!("ONNX Runtime: {e}"));
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let p = text.pad(&refs)?;
+    let shape = vec![p.batch as i64, p.seq as i64];
+    let mut values: Vec<(
+        std::borrow::Cow<'static, str>,
+        ort::session::SessionInputValue<'static>,
+    )> = Vec::new();
+    for name in &text.inputs {
+        let data = match name.as_str() {
+            "input_ids" => p.ids.clone(),
+            "attention_mask" => p.mask.clone(),
+            _ => vec![0i64; p.ids.len()],
+        };
+        let tensor = Tensor::from_array((shape.clone(), data)).map_err(failed)?;
+        values.push((name.clone().into(), tensor.into()));
+    }
+    let mut session = session
+        .lock()
+        .map_err(|_| BackendError::permanent("the session panicked"))?;
+    let result = session.run(values).map_err(failed)?;
+    let (out_shape, data) = result[output].try_extract_tensor::<f32>().map_err(failed)?;
+    Ok(text.answers(&p, out_shape, data))
+}
+
 impl Backend for Onnx {
     type Input = Value;
     type Output = Value;
@@ -389,6 +505,9 @@ impl Backend for Onnx {
     }
 
     async fn call(&self, batch: &[Value]) -> BatchResult<Value> {
+        if let Some(text) = &self.text {
+            return self.call_text(text, batch).await;
+        }
         // Each record's rows, or why it is not one; the good ones are stacked.
         let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
         let mut stacked: Vec<Stacked> = self
@@ -504,6 +623,7 @@ mod tests {
             runtime: "/nonexistent/libonnxruntime.so".into(),
             threads: 1,
             max_batch_items: 8,
+            text: None,
         };
         let e = Onnx::load(&c).err().unwrap();
         assert_eq!(e, OnnxError::Missing("/nonexistent/model.onnx".into()));

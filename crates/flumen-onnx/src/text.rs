@@ -1,0 +1,138 @@
+//! Text inputs: a model exported with token-id inputs (`input_ids`, and
+//! `attention_mask` / `token_type_ids` when it has them) takes strings, tokenized
+//! with the model's `tokenizer.json`, padded per call to its longest record; its
+//! first output is pooled over the real tokens (mean or CLS) and normalised as
+//! configured, or passed through per record (a classifier's or a cross-encoder's
+//! logits: `pooling = "none"`).
+
+use std::path::PathBuf;
+
+use flumen_core::BackendError;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+/// How the first output becomes one vector per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The mean over the real (unpadded) tokens of `[batch, seq, hidden]`.
+    #[default]
+    Mean,
+    /// The first token's row of `[batch, seq, hidden]`.
+    Cls,
+    /// The output's row as it is (`[batch, …]`).
+    None,
+}
+
+/// Settings of a model that takes text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    /// The model's `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// How the first output becomes a record's answer.
+    pub pooling: Pooling,
+    /// L2-normalise the pooled vectors.
+    pub normalize: bool,
+    /// Truncate to this many tokens, special tokens included.
+    pub max_tokens: usize,
+}
+
+/// The loaded tokenizer, and what the model's inputs are.
+pub(crate) struct Text {
+    tokenizer: Tokenizer,
+    pub(crate) config: TextConfig,
+    /// Which of `attention_mask`, `token_type_ids` the model takes, in its order
+    /// after `input_ids`.
+    pub(crate) inputs: Vec<String>,
+}
+
+/// A call's token ids, padded to its longest record, and their masks.
+pub(crate) struct Padded {
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) ids: Vec<i64>,
+    pub(crate) mask: Vec<i64>,
+}
+
+impl Text {
+    pub(crate) fn load(config: &TextConfig, inputs: Vec<String>) -> Result<Text, String> {
+        let shown = config.tokenizer.display();
+        let mut tokenizer = Tokenizer::from_file(&config.tokenizer)
+            .map_err(|e| format!("tokenizer {shown}: {e}"))?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: config.max_tokens.max(2),
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| format!("tokenizer {shown}: {e}"))?;
+        Ok(Text {
+            tokenizer,
+            config: config.clone(),
+            inputs,
+        })
+    }
+
+    /// Token ids of each text, padded with 0 to the longest.
+    pub(crate) fn pad(&self, texts: &[&str]) -> Result<Padded, BackendError> {
+        let encoded: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode(*t, true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| BackendError::invalid_input(format!("cannot tokenize: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let seq = encoded.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = vec![0i64; encoded.len() * seq];
+        let mut mask = vec![0i64; encoded.len() * seq];
+        for (r, e) in encoded.iter().enumerate() {
+            for (c, &id) in e.iter().enumerate() {
+                ids[r * seq + c] = i64::from(id);
+                mask[r * seq + c] = 1;
+            }
+        }
+        Ok(Padded {
+            batch: encoded.len(),
+            seq,
+            ids,
+            mask,
+        })
+    }
+
+    /// One answer per record from the first output's `shape` and `data`.
+    pub(crate) fn answers(&self, p: &Padded, shape: &[i64], data: &[f32]) -> Vec<Vec<f32>> {
+        let per: usize = shape[1..].iter().map(|&d| d.max(0) as usize).product();
+        (0..p.batch)
+            .map(|r| {
+                let rows = &data[r * per..(r + 1) * per];
+                let mut v = match self.config.pooling {
+                    Pooling::None => rows.to_vec(),
+                    Pooling::Cls | Pooling::Mean => {
+                        let hidden = shape.get(2).copied().unwrap_or(1).max(1) as usize;
+                        let seq = per / hidden;
+                        let mask = &p.mask[r * p.seq..r * p.seq + seq.min(p.seq)];
+                        let mut sum = vec![0f32; hidden];
+                        let take: Vec<usize> = match self.config.pooling {
+                            Pooling::Cls => vec![0],
+                            _ => (0..mask.len()).filter(|&t| mask[t] == 1).collect(),
+                        };
+                        for &t in &take {
+                            for (s, x) in sum.iter_mut().zip(&rows[t * hidden..(t + 1) * hidden]) {
+                                *s += x;
+                            }
+                        }
+                        let n = take.len().max(1) as f32;
+                        sum.iter().map(|s| s / n).collect()
+                    }
+                };
+                if self.config.normalize {
+                    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                    v.iter_mut().for_each(|x| *x /= norm);
+                }
+                v
+            })
+            .collect()
+    }
+}
