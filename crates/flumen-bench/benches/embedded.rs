@@ -18,134 +18,15 @@
 use std::process::Command;
 use std::sync::Arc;
 
+use flumen_bench::corpus::corpus;
 use flumen_bench::report::{result_line, Table};
 use flumen_embed::{EmbedConfig, Embedder};
 use flumen_engine::{BatchConfig, Engine, EngineConfig, InferExt, OperatorConfig};
 use futures::StreamExt;
-use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 const SENTENCES: usize = 1_024;
 const BATCHES: [usize; 4] = [1, 8, 32, 128];
-
-const WORDS: &[&str] = &[
-    "the",
-    "model",
-    "stream",
-    "record",
-    "batch",
-    "latency",
-    "is",
-    "a",
-    "of",
-    "to",
-    "and",
-    "in",
-    "that",
-    "it",
-    "with",
-    "for",
-    "on",
-    "was",
-    "as",
-    "be",
-    "this",
-    "service",
-    "quickly",
-    "arrived",
-    "broken",
-    "excellent",
-    "terrible",
-    "price",
-    "quality",
-    "delivery",
-    "customer",
-    "support",
-    "would",
-    "recommend",
-    "never",
-    "again",
-    "product",
-    "works",
-    "well",
-    "after",
-    "update",
-    "battery",
-    "screen",
-    "sound",
-    "phone",
-    "laptop",
-    "kitchen",
-    "coffee",
-    "morning",
-    "evening",
-    "weather",
-    "city",
-    "train",
-    "station",
-    "late",
-    "early",
-    "because",
-    "however",
-    "although",
-    "while",
-    "backpressure",
-    "throughput",
-    "engineers",
-    "measured",
-    "queue",
-    "server",
-    "request",
-    "response",
-    "timeout",
-    "retry",
-    "limit",
-    "window",
-    "probe",
-    "graceful",
-    "degradation",
-    "Paris",
-    "Berlin",
-    "Tokyo",
-    "river",
-    "mountain",
-    "forest",
-    "children",
-    "played",
-    "football",
-    "yesterday",
-    "tomorrow",
-    "important",
-    "meeting",
-    "schedule",
-    "unfortunately",
-    "definitely",
-    "absolutely",
-    "surprisingly",
-    "nevertheless",
-    "!",
-    ",",
-    ".",
-    "?",
-];
-
-fn corpus(n: usize, seed: u64) -> Vec<String> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let words = rng.random_range(4..=128);
-            let mut s = String::new();
-            for i in 0..words {
-                let w = WORDS[rng.random_range(0..WORDS.len())];
-                if i > 0 && !matches!(w, "!" | "," | "." | "?") {
-                    s.push(' ');
-                }
-                s.push_str(w);
-            }
-            s
-        })
-        .collect()
-}
 
 async fn direct(model: &Embedder, texts: &[String], batch: usize) -> f64 {
     let start = Instant::now();

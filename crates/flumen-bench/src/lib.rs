@@ -4,6 +4,7 @@
 //! instances of the same backend, through the same load generator.
 
 pub mod baselines;
+pub mod corpus;
 pub mod flink;
 pub mod llm;
 pub mod load;
