@@ -388,24 +388,7 @@ async fn the_openai_client_streams_through_the_gateway_and_a_hang_up_frees_the_s
         ),
     )
     .unwrap();
-    let _gateway = common::Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["serve", config.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "flumen serve did not listen"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let _gateway = common::serve(&config, port);
     let out = tokio::process::Command::new("python3")
         .args(["-c", STREAM_CLIENT])
         .arg(format!("http://127.0.0.1:{port}/v1"))
@@ -420,7 +403,6 @@ async fn the_openai_client_streams_through_the_gateway_and_a_hang_up_frees_the_s
         String::from_utf8_lossy(&out.stderr)
     );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("stream client: {r}");
     // Token by token: many content chunks before the last, named for the gateway's
     // model, the finish reason once, the usage at the end.
     assert!(r["texts"].as_u64().unwrap() > 1, "{r}");

@@ -8,7 +8,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -135,21 +134,7 @@ fn flumen_serve_serves_it_over_kserve_v2_to_tritonclient() {
         ),
     )
     .unwrap();
-    let _gateway = common::Killed(
-        Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["serve", config.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "flumen serve did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _gateway = common::serve(&config, port);
     let out = Command::new("python3")
         .args(["-c", TRITONCLIENT])
         .arg(format!("127.0.0.1:{port}"))
@@ -220,21 +205,7 @@ async fn an_exported_embedder_serves_v1_embeddings_to_the_openai_client() {
         ),
     )
     .unwrap();
-    let _gateway = common::Killed(
-        Command::new(env!("CARGO_BIN_EXE_flumen"))
-            .args(["serve", config.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "flumen serve did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _gateway = common::serve(&config, port);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),

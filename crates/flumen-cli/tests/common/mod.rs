@@ -38,6 +38,23 @@ pub fn free_port() -> u16 {
     flumen_kserve::server::free_port().expect("a free loopback port")
 }
 
+/// `flumen serve CONFIG`, once it listens on `port` (waiting at most 60 s).
+pub fn serve(config: &Path, port: u16) -> Killed {
+    let gateway = Killed(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["serve", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("flumen serve starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "flumen serve did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gateway
+}
+
 /// `flumen run CONFIG --quiet`, its stderr shown.
 pub fn worker(config: &Path) -> Killed {
     Killed(
