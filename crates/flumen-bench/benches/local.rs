@@ -141,16 +141,8 @@ async fn main() {
         "bert_onnx.py failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let capi = Path::new(&deps).join("onnxruntime/capi");
-    let runtime = std::fs::read_dir(&capi)
-        .expect("the onnxruntime wheel")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-        })
-        .expect("libonnxruntime.so");
+    let runtime =
+        flumen_onnx::runtime_in(Path::new(&deps)).expect("libonnxruntime.so in the wheel");
     let tokenizer = dir.join("tokenizer.json");
     let onnx = Onnx::load(&OnnxConfig {
         model: onnx_file.clone(),

@@ -78,6 +78,7 @@ impl OnnxSection {
 
     /// The library to load: the setting, the environment, the project's install,
     /// or the system's.
+    #[cfg(feature = "onnx")]
     pub fn runtime(&self) -> PathBuf {
         if let Some(r) = &self.runtime {
             return r.clone();
@@ -88,17 +89,7 @@ impl OnnxSection {
         let deps = std::env::var_os("FLUMEN_DEPS")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.deps")));
-        let capi = deps.join("onnx/onnxruntime/capi");
-        std::fs::read_dir(&capi)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-            })
+        flumen_onnx::runtime_in(&deps.join("onnx"))
             .unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
     }
 

@@ -23,8 +23,10 @@ use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 use serde_json::{json, Value};
 
+mod rows;
 mod text;
 
+use rows::{run, Stacked};
 use text::Text;
 pub use text::{Pooling, TextConfig};
 
@@ -118,6 +120,19 @@ pub struct Onnx {
     outputs: Vec<Port>,
     max_batch_items: usize,
     text: Option<Arc<Text>>,
+}
+
+/// ONNX Runtime's shared library in an `onnxruntime` wheel installed under `site`
+/// (a `pip install --target` directory, as `scripts/onnx.sh` makes), if it is there.
+pub fn runtime_in(site: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(site.join("onnxruntime/capi"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
 }
 
 /// The process's ONNX Runtime environment (one per process), from the first
@@ -254,7 +269,8 @@ impl Onnx {
         json!({"inputs": ports(&self.inputs), "outputs": ports(&self.outputs)})
     }
 
-    /// The row of `record` for `input`, flattened, with its shape.
+    /// The row of `record` for `input`: the record itself for a model with one
+    /// input (or its field of that input's name), else that field.
     fn row<'a>(&self, record: &'a Value, input: &Port) -> Result<&'a Value, BackendError> {
         if self.inputs.len() == 1 {
             return Ok(match record {
@@ -274,148 +290,6 @@ impl Onnx {
             ))
         })
     }
-}
-
-/// A row's numbers, flattened, and its shape (nested arrays).
-fn flatten(
-    v: &Value,
-    out: &mut Vec<f64>,
-    shape: &mut Vec<i64>,
-    depth: usize,
-) -> Result<(), String> {
-    match v {
-        Value::Number(n) => {
-            if depth < shape.len() {
-                return Err("a number where an array was expected".into());
-            }
-            out.push(n.as_f64().ok_or("not a number")?);
-            Ok(())
-        }
-        Value::Array(items) => {
-            match shape.get(depth) {
-                None => shape.push(items.len() as i64),
-                Some(&d) if d != items.len() as i64 => {
-                    return Err(format!(
-                        "a ragged array: {} items where {d} were expected",
-                        items.len()
-                    ))
-                }
-                Some(_) => {}
-            }
-            items
-                .iter()
-                .try_for_each(|i| flatten(i, out, shape, depth + 1))
-        }
-        other => Err(format!("{other} is not a number")),
-    }
-}
-
-/// Checks a row's shape against the model's (dynamic dimensions match anything).
-fn fits(dims: &[i64], shape: &[i64]) -> bool {
-    dims.len() == shape.len() && dims.iter().zip(shape).all(|(&d, &s)| d < 0 || d == s)
-}
-
-/// One input's batch: the rows of `ok` records, stacked.
-struct Stacked {
-    shape: Vec<i64>,
-    data: Vec<f64>,
-}
-
-/// A batch of one output, back to one JSON row per record.
-fn rows(shape: &[i64], data: Vec<f64>, integral: bool) -> Vec<Value> {
-    let n = shape.first().copied().unwrap_or(0).max(0) as usize;
-    let per: usize = shape[1..].iter().map(|&d| d.max(0) as usize).product();
-    let number = |x: f64| {
-        if integral {
-            json!(x as i64)
-        } else {
-            json!(x)
-        }
-    };
-    fn nest(data: &[f64], dims: &[i64], number: &dyn Fn(f64) -> Value) -> Value {
-        match dims.split_first() {
-            None => number(data[0]),
-            Some((&d, rest)) => {
-                let step: usize = rest.iter().map(|&x| x.max(0) as usize).product();
-                Value::Array(
-                    (0..d.max(0) as usize)
-                        .map(|i| nest(&data[i * step..(i + 1) * step], rest, number))
-                        .collect(),
-                )
-            }
-        }
-    }
-    (0..n)
-        .map(|i| nest(&data[i * per..(i + 1) * per], &shape[1..], &number))
-        .collect()
-}
-
-fn run(
-    session: &Mutex<Session>,
-    inputs: &[Port],
-    outputs: &[Port],
-    stacked: Vec<Stacked>,
-) -> Result<Vec<Vec<Value>>, BackendError> {
-    let failed = |e: ort::Error| BackendError::permanent(format!("ONNX Runtime: {e}"));
-    let mut values: Vec<(
-        std::borrow::Cow<'static, str>,
-        ort::session::SessionInputValue<'static>,
-    )> = Vec::with_capacity(inputs.len());
-    for (port, s) in inputs.iter().zip(stacked) {
-        let shape = s.shape.clone();
-        let value: ort::session::SessionInputValue<'static> = match port.elem {
-            Elem::F32 => {
-                Tensor::from_array((shape, s.data.iter().map(|&x| x as f32).collect::<Vec<_>>()))
-                    .map_err(failed)?
-                    .into()
-            }
-            Elem::F64 => Tensor::from_array((shape, s.data)).map_err(failed)?.into(),
-            Elem::I32 => {
-                Tensor::from_array((shape, s.data.iter().map(|&x| x as i32).collect::<Vec<_>>()))
-                    .map_err(failed)?
-                    .into()
-            }
-            Elem::I64 => {
-                Tensor::from_array((shape, s.data.iter().map(|&x| x as i64).collect::<Vec<_>>()))
-                    .map_err(failed)?
-                    .into()
-            }
-        };
-        values.push((port.name.clone().into(), value));
-    }
-    let mut session = session
-        .lock()
-        .map_err(|_| BackendError::permanent("the session panicked"))?;
-    let result = session.run(values).map_err(failed)?;
-    outputs
-        .iter()
-        .map(|port| {
-            let v = &result[port.name.as_str()];
-            let (shape, data) = match port.elem {
-                Elem::F32 => {
-                    let (s, d) = v.try_extract_tensor::<f32>().map_err(failed)?;
-                    (s.to_vec(), d.iter().map(|&x| f64::from(x)).collect())
-                }
-                Elem::F64 => {
-                    let (s, d) = v.try_extract_tensor::<f64>().map_err(failed)?;
-                    (s.to_vec(), d.to_vec())
-                }
-                Elem::I32 => {
-                    let (s, d) = v.try_extract_tensor::<i32>().map_err(failed)?;
-                    (s.to_vec(), d.iter().map(|&x| f64::from(x)).collect())
-                }
-                Elem::I64 => {
-                    let (s, d) = v.try_extract_tensor::<i64>().map_err(failed)?;
-                    (s.to_vec(), d.iter().map(|&x| x as f64).collect())
-                }
-            };
-            Ok(rows(
-                &shape,
-                data,
-                matches!(port.elem, Elem::I32 | Elem::I64),
-            ))
-        })
-        .collect()
 }
 
 impl Onnx {
@@ -510,55 +384,28 @@ impl Backend for Onnx {
         }
         // Each record's rows, or why it is not one; the good ones are stacked.
         let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
-        let mut stacked: Vec<Stacked> = self
-            .inputs
-            .iter()
-            .map(|_| Stacked {
-                shape: Vec::new(),
-                data: Vec::new(),
-            })
-            .collect();
+        let mut stacked: Vec<Stacked> = self.inputs.iter().map(|_| Stacked::default()).collect();
         let mut ok = Vec::new();
-        'records: for (i, record) in batch.iter().enumerate() {
-            let mut rows_of = Vec::with_capacity(self.inputs.len());
-            for (port, s) in self.inputs.iter().zip(&stacked) {
-                let row = match self.row(record, port) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        results[i] = Some(Err(e));
-                        continue 'records;
+        for (i, record) in batch.iter().enumerate() {
+            let checked: Result<Vec<_>, BackendError> = self
+                .inputs
+                .iter()
+                .zip(&stacked)
+                .map(|(port, s)| {
+                    s.check(port, self.row(record, port)?).map_err(|why| {
+                        BackendError::invalid_input(format!("input `{}`: {why}", port.name))
+                    })
+                })
+                .collect();
+            match checked {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(rows) => {
+                    for ((data, shape), s) in rows.into_iter().zip(&mut stacked) {
+                        s.push(data, shape);
                     }
-                };
-                let (mut data, mut shape) = (Vec::new(), Vec::new());
-                let bad = |why: String| {
-                    BackendError::invalid_input(format!("input `{}`: {why}", port.name))
-                };
-                if let Err(why) = flatten(row, &mut data, &mut shape, 0) {
-                    results[i] = Some(Err(bad(why)));
-                    continue 'records;
+                    ok.push(i);
                 }
-                let expected = if s.shape.len() > 1 {
-                    &s.shape[1..]
-                } else {
-                    &port.dims[..]
-                };
-                if !fits(expected, &shape) {
-                    results[i] = Some(Err(bad(format!(
-                        "shape {shape:?}, but the model takes {:?} (-1: any)",
-                        expected
-                    ))));
-                    continue 'records;
-                }
-                rows_of.push((data, shape));
             }
-            for ((data, shape), s) in rows_of.into_iter().zip(&mut stacked) {
-                if s.shape.is_empty() {
-                    s.shape = std::iter::once(0).chain(shape).collect();
-                }
-                s.shape[0] += 1;
-                s.data.extend(data);
-            }
-            ok.push(i);
         }
         if !ok.is_empty() {
             let (session, inputs, outputs) = (
@@ -598,23 +445,6 @@ impl Backend for Onnx {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rows_flatten_and_nest_back() {
-        let (mut data, mut shape) = (Vec::new(), Vec::new());
-        flatten(&json!([[1, 2], [3, 4], [5, 6]]), &mut data, &mut shape, 0).unwrap();
-        assert_eq!(
-            (data.clone(), shape.clone()),
-            (vec![1., 2., 3., 4., 5., 6.], vec![3, 2])
-        );
-        assert!(fits(&[-1, 2], &shape) && !fits(&[3], &shape));
-        let back = rows(&[2, 3], data, true);
-        assert_eq!(back, vec![json!([1, 2, 3]), json!([4, 5, 6])]);
-        let mut shape = Vec::new();
-        let e = flatten(&json!([[1], [2, 3]]), &mut Vec::new(), &mut shape, 0).unwrap_err();
-        assert!(e.contains("ragged"), "{e}");
-        assert!(flatten(&json!(["x"]), &mut Vec::new(), &mut Vec::new(), 0).is_err());
-    }
 
     #[test]
     fn a_missing_model_is_refused_naming_it() {

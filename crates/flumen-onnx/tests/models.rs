@@ -27,16 +27,7 @@ fn deps() -> PathBuf {
 
 /// ONNX Runtime's library in the wheel.
 fn runtime(deps: &Path) -> PathBuf {
-    let capi = deps.join("onnxruntime/capi");
-    std::fs::read_dir(&capi)
-        .expect("the onnxruntime wheel")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-        })
-        .expect("libonnxruntime.so in the wheel")
+    flumen_onnx::runtime_in(deps).expect("libonnxruntime.so in the wheel")
 }
 
 fn python(deps: &Path, args: &[&str]) {
