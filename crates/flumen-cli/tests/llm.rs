@@ -389,18 +389,14 @@ async fn the_openai_client_streams_through_the_gateway_and_a_hang_up_frees_the_s
     )
     .unwrap();
     let _gateway = common::serve(&config, port);
-    let out = tokio::process::Command::new("python3")
-        .args(["-c", STREAM_CLIENT])
-        .arg(format!("http://127.0.0.1:{port}/v1"))
-        .arg(&llama.root)
-        .env("PYTHONPATH", flumen_kserve::server::python_clients())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeded(
+        tokio::process::Command::new("python3")
+            .args(["-c", STREAM_CLIENT])
+            .arg(format!("http://127.0.0.1:{port}/v1"))
+            .arg(&llama.root)
+            .env("PYTHONPATH", flumen_kserve::server::python_clients())
+            .output()
+            .await,
     );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     // Token by token: many content chunks before the last, named for the gateway's

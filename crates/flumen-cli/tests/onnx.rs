@@ -25,15 +25,11 @@ fn deps() -> PathBuf {
 fn classifier(dir: &Path) -> (PathBuf, Value) {
     let (model, reference) = (dir.join("gbc.onnx"), dir.join("gbc.json"));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/sklearn_onnx.py");
-    let out = Command::new("python3")
-        .args([script, model.to_str().unwrap(), reference.to_str().unwrap()])
-        .env("PYTHONPATH", deps())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeeded(
+        Command::new("python3")
+            .args([script, model.to_str().unwrap(), reference.to_str().unwrap()])
+            .env("PYTHONPATH", deps())
+            .output(),
     );
     let r = serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
     (model, r)
@@ -77,14 +73,10 @@ fn flumen_run_answers_as_scikit_learn_does() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_flumen"))
-        .args(["run", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeeded(
+        Command::new(env!("CARGO_BIN_EXE_flumen"))
+            .args(["run", config.to_str().unwrap()])
+            .output(),
     );
     let mut lines: Vec<Value> = std::fs::read_to_string(dir.path().join("out.jsonl"))
         .unwrap()
@@ -135,17 +127,13 @@ fn flumen_serve_serves_it_over_kserve_v2_to_tritonclient() {
     )
     .unwrap();
     let _gateway = common::serve(&config, port);
-    let out = Command::new("python3")
-        .args(["-c", TRITONCLIENT])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg(dir.path().join("gbc.json"))
-        .env("PYTHONPATH", flumen_kserve::server::python_clients())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeded(
+        Command::new("python3")
+            .args(["-c", TRITONCLIENT])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(dir.path().join("gbc.json"))
+            .env("PYTHONPATH", flumen_kserve::server::python_clients())
+            .output(),
     );
     let got: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -180,19 +168,15 @@ async fn an_exported_embedder_serves_v1_embeddings_to_the_openai_client() {
     let dir = tempfile::tempdir().unwrap();
     let onnx_file = dir.path().join("minilm.onnx");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bert_onnx.py");
-    let out = Command::new("python3")
-        .args([
-            script,
-            model_dir.to_str().unwrap(),
-            onnx_file.to_str().unwrap(),
-        ])
-        .env("PYTHONPATH", &deps)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeeded(
+        Command::new("python3")
+            .args([
+                script,
+                model_dir.to_str().unwrap(),
+                onnx_file.to_str().unwrap(),
+            ])
+            .env("PYTHONPATH", &deps)
+            .output(),
     );
     let port = common::free_port();
     let config = dir.path().join("serve.toml");
@@ -221,18 +205,14 @@ async fn an_exported_embedder_serves_v1_embeddings_to_the_openai_client() {
         .take(8)
         .collect();
     let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
-    let out = tokio::process::Command::new("python3")
-        .args(["-c", OPENAI_EMBEDDINGS])
-        .arg(format!("http://127.0.0.1:{port}/v1"))
-        .arg(serde_json::to_string(&texts).unwrap())
-        .env("PYTHONPATH", flumen_kserve::server::python_clients())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeded(
+        tokio::process::Command::new("python3")
+            .args(["-c", OPENAI_EMBEDDINGS])
+            .arg(format!("http://127.0.0.1:{port}/v1"))
+            .arg(serde_json::to_string(&texts).unwrap())
+            .env("PYTHONPATH", flumen_kserve::server::python_clients())
+            .output()
+            .await,
     );
     let vectors: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(vectors.len(), cases.len());

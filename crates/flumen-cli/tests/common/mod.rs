@@ -38,6 +38,17 @@ pub fn free_port() -> u16 {
     flumen_kserve::server::free_port().expect("a free loopback port")
 }
 
+/// A child's output, once it has exited successfully (else its stderr is shown).
+pub fn succeeded(out: std::io::Result<std::process::Output>) -> std::process::Output {
+    let out = out.expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `flumen serve CONFIG`, once it listens on `port` (waiting at most 60 s).
 pub fn serve(config: &Path, port: u16) -> Killed {
     let gateway = Killed(
