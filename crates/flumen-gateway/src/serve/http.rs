@@ -13,7 +13,7 @@ use flumen_engine::Class;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::gateway::{class_of, Endpoint, Gateway, Reason, Reject, Shared, PRIORITY_HEADER};
+use super::gateway::{class_of, Endpoint, Gateway, Reason, Reject, Shared, Who, PRIORITY_HEADER};
 
 /// Which front a path belongs to, for the shape of its errors: KServe v2 (`/v2/…`,
 /// Triton's `{"error": "…"}`) or the rest (OpenAI's `{"error": {"message", "type",
@@ -398,10 +398,8 @@ pub(crate) async fn no_route(req: axum::extract::Request) -> Response {
 
 impl Gateway {
     /// Runs `records` through `model`'s engine, for an HTTP caller (whose token
-    /// [`authorize`] checked): the deadline from `x-request-timeout-ms` (or the
-    /// default), the priority class `asked` by the request's body (KServe's
-    /// `priority` parameter) or else its `x-flumen-priority` header, the tenant its
-    /// key names.
+    /// [`authorize`] checked) and [`who`](Gateway::who_of) it is for (`asked`:
+    /// KServe's `priority` parameter), by `x-request-timeout-ms` or the default.
     pub(crate) async fn infer(
         &self,
         name: &str,
@@ -414,6 +412,13 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
+        let who = self.who_of(headers, asked)?;
+        self.run(name, records, self.deadline(timeout), &who).await
+    }
+
+    /// Who an HTTP request is for: its key's tenant, the class `asked` by its body or
+    /// else by its `x-flumen-priority` header (a bad value refused, naming it).
+    pub(crate) fn who_of(&self, headers: &HeaderMap, asked: Option<Class>) -> Result<Who, Reject> {
         let asked = match (asked, headers.get(PRIORITY_HEADER)) {
             (Some(c), _) => Some(c),
             (None, Some(v)) => Some(class_of(
@@ -425,8 +430,7 @@ impl Gateway {
         let authorization = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let who = self.who(authorization, asked);
-        self.run(name, records, self.deadline(timeout), &who).await
+        Ok(self.who(authorization, asked))
     }
 }
 

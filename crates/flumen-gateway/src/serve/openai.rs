@@ -336,14 +336,12 @@ pub(crate) async fn chat(
         // The backend's own stream, relayed as it comes, unless the tenant has a
         // tokens-per-minute quota (the answer's tokens are charged from the whole
         // answer, below).
-        let authorization = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let tpm = g
-            .tenant(authorization)
-            .is_some_and(|t| t.tenant.tpm.is_some());
-        if !tpm {
-            return super::stream::relay(g.clone(), name, body, &headers).await;
+        let who = match g.who_of(&headers, None) {
+            Ok(who) => who,
+            Err(r) => return r.into_response(),
+        };
+        if who.tenant.as_ref().is_none_or(|t| t.tenant.tpm.is_none()) {
+            return super::stream::relay(g.clone(), name, body, who).await;
         }
     }
     // The answer's identity: the backend's where it gives one.

@@ -19,14 +19,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use flumen_config::AnyBackend;
 use flumen_core::{Backend, Failure};
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::gateway::{admits, class_of, Reason, Reject, Shared, PRIORITY_HEADER};
+use super::gateway::{admits, Reason, Reject, Shared, Who};
 use super::tenants::Entry;
 
 /// A stream's places in its model's and its tenant's pending counts, given back
@@ -48,31 +48,16 @@ impl Drop for Ticket {
     }
 }
 
-/// Relays `body`, a chat request with `stream: true`, to model `name`'s backend.
-pub(crate) async fn relay(g: Shared, name: String, body: Value, headers: &HeaderMap) -> Response {
-    match open(g, name, body, headers).await {
+/// Relays `body`, a chat request with `stream: true`, to model `name`'s backend,
+/// for `who`.
+pub(crate) async fn relay(g: Shared, name: String, body: Value, who: Who) -> Response {
+    match open(g, name, body, who).await {
         Ok(response) => response,
         Err(reject) => reject.into_response(),
     }
 }
 
-async fn open(
-    g: Shared,
-    name: String,
-    body: Value,
-    headers: &HeaderMap,
-) -> Result<Response, Reject> {
-    let asked = match headers.get(PRIORITY_HEADER) {
-        Some(v) => Some(class_of(
-            v.to_str().unwrap_or("(not text)"),
-            PRIORITY_HEADER,
-        )?),
-        None => None,
-    };
-    let authorization = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let who = g.who(authorization, asked);
+async fn open(g: Shared, name: String, body: Value, who: Who) -> Result<Response, Reject> {
     let model = g
         .models
         .get(&name)
