@@ -5,7 +5,8 @@
 //! - the embedded backend (`flumen-embed`: ragged batches, no padding, its own
 //!   kernels), calls of B sentences one after another;
 //! - the ONNX backend (`flumen-onnx`) on the encoder that `scripts/bert_onnx.py`
-//!   writes from the same safetensors, calls of B sentences padded to the longest;
+//!   writes from the same safetensors, calls of B sentences (sorted by length
+//!   within the call and run in groups, each padded to its own longest);
 //! - ONNX Runtime called directly from Python on the same file (`scripts/bench_ort.py`),
 //!   as exported ("plain"), through onnxruntime's transformer optimizer
 //!   ("optimized"), and as exported on the corpus sorted by length ("sorted").

@@ -107,9 +107,10 @@ impl Model {
         }
     }
 
-    fn embed(&self, texts: &[String]) -> Vec<Vec<f32>> {
+    fn embed(&self, texts: &[String], threads: usize) -> Vec<Vec<f32>> {
         let seqs: Vec<Vec<u32>> = texts.iter().map(|t| self.tokenize(t)).collect();
-        self.bert.encode(&seqs, self.pooling, self.normalize)
+        self.bert
+            .encode(&seqs, self.pooling, self.normalize, threads)
     }
 }
 
@@ -299,19 +300,23 @@ impl Embedder {
         self.model.tokenize(text)
     }
 
-    /// Embeds texts on the calling thread, as one ragged batch (for tests and
-    /// measurements; the backend path is [`Embedder::embed`]).
-    pub fn embed_here(&self, texts: &[String]) -> Vec<Vec<f32>> {
-        self.model.embed(texts)
+    /// Embeds texts on the calling thread (and `threads − 1` scoped helpers for the
+    /// products with the weights), as one ragged batch; for tests and measurements,
+    /// the backend path is [`Embedder::embed`].
+    pub fn embed_here(&self, texts: &[String], threads: usize) -> Vec<Vec<f32>> {
+        self.model.embed(texts, threads)
     }
 
     /// Embeds texts on the pool: the batch is split into up to one chunk per thread,
-    /// balanced by length, and the chunks run in parallel.
+    /// balanced by length, and the chunks run in parallel. A call of fewer texts
+    /// than threads (one sentence) gives each chunk the threads left over, which
+    /// share the columns of its products with the weights.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
         let chunks = split_balanced(texts, self.pool.threads());
+        let width = (self.pool.threads() / chunks.len().max(1)).max(1);
         let runs = chunks.into_iter().map(|chunk| {
             let model = Arc::clone(&self.model);
-            self.pool.run(move || model.embed(&chunk))
+            self.pool.run(move || model.embed(&chunk, width))
         });
         let mut out = Vec::new();
         // Polled together: each chunk is queued on its first poll.

@@ -244,8 +244,16 @@ impl Bert {
     }
 
     /// Encodes token sequences (each already holding its special tokens and truncated
-    /// to at most `max_position_embeddings`) into one pooled vector each.
-    pub fn encode(&self, seqs: &[Vec<u32>], pooling: Pooling, normalize: bool) -> Vec<Vec<f32>> {
+    /// to at most `max_position_embeddings`) into one pooled vector each; the
+    /// products with the weights use up to `threads` threads (this one and scoped
+    /// helpers), each computing a share of the columns.
+    pub fn encode(
+        &self,
+        seqs: &[Vec<u32>],
+        pooling: Pooling,
+        normalize: bool,
+        threads: usize,
+    ) -> Vec<Vec<f32>> {
         let c = &self.config;
         let (h, heads) = (c.hidden_size, c.num_attention_heads);
         let d = h / heads;
@@ -282,11 +290,12 @@ impl Bert {
         for layer in &self.layers {
             // Query, key and value for every token in one product.
             ops::fill_rows(&mut qkv, &layer.qkv_b);
-            ops::matmul(
+            ops::matmul_columns(
                 ViewMut::dense(&mut qkv, total, 3 * h),
                 View::dense(&x, total, h),
                 View::dense(&layer.qkv_w, h, 3 * h),
                 true,
+                threads,
             );
             // Attention, per sequence and head, over that sequence's tokens only.
             let mut start = 0;
@@ -338,28 +347,31 @@ impl Bert {
             }
             // Output projection onto the residual, then layer norm.
             ops::add_rows(&mut x, &layer.out_b);
-            ops::matmul(
+            ops::matmul_columns(
                 ViewMut::dense(&mut x, total, h),
                 View::dense(&ctx, total, h),
                 View::dense(&layer.out_w, h, h),
                 true,
+                threads,
             );
             ops::layer_norm(&mut x, &layer.ln1_w, &layer.ln1_b, c.layer_norm_eps);
             // Feed-forward: up, GELU, down onto the residual, layer norm.
             ops::fill_rows(&mut up, &layer.up_b);
-            ops::matmul(
+            ops::matmul_columns(
                 ViewMut::dense(&mut up, total, c.intermediate_size),
                 View::dense(&x, total, h),
                 View::dense(&layer.up_w, h, c.intermediate_size),
                 true,
+                threads,
             );
             ops::gelu(&mut up);
             ops::add_rows(&mut x, &layer.down_b);
-            ops::matmul(
+            ops::matmul_columns(
                 ViewMut::dense(&mut x, total, h),
                 View::dense(&up, total, c.intermediate_size),
                 View::dense(&layer.down_w, c.intermediate_size, h),
                 true,
+                threads,
             );
             ops::layer_norm(&mut x, &layer.ln2_w, &layer.ln2_b, c.layer_norm_eps);
         }

@@ -83,7 +83,7 @@ fn embeddings_match_sentence_transformers() {
     let cases = reference().cases;
     let mut worst = 1.0f64;
     for case in &cases {
-        let v = &m.embed_here(std::slice::from_ref(&case.text))[0];
+        let v = &m.embed_here(std::slice::from_ref(&case.text), 1)[0];
         assert_eq!(v.len(), 384);
         let c = cosine(v, &case.embedding);
         assert!(c >= 0.9999, "cosine {c} for {:?}", case.text);
@@ -96,11 +96,67 @@ fn embeddings_match_sentence_transformers() {
 fn a_sentence_gets_the_same_vector_alone_and_in_a_mixed_batch() {
     let m = model();
     let texts: Vec<String> = reference().cases.into_iter().map(|c| c.text).collect();
-    let together = m.embed_here(&texts);
+    let together = m.embed_here(&texts, 1);
     for (text, v) in texts.iter().zip(&together) {
-        let alone = &m.embed_here(std::slice::from_ref(text))[0];
+        let alone = &m.embed_here(std::slice::from_ref(text), 1)[0];
         let c = cosine(alone, v);
         assert!(c >= 0.99999, "cosine {c} for {text:?}");
+    }
+}
+
+#[test]
+fn threads_sharing_a_batch_or_a_sentence_change_no_vector() {
+    let m = model();
+    let texts: Vec<String> = reference().cases.into_iter().map(|c| c.text).collect();
+    let one = m.embed_here(&texts, 1);
+    let mut worst = 1.0f64;
+    for threads in [2, 3, 7] {
+        // The threads share the columns of each product with the weights: for the
+        // whole batch, and for each sentence alone (the short ones stay on one).
+        let many = m.embed_here(&texts, threads);
+        assert_eq!(many.len(), texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            let alone = &m.embed_here(std::slice::from_ref(text), threads)[0];
+            for v in [&many[i], alone] {
+                assert_eq!(v.len(), one[i].len());
+                let c = cosine(v, &one[i]);
+                worst = worst.min(c);
+                assert!(c >= 0.999999, "{threads} threads: cosine {c} for {text:?}");
+            }
+        }
+    }
+    eprintln!("worst cosine of 2, 3 and 7 threads against one: {worst:.9}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_share_the_pool_and_each_gets_its_answers() {
+    let m = model();
+    let texts: Vec<String> = reference().cases.into_iter().map(|c| c.text).collect();
+    let one = m.embed_here(&texts, 1);
+    // More calls at once than the pool has threads, single sentences among them
+    // (whose products share the columns among the pool's width of helpers): every
+    // call answers its own texts in order.
+    let calls = (0..12).map(|k| {
+        let batch: Vec<String> = match k % 4 {
+            0 => vec![texts[k % texts.len()].clone()],
+            _ => texts
+                .iter()
+                .skip(k % 5)
+                .step_by(1 + k % 3)
+                .cloned()
+                .collect(),
+        };
+        async move { (batch.clone(), m.embed(batch).await.expect("embeds")) }
+    });
+    for (batch, vectors) in futures::future::join_all(calls).await {
+        assert_eq!(vectors.len(), batch.len());
+        for (text, v) in batch.iter().zip(vectors) {
+            let i = texts
+                .iter()
+                .position(|t| t == text)
+                .expect("a reference text");
+            assert!(cosine(&v, &one[i]) >= 0.999999, "{text:?}");
+        }
     }
 }
 
@@ -114,7 +170,7 @@ async fn the_backend_answers_each_record_in_order_through_the_pool() {
     assert_eq!(out.len(), batch.len());
     for (text, r) in batch.iter().zip(out) {
         let v = r.expect("item");
-        let alone = &m.embed_here(std::slice::from_ref(text))[0];
+        let alone = &m.embed_here(std::slice::from_ref(text), 1)[0];
         assert!(cosine(alone, &v) >= 0.99999, "{text:?}");
     }
     let cost = m.cost(&texts[texts.len() - 1]);

@@ -158,7 +158,10 @@ async fn a_hub_model_is_fetched_checked_cached_and_runs() {
     let from_hub = Embedder::from_dir(&dir, EmbedConfig::default()).unwrap();
     let from_pypi = Embedder::from_dir(&real, EmbedConfig::default()).unwrap();
     let text = ["a record flows through the operator".to_string()];
-    assert_eq!(from_hub.embed_here(&text), from_pypi.embed_here(&text));
+    assert_eq!(
+        from_hub.embed_here(&text, 1),
+        from_pypi.embed_here(&text, 1)
+    );
 
     // Cached: found again with the network forbidden.
     let requests = hub.auth.lock().unwrap().len();

@@ -293,7 +293,8 @@ impl Onnx {
 }
 
 impl Onnx {
-    /// Text records: tokenized, padded to the call's longest, run, answered.
+    /// Text records: tokenized, grouped by length, each group padded to its longest
+    /// and run, answered in order.
     async fn call_text(&self, text: &Arc<Text>, batch: &[Value]) -> BatchResult<Value> {
         let mut results: Vec<Option<Result<Value, BackendError>>> = vec![None; batch.len()];
         let mut texts = Vec::new();
@@ -342,27 +343,38 @@ fn run_text(
 ) -> Result<Vec<Vec<f32>>, BackendError> {
     let failed = |e: ort::Error| BackendError::permanent(format!("ONNX Runtime: {e}"));
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let p = text.pad(&refs)?;
-    let shape = vec![p.batch as i64, p.seq as i64];
-    let mut values: Vec<(
-        std::borrow::Cow<'static, str>,
-        ort::session::SessionInputValue<'static>,
-    )> = Vec::new();
-    for name in &text.inputs {
-        let data = match name.as_str() {
-            "input_ids" => p.ids.clone(),
-            "attention_mask" => p.mask.clone(),
-            _ => vec![0i64; p.ids.len()],
-        };
-        let tensor = Tensor::from_array((shape.clone(), data)).map_err(failed)?;
-        values.push((name.clone().into(), tensor.into()));
-    }
+    let encoded = text.tokenize(&refs)?;
+    let lengths: Vec<usize> = encoded.iter().map(Vec::len).collect();
+    let mut answers = vec![Vec::new(); texts.len()];
     let mut session = session
         .lock()
         .map_err(|_| BackendError::permanent("the session panicked"))?;
-    let result = session.run(values).map_err(failed)?;
-    let (out_shape, data) = result[output].try_extract_tensor::<f32>().map_err(failed)?;
-    Ok(text.answers(&p, out_shape, data))
+    // Records of similar length run together, so a short one is not padded to a
+    // long neighbour's length.
+    for group in text::groups(&lengths) {
+        let rows: Vec<&[u32]> = group.iter().map(|&i| &encoded[i][..]).collect();
+        let p = Text::pad(&rows);
+        let shape = vec![p.batch as i64, p.seq as i64];
+        let mut values: Vec<(
+            std::borrow::Cow<'static, str>,
+            ort::session::SessionInputValue<'static>,
+        )> = Vec::new();
+        for name in &text.inputs {
+            let data = match name.as_str() {
+                "input_ids" => p.ids.clone(),
+                "attention_mask" => p.mask.clone(),
+                _ => vec![0i64; p.ids.len()],
+            };
+            let tensor = Tensor::from_array((shape.clone(), data)).map_err(failed)?;
+            values.push((name.clone().into(), tensor.into()));
+        }
+        let result = session.run(values).map_err(failed)?;
+        let (out_shape, data) = result[output].try_extract_tensor::<f32>().map_err(failed)?;
+        for (i, v) in group.iter().zip(text.answers(&p, out_shape, data)) {
+            answers[*i] = v;
+        }
+    }
+    Ok(answers)
 }
 
 impl Backend for Onnx {

@@ -1,6 +1,7 @@
 //! Text inputs: a model exported with token-id inputs (`input_ids`, and
 //! `attention_mask` / `token_type_ids` when it has them) takes strings, tokenized
-//! with the model's `tokenizer.json`, padded per call to its longest record; its
+//! with the model's `tokenizer.json`, sorted by length within a call and run in groups of similar length, each
+//! padded to its longest ([`groups`]); its
 //! first output is pooled over the real tokens (mean or CLS) and normalised as
 //! configured, or passed through per record (a classifier's or a cross-encoder's
 //! logits: `pooling = "none"`).
@@ -44,7 +45,7 @@ pub(crate) struct Text {
     pub(crate) inputs: Vec<String>,
 }
 
-/// A call's token ids, padded to its longest record, and their masks.
+/// A group's token ids, padded to its longest record, and their masks.
 pub(crate) struct Padded {
     pub(crate) batch: usize,
     pub(crate) seq: usize,
@@ -73,9 +74,9 @@ impl Text {
         })
     }
 
-    /// Token ids of each text, padded with 0 to the longest.
-    pub(crate) fn pad(&self, texts: &[&str]) -> Result<Padded, BackendError> {
-        let encoded: Vec<Vec<u32>> = texts
+    /// The token ids of each text, special tokens included, truncated.
+    pub(crate) fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, BackendError> {
+        texts
             .iter()
             .map(|t| {
                 self.tokenizer
@@ -83,8 +84,12 @@ impl Text {
                     .map(|e| e.get_ids().to_vec())
                     .map_err(|e| BackendError::invalid_input(format!("cannot tokenize: {e}")))
             })
-            .collect::<Result<_, _>>()?;
-        let seq = encoded.iter().map(Vec::len).max().unwrap_or(0).max(1);
+            .collect()
+    }
+
+    /// Token ids padded with 0 to the longest.
+    pub(crate) fn pad(encoded: &[&[u32]]) -> Padded {
+        let seq = encoded.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let mut ids = vec![0i64; encoded.len() * seq];
         let mut mask = vec![0i64; encoded.len() * seq];
         for (r, e) in encoded.iter().enumerate() {
@@ -93,12 +98,12 @@ impl Text {
                 mask[r * seq + c] = 1;
             }
         }
-        Ok(Padded {
+        Padded {
             batch: encoded.len(),
             seq,
             ids,
             mask,
-        })
+        }
     }
 
     /// One answer per record from the first output's `shape` and `data`.
@@ -134,5 +139,70 @@ impl Text {
                 v
             })
             .collect()
+    }
+}
+
+/// What one more run of the session costs, in padded tokens: the fixed work of a
+/// call (binding, launching the graph's kernels) against the work per token.
+const RUN_COST: usize = 64;
+
+/// A call's records in groups of similar length, each run padded to its own
+/// longest: the indices sorted by length and cut where the padding saved is worth
+/// more than another run (an exact dynamic programme over the sorted lengths,
+/// minimising padded tokens plus [`RUN_COST`] per group). Every index is in exactly
+/// one group; records of equal length stay in one.
+pub(crate) fn groups(lengths: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    let len = |k: usize| lengths[order[k]].max(1);
+    let n = order.len();
+    // best[j]: the least cost of the first j sorted records; cut[j]: where the last
+    // group of that best starts.
+    let mut best = vec![0usize; n + 1];
+    let mut cut = vec![0usize; n + 1];
+    for j in 1..=n {
+        let (mut min, mut at) = (usize::MAX, 0);
+        for i in 0..j {
+            let cost = best[i] + (j - i) * len(j - 1) + RUN_COST;
+            if cost < min {
+                (min, at) = (cost, i);
+            }
+        }
+        best[j] = min;
+        cut[j] = at;
+    }
+    let mut out = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        out.push(order[cut[j]..j].to_vec());
+        j = cut[j];
+    }
+    out.reverse();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::groups;
+
+    #[test]
+    fn groups_cut_where_padding_costs_more_than_a_run() {
+        // Short ones together, long ones together, whatever the order they came in.
+        let g = groups(&[120, 5, 100, 6, 5]);
+        assert_eq!(g, vec![vec![1, 4, 3], vec![2, 0]]);
+        // Similar lengths: one run.
+        assert_eq!(groups(&[30, 31, 29, 30]).len(), 1);
+        assert_eq!(groups(&[7; 50]), vec![(0..50).collect::<Vec<_>>()]);
+        assert!(groups(&[]).is_empty());
+        // Every index exactly once, each group sorted by length.
+        let lengths: Vec<usize> = (0..128).map(|i| (i * 37 + 11) % 200 + 3).collect();
+        let g = groups(&lengths);
+        let mut seen: Vec<usize> = g.concat();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..128).collect::<Vec<_>>());
+        assert!(g.len() > 1 && g.len() < 128, "{} groups", g.len());
+        for group in &g {
+            assert!(group.windows(2).all(|w| lengths[w[0]] <= lengths[w[1]]));
+        }
     }
 }

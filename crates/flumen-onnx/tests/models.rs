@@ -198,7 +198,7 @@ async fn minilm_exported_to_onnx_embeds_as_the_embedded_backend_and_sentence_tra
     batch.push(json!(42));
     let answers = onnx.call(&batch).await.unwrap();
     assert!(answers[texts.len()].is_err(), "a number is not text");
-    let embedded = embedder.embed_here(&texts);
+    let embedded = embedder.embed_here(&texts, 1);
     let (mut vs_reference, mut vs_embedded) = (1.0f64, 1.0f64);
     for (k, case) in cases.iter().enumerate() {
         let v: Vec<f64> = answers[k]
