@@ -161,13 +161,11 @@ pub(crate) fn groups(lengths: &[usize]) -> Vec<Vec<usize>> {
     let mut best = vec![0usize; n + 1];
     let mut cut = vec![0usize; n + 1];
     for j in 1..=n {
-        let (mut min, mut at) = (usize::MAX, 0);
-        for i in 0..j {
-            let cost = best[i] + (j - i) * len(j - 1) + RUN_COST;
-            if cost < min {
-                (min, at) = (cost, i);
-            }
-        }
+        // The last group is sorted records i..j, padded to the longest, j − 1.
+        let (at, min) = (0..j)
+            .map(|i| (i, best[i] + (j - i) * len(j - 1) + RUN_COST))
+            .min_by_key(|&(_, cost)| cost)
+            .expect("j ≥ 1");
         best[j] = min;
         cut[j] = at;
     }
